@@ -1,0 +1,155 @@
+"""The job spec: everything a federated fine-tuning job is, validated once at the edge.
+
+A job is fully described by its spec and seed: workers and the aggregator derive
+data shards, client samples and initial weights from it, so nothing else needs
+to travel with a task.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MODEL_NAMES = ("minilm-l6", "smollm2-135m", "tiny-bert", "tiny-llama")
+DATASET_NAMES = ("bbc-news", "tweets-sentiment", "jane-austen")
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo in a spec must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PartitionSpec(_Strict):
+    kind: Literal["iid", "dirichlet", "natural"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller means more label skew")
+    min_examples: int = Field(8, ge=1, description="every client gets at least this many training examples")
+
+
+class LoraSpec(_Strict):
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="module names to adapt; default depends on the model (query/value, q_proj/v_proj)"
+    )
+    train_head: bool = Field(True, description="train the classifier head too (sequence classification only)")
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+
+
+class AggregationSpec(_Strict):
+    strategy: Literal["fedavg"] = "fedavg"
+    server_lr: float = Field(1.0, gt=0, le=10, description="step size applied to the averaged update")
+    weighting: Literal["samples", "uniform"] = "samples"
+
+
+class PersonalizationSpec(_Strict):
+    """Which trainable tensors are averaged globally. Personal parts arrive with the PWFF issue."""
+
+    preset: Literal["none"] = "none"
+
+
+class CompressionSpec(_Strict):
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    zstd_level: int = Field(3, ge=1, le=22)
+
+
+class JobSpec(_Strict):
+    name: str = Field("job", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
+    model: Literal["minilm-l6", "smollm2-135m", "tiny-bert", "tiny-llama"] = "minilm-l6"
+    dataset: Literal["bbc-news", "tweets-sentiment", "jane-austen"] = "bbc-news"
+    mode: Literal["backprop"] = Field("backprop", description="training mode; 'fwd' and 'align' come later")
+    partition: PartitionSpec = PartitionSpec()
+    num_clients: int = Field(8, ge=1, le=10_000)
+    clients_per_round: int = Field(8, ge=1)
+    rounds: int = Field(5, ge=1, le=10_000)
+    local_steps: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    max_length: int = Field(128, ge=8, le=4096, description="tokens per example")
+    optimizer: OptimizerSpec = OptimizerSpec()
+    lora: LoraSpec = LoraSpec()
+    aggregation: AggregationSpec = AggregationSpec()
+    personalization: PersonalizationSpec = PersonalizationSpec()
+    compression: CompressionSpec = CompressionSpec()
+    seed: int = Field(0, ge=0, lt=2**31)
+    round_deadline_s: float = Field(900.0, gt=0, description="a round closes at this age if the quorum is in")
+    quorum: float = Field(1.0, gt=0, le=1, description="fraction of the round's clients needed at the deadline")
+    eval_max_examples: int = Field(512, ge=1, description="cap on held-out examples evaluated per round")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
+            )
+        causal = self.model in ("smollm2-135m", "tiny-llama")
+        if causal != (self.dataset == "jane-austen"):
+            kind = "a causal LM" if causal else "a sequence classifier"
+            raise ValueError(f"model {self.model!r} is {kind} and cannot train on dataset {self.dataset!r}")
+        if self.partition.kind == "natural" and self.dataset != "jane-austen":
+            raise ValueError(f"partition 'natural' needs a data set with natural groups, not {self.dataset!r}")
+        return self
+
+    @property
+    def quorum_count(self) -> int:
+        """Updates needed to close a round at its deadline (at least one)."""
+        return max(1, int(-(-self.quorum * self.clients_per_round // 1)))
+
+
+class SpecError(ValueError):
+    """A spec that cannot become a job; the message names the offending field."""
+
+
+def format_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "spec"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_spec(data: Any) -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: expected a mapping, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(format_validation_error(error)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides with dotted keys for nested fields; values parse as YAML scalars."""
+    result: dict[str, Any] = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"override {item!r}: expected key=value")
+        node = result
+        path = key.split(".")
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = yaml.safe_load(raw) if raw else ""
+    return result
+
+
+def load_spec_file(path: str, overrides: list[str] | None = None) -> JobSpec:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise SpecError(f"cannot read spec {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"spec {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec {path}: expected a mapping at the top level")
+    return parse_spec(apply_overrides(data, overrides or []))
