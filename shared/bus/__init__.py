@@ -1,0 +1,68 @@
+"""The bus: work queues between the services, with at-least-once delivery.
+
+One interface with two homes: `RabbitBus` (pika, durable queues, publisher confirms,
+prefetch 1, a dead-letter queue per queue) and `MemoryBus` for the embedded mode.
+
+A handler returns normally to ack. It raises `InvalidMessage` for a message that can
+never succeed: the bus dead-letters it and goes on. Any other exception is treated as
+transient: the message is redelivered after a pause, and dead-lettered after
+`MAX_FAILURES` failures so a poison message cannot wedge a queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+Handler = Callable[[bytes], None]
+MAX_FAILURES = 5
+
+
+@dataclass(frozen=True)
+class Queues:
+    namespace: str = "pwff"
+
+    @property
+    def tasks(self) -> str:
+        """scheduler -> workers: TrainTask."""
+        return f"{self.namespace}.tasks"
+
+    @property
+    def aggregate(self) -> str:
+        """workers and scheduler -> aggregator: UpdateReady, InitJob, CloseRound, DropJob."""
+        return f"{self.namespace}.aggregate"
+
+    @property
+    def events(self) -> str:
+        """aggregator -> scheduler: JobInitialized, UpdateMerged, RoundCommitted, JobFailed."""
+        return f"{self.namespace}.events"
+
+    @property
+    def all(self) -> tuple[str, str, str]:
+        return (self.tasks, self.aggregate, self.events)
+
+    @staticmethod
+    def dead(queue: str) -> str:
+        return f"{queue}.dead"
+
+
+class Bus(Protocol):
+    def publish(self, queue: str, body: bytes) -> None: ...
+    def consume(self, queue: str, handler: Handler, stop: threading.Event) -> None:
+        """Deliver messages to `handler` one at a time until `stop` is set."""
+        ...
+    def depth(self, queue: str) -> int:
+        """Messages ready in `queue` (not counting ones being handled)."""
+        ...
+    def purge(self, queue: str) -> None: ...
+    def ping(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+DeadLetterHook = Callable[[str, str], None]
+"""Called with (queue, reason) whenever a message is dead-lettered; services count them."""
+
+
+__all__ = ["MAX_FAILURES", "Bus", "DeadLetterHook", "Handler", "Queues"]

@@ -1,0 +1,229 @@
+"""The bus on RabbitMQ (pika).
+
+Durable queues, persistent messages, publisher confirms, prefetch 1 and a dead-letter
+queue beside every queue. A handler runs on its own thread while the connection's
+thread keeps pumping heartbeats, so a task that trains for minutes does not get its
+connection dropped; the ack (or reject) is sent only after the handler returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import defaultdict
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from shared.bus import MAX_FAILURES, DeadLetterHook, Handler, Queues
+from shared.messages import InvalidMessage
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_ERRORS = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.AMQPChannelError,
+    pika.exceptions.StreamLostError,
+    ConnectionError,
+    OSError,
+)
+
+
+class RabbitBus:
+    def __init__(self, url: str, on_dead_letter: DeadLetterHook | None = None, heartbeat_s: int = 30) -> None:
+        self._params = pika.URLParameters(url)
+        self._params.heartbeat = heartbeat_s
+        self._params.blocked_connection_timeout = 60
+        self._on_dead_letter = on_dead_letter
+        self._publish_lock = threading.Lock()
+        self._publish_conn: pika.BlockingConnection | None = None
+        self._publish_channel: BlockingChannel | None = None
+        self._declared: set[str] = set()
+
+    # -- topology -------------------------------------------------------------------------
+
+    def _declare(self, channel: BlockingChannel, queue: str) -> None:
+        channel.queue_declare(queue=Queues.dead(queue), durable=True)
+        channel.queue_declare(
+            queue=queue,
+            durable=True,
+            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": Queues.dead(queue)},
+        )
+
+    def _connect(self) -> pika.BlockingConnection:
+        return pika.BlockingConnection(self._params)
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def _publisher(self) -> BlockingChannel:
+        if self._publish_channel is None or not self._publish_channel.is_open:
+            if self._publish_conn is not None and self._publish_conn.is_open:
+                try:
+                    self._publish_conn.close()
+                except Exception:
+                    log.debug("closing a broken publisher connection failed", exc_info=True)
+            self._publish_conn = self._connect()
+            self._publish_channel = self._publish_conn.channel()
+            self._publish_channel.confirm_delivery()
+            self._declared.clear()
+        return self._publish_channel
+
+    @retry(
+        retry=retry_if_exception_type(_CONNECTION_ERRORS),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        stop=stop_after_attempt(8),
+        reraise=True,
+    )
+    def publish(self, queue: str, body: bytes) -> None:
+        with self._publish_lock:
+            try:
+                channel = self._publisher()
+                if queue not in self._declared:
+                    self._declare(channel, queue)
+                    self._declared.add(queue)
+                channel.basic_publish(
+                    exchange="",
+                    routing_key=queue,
+                    body=body,
+                    properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent),
+                    mandatory=True,
+                )
+            except _CONNECTION_ERRORS:
+                self._publish_channel = None
+                raise
+
+    # -- consuming ------------------------------------------------------------------------
+
+    def consume(self, queue: str, handler: Handler, stop: threading.Event) -> None:
+        backoff = 0.5
+        failures: dict[str, int] = defaultdict(int)
+        while not stop.is_set():
+            connection: pika.BlockingConnection | None = None
+            try:
+                connection = self._connect()
+                channel = connection.channel()
+                self._declare(channel, queue)
+                channel.basic_qos(prefetch_count=1)
+                backoff = 0.5
+                for method, _properties, body in channel.consume(queue, inactivity_timeout=0.5):
+                    if stop.is_set():
+                        break
+                    if method is None:
+                        continue
+                    self._handle(connection, channel, queue, method, body, handler, failures)
+                try:
+                    channel.cancel()
+                except Exception:
+                    log.debug("cancelling the consumer failed", exc_info=True)
+            except _CONNECTION_ERRORS as error:
+                log.warning("lost the broker while consuming %s (%s); reconnecting in %.1fs", queue, error, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                if connection is not None and connection.is_open:
+                    try:
+                        connection.close()
+                    except Exception:
+                        log.debug("closing the consumer connection failed", exc_info=True)
+
+    def _handle(
+        self,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        queue: str,
+        method: Any,
+        body: bytes,
+        handler: Handler,
+        failures: dict[str, int],
+    ) -> None:
+        outcome: dict[str, BaseException | None] = {"error": None}
+
+        def run() -> None:
+            try:
+                handler(body)
+            except BaseException as error:
+                outcome["error"] = error
+
+        thread = threading.Thread(target=run, name=f"handle-{queue}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            connection.process_data_events(time_limit=0.5)
+            thread.join(timeout=0)
+        error = outcome["error"]
+        if error is None:
+            channel.basic_ack(method.delivery_tag)
+            return
+        digest = hashlib.sha256(body).hexdigest()
+        if isinstance(error, InvalidMessage):
+            self._dead_letter(channel, queue, method, str(error))
+            return
+        failures[digest] += 1
+        if failures[digest] >= MAX_FAILURES:
+            self._dead_letter(channel, queue, method, f"failed {MAX_FAILURES} times: {error}")
+            failures.pop(digest, None)
+            return
+        log.error("handler failed on %s (%s: %s); redelivering", queue, type(error).__name__, error)
+        connection.sleep(min(5.0, 0.2 * 2 ** failures[digest]))
+        channel.basic_nack(method.delivery_tag, requeue=True)
+
+    def _dead_letter(self, channel: BlockingChannel, queue: str, method: Any, reason: str) -> None:
+        log.warning("dead-lettering a message from %s: %s", queue, reason)
+        channel.basic_nack(method.delivery_tag, requeue=False)
+        if self._on_dead_letter is not None:
+            self._on_dead_letter(queue, reason)
+
+    # -- inspection -----------------------------------------------------------------------
+
+    def _with_channel(self, action: Any) -> Any:
+        connection = self._connect()
+        try:
+            channel = connection.channel()
+            return action(channel)
+        finally:
+            connection.close()
+
+    def depth(self, queue: str) -> int:
+        def count(channel: BlockingChannel) -> int:
+            self._declare(channel, queue)
+            return int(channel.queue_declare(queue=queue, passive=True).method.message_count)
+
+        return int(self._with_channel(count))
+
+    def purge(self, queue: str) -> None:
+        def purge(channel: BlockingChannel) -> None:
+            self._declare(channel, queue)
+            channel.queue_purge(queue)
+
+        self._with_channel(purge)
+
+    def ping(self) -> bool:
+        try:
+            self._with_channel(lambda channel: None)
+            return True
+        except _CONNECTION_ERRORS:
+            return False
+
+    def delete_queues(self, *queues: str) -> None:
+        """Remove queues and their dead-letter queues (tests use a namespace per run)."""
+
+        def delete(channel: BlockingChannel) -> None:
+            for queue in queues:
+                channel.queue_delete(queue)
+                channel.queue_delete(Queues.dead(queue))
+
+        self._with_channel(delete)
+
+    def close(self) -> None:
+        with self._publish_lock:
+            if self._publish_conn is not None and self._publish_conn.is_open:
+                try:
+                    self._publish_conn.close()
+                except Exception:
+                    log.debug("closing the publisher failed", exc_info=True)
+            self._publish_conn = None
+            self._publish_channel = None
+

@@ -1,0 +1,175 @@
+"""Bus messages: small, versioned msgpack maps validated on receipt.
+
+Tensors never travel inside a message: a message names the store key that holds them.
+Every message carries `v` (schema version) and `type`; anything that does not
+validate is an `InvalidMessage`, which the bus dead-letters instead of retrying.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+SCHEMA_VERSION = 1
+JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{2,63}$"
+
+
+class InvalidMessage(ValueError):
+    """A message that can never be processed: wrong shape, wrong version, too large."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = SCHEMA_VERSION
+
+
+JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+Round = Annotated[int, Field(ge=0, le=1_000_000)]
+ClientId = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
+# --- scheduler -> workers (task queue) -------------------------------------------------------
+
+
+class TrainTask(_Message):
+    """Train one client for one round, starting from the global state committed at `round - 1`."""
+
+    type: Literal["train"] = "train"
+    job_id: JobId
+    round: Round
+    client: ClientId
+    attempt: int = Field(0, ge=0, le=1000)
+    local_steps: int = Field(ge=1, le=1_000_000)
+
+
+# --- workers and scheduler -> aggregator (aggregate queue) ----------------------------------
+
+
+class UpdateReady(_Message):
+    """A worker stored a client's update under `key`; the aggregator merges it at most once."""
+
+    type: Literal["update"] = "update"
+    job_id: JobId
+    round: Round
+    client: ClientId
+    attempt: int = Field(ge=0, le=1000)
+    key: str = Field(min_length=1, max_length=512)
+    num_samples: int = Field(ge=1)
+    train_loss: float
+    compute_s: float = Field(ge=0)
+    upload_bytes: int = Field(ge=0)
+
+
+class InitJob(_Message):
+    """Create the initial global state (round 0) of a job and evaluate it."""
+
+    type: Literal["init"] = "init"
+    job_id: JobId
+
+
+class CloseRound(_Message):
+    """Commit a round from the updates merged so far; later updates for it are late."""
+
+    type: Literal["close"] = "close"
+    job_id: JobId
+    round: Round
+
+
+class DropJob(_Message):
+    """Forget in-flight aggregation state of a cancelled or failed job."""
+
+    type: Literal["drop"] = "drop"
+    job_id: JobId
+
+
+# --- aggregator -> scheduler (event queue) ---------------------------------------------------
+
+
+class JobInitialized(_Message):
+    type: Literal["initialized"] = "initialized"
+    job_id: JobId
+    metrics: dict[str, float]
+
+
+class UpdateMerged(_Message):
+    type: Literal["merged"] = "merged"
+    job_id: JobId
+    round: Round
+    client: ClientId
+    merged_count: int = Field(ge=1)
+
+
+class RoundCommitted(_Message):
+    type: Literal["committed"] = "committed"
+    job_id: JobId
+    round: Round
+    clients: list[int]
+    metrics: dict[str, float]
+
+
+class JobFailed(_Message):
+    """Something the aggregator cannot recover from (e.g. a model that does not load)."""
+
+    type: Literal["failed"] = "failed"
+    job_id: JobId
+    error: str = Field(max_length=4000)
+
+
+WorkerMessage = TrainTask
+AggregatorMessage = Annotated[UpdateReady | InitJob | CloseRound | DropJob, Field(discriminator="type")]
+SchedulerMessage = Annotated[
+    JobInitialized | UpdateMerged | RoundCommitted | JobFailed, Field(discriminator="type")
+]
+
+_worker_adapter: TypeAdapter[TrainTask] = TypeAdapter(TrainTask)
+_aggregator_adapter: TypeAdapter[UpdateReady | InitJob | CloseRound | DropJob] = TypeAdapter(AggregatorMessage)
+_scheduler_adapter: TypeAdapter[JobInitialized | UpdateMerged | RoundCommitted | JobFailed] = TypeAdapter(
+    SchedulerMessage
+)
+
+
+def encode(message: BaseModel) -> bytes:
+    return msgpack.packb(message.model_dump(mode="json"), use_bin_type=True)
+
+
+def _unpack(body: bytes, max_bytes: int) -> Any:
+    if len(body) > max_bytes:
+        raise InvalidMessage(f"message of {len(body)} bytes exceeds the limit of {max_bytes}")
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except Exception as error:  # msgpack raises several unrelated types for garbage input
+        raise InvalidMessage(f"not a msgpack map: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidMessage(f"expected a msgpack map, got {type(data).__name__}")
+    if data.get("v") != SCHEMA_VERSION:
+        raise InvalidMessage(f"unsupported schema version {data.get('v')!r}")
+    return data
+
+
+def _decode(adapter: TypeAdapter[Any], body: bytes, max_bytes: int) -> Any:
+    data = _unpack(body, max_bytes)
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as error:
+        raise InvalidMessage(str(error).replace("\n", " ")[:1000]) from None
+
+
+def decode_task(body: bytes, max_bytes: int = 64 * 1024) -> TrainTask:
+    result: TrainTask = _decode(_worker_adapter, body, max_bytes)
+    return result
+
+
+def decode_aggregator(body: bytes, max_bytes: int = 64 * 1024) -> UpdateReady | InitJob | CloseRound | DropJob:
+    result: UpdateReady | InitJob | CloseRound | DropJob = _decode(_aggregator_adapter, body, max_bytes)
+    return result
+
+
+def decode_scheduler(
+    body: bytes, max_bytes: int = 64 * 1024
+) -> JobInitialized | UpdateMerged | RoundCommitted | JobFailed:
+    result: JobInitialized | UpdateMerged | RoundCommitted | JobFailed = _decode(
+        _scheduler_adapter, body, max_bytes
+    )
+    return result

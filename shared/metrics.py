@@ -1,0 +1,59 @@
+"""Prometheus metrics of all services, defined once.
+
+Defined here rather than in each service so the embedded mode (all three services in
+one process) registers every name exactly once. Names follow Prometheus conventions:
+`pwff_` prefix, `_total` counters, `_seconds` and `_bytes` units.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+JOBS_SUBMITTED = Counter("pwff_jobs_submitted_total", "Jobs accepted by the API")
+JOBS_FINISHED = Counter("pwff_jobs_finished_total", "Jobs that reached a final state", ["state"])
+JOBS_RUNNING = Gauge("pwff_jobs_running", "Jobs currently running")
+ROUNDS_COMMITTED = Counter("pwff_rounds_committed_total", "Rounds committed by the aggregator")
+ROUND_DURATION = Histogram(
+    "pwff_round_duration_seconds", "Wall time from opening a round to its commit", buckets=_DURATION_BUCKETS
+)
+TASKS_DISPATCHED = Counter("pwff_tasks_dispatched_total", "Training tasks published by the scheduler")
+TASKS_PROCESSED = Counter(
+    "pwff_tasks_processed_total", "Tasks a worker finished, by outcome (done|stale|duplicate|failed)", ["outcome"]
+)
+TASK_DURATION = Histogram(
+    "pwff_task_duration_seconds", "Worker compute time of one training task", buckets=_DURATION_BUCKETS
+)
+UPDATES_RECEIVED = Counter(
+    "pwff_updates_received_total", "Updates seen by the aggregator, by outcome (merged|duplicate|late|invalid)",
+    ["outcome"],
+)
+UPLOAD_BYTES = Counter("pwff_upload_bytes_total", "Bytes of updates uploaded by workers")
+DOWNLOAD_BYTES = Counter("pwff_download_bytes_total", "Bytes of model state downloaded by workers")
+DEAD_LETTERED = Counter("pwff_messages_dead_lettered_total", "Messages sent to a dead-letter queue", ["queue"])
+GLOBAL_ACCURACY = Gauge("pwff_global_accuracy", "Held-out accuracy of the latest global model", ["job"])
+GLOBAL_LOSS = Gauge("pwff_global_loss", "Held-out loss of the latest global model", ["job"])
+HTTP_REQUESTS = Counter("pwff_http_requests_total", "HTTP API requests", ["method", "route", "status"])
+LATE_TASKS = Counter("pwff_rounds_closed_at_deadline_total", "Rounds closed at their deadline with updates missing")
+
+
+def count_dead_letter(queue: str, reason: str) -> None:
+    DEAD_LETTERED.labels(queue=queue).inc()
+
+
+_server_lock = threading.Lock()
+_started_ports: set[int] = set()
+
+
+def serve_metrics(port: int) -> None:
+    """Expose /metrics on `port` (0: don't). Any path answers, so /healthz works as a liveness probe."""
+    if port <= 0:
+        return
+    with _server_lock:
+        if port in _started_ports:
+            return
+        start_http_server(port)
+        _started_ports.add(port)

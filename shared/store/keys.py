@@ -1,0 +1,53 @@
+"""Every store key in one place, so the services agree on names and a namespace isolates runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = "pwff"
+
+    @property
+    def jobs(self) -> str:
+        """Set of all job ids."""
+        return f"{self.namespace}:jobs"
+
+    def job_prefix(self, job_id: str) -> str:
+        return f"{self.namespace}:job:{job_id}:"
+
+    def job(self, job_id: str) -> str:
+        """Hash: spec, state, round, timestamps, error (scheduler-owned)."""
+        return f"{self.namespace}:job:{job_id}:meta"
+
+    def round_plan(self, job_id: str, round_: int) -> str:
+        """Hash: clients, opened_at, deadline_at, status (scheduler-owned)."""
+        return f"{self.namespace}:job:{job_id}:round:{round_}:plan"
+
+    def round_merged(self, job_id: str, round_: int) -> str:
+        """Set of clients whose update the aggregator merged this round (dedup key)."""
+        return f"{self.namespace}:job:{job_id}:round:{round_}:merged"
+
+    def round_committed(self, job_id: str, round_: int) -> str:
+        """Committed round record (msgpack): exists iff the round committed."""
+        return f"{self.namespace}:job:{job_id}:round:{round_}:committed"
+
+    def update(self, job_id: str, round_: int, client: int, attempt: int) -> str:
+        return f"{self.namespace}:job:{job_id}:round:{round_}:update:{client}:{attempt}"
+
+    def update_meta(self, job_id: str, round_: int, client: int) -> str:
+        """The UpdateReady message a worker announced for this client (lets the aggregator rebuild)."""
+        return f"{self.namespace}:job:{job_id}:round:{round_}:announce:{client}"
+
+    def global_state(self, job_id: str, round_: int) -> str:
+        """Global trainable state committed at `round_` (codec bytes, float32); round 0 is the init."""
+        return f"{self.namespace}:job:{job_id}:global:{round_}"
+
+    def metrics(self, job_id: str) -> str:
+        """List of per-round metric records (msgpack), round 0 first."""
+        return f"{self.namespace}:job:{job_id}:metrics"
+
+    def model_archive(self, job_id: str, which: str) -> str:
+        """A published PEFT folder as a tar.gz: which is 'global' or 'client-<id>'."""
+        return f"{self.namespace}:job:{job_id}:model:{which}"
