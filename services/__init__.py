@@ -1,0 +1,1 @@
+"""The three pwff services, and what composes them (the CLI and the embedded runner)."""

@@ -1,0 +1,255 @@
+"""`pwff`: run a job embedded, or drive a deployment over its HTTP API."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared.jobs import JobState
+from shared.spec import SpecError, load_spec_file
+
+app = typer.Typer(help="Personalized federated fine-tuning of language models.", no_args_is_help=True)
+console = Console(stderr=True)
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a spec field: key=value (dotted keys)")]
+ApiOption = Annotated[str, typer.Option("--api", envvar="PWFF_API_URL", help="scheduler URL")]
+TokenOption = Annotated[str, typer.Option("--token", envvar="PWFF_API_TOKEN", help="API bearer token")]
+
+
+def _spec_or_exit(path: Path, overrides: list[str] | None) -> Any:
+    try:
+        return load_spec_file(str(path), overrides or [])
+    except SpecError as error:
+        console.print(f"[red]invalid spec:[/red] {error}")
+        raise typer.Exit(2) from None
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _round_status(job: dict[str, Any]) -> str:
+    if not job["metrics"]:
+        return job["state"]
+    last = job["metrics"][-1]
+    text = f"round {last['round']}: acc {last['accuracy']:.3f} loss {last['loss']:.3f}"
+    if "bytes_up" in last:
+        text += f" up {last['bytes_up'] / 1e3:.1f} kB"
+    return text
+
+
+class _RoundBar:
+    """One progress bar over rounds, refreshed from the job view."""
+
+    def __init__(self, progress: Progress, job_id: str, rounds: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task(job_id, total=rounds, status="starting")
+
+    def __call__(self, job: dict[str, Any]) -> None:
+        committed = max((m["round"] for m in job["metrics"]), default=0)
+        self.progress.update(self.task, completed=committed, status=_round_status(job))
+
+
+@app.command()
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="job spec (YAML)")],
+    set_: SetOption = None,
+    out: Annotated[Path, typer.Option("--out", help="results folder (default runs/<job-id>)")] = Path(""),
+    workers: Annotated[int, typer.Option(help="worker threads in this process")] = 1,
+) -> None:
+    """Run a job embedded: scheduler, aggregator and workers in this process."""
+    spec = _spec_or_exit(spec_path, set_)
+    from services.embedded import EmbeddedCluster
+    from services.results import write_results
+    from shared.settings import Settings, configure_process
+
+    settings = Settings()
+    configure_process(settings)
+    started = time.perf_counter()
+    with EmbeddedCluster(settings.cache_dir, workers=workers) as cluster, _progress() as progress:
+        job_id = cluster.scheduler.submit(spec)
+        job = cluster.wait(job_id, _RoundBar(progress, job_id, spec.rounds))
+        target = out if str(out) else Path("runs") / job_id
+        write_results(
+            target,
+            job,
+            cluster.scheduler.model_archive(job_id),
+            lambda client: cluster.scheduler.model_archive(job_id, client),
+            range(spec.num_clients),
+        )
+    _summary(job, time.perf_counter() - started)
+    console.print(f"results in [bold]{target}[/bold]")
+    print(job_id)
+    if job["state"] != JobState.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+def _summary(job: dict[str, Any], elapsed: float | None = None) -> None:
+    state = job["state"]
+    colour = "green" if state == JobState.SUCCEEDED else "red"
+    line = f"job {job['id']} [{colour}]{state}[/{colour}]"
+    if job["metrics"]:
+        best = max(m["accuracy"] for m in job["metrics"])
+        line += f": final accuracy {job['metrics'][-1]['accuracy']:.4f} (best {best:.4f})"
+    if elapsed is not None:
+        line += f" in {elapsed:.0f}s"
+    console.print(line)
+    if job.get("error"):
+        console.print(f"[red]{job['error']}[/red]")
+
+
+# -- the HTTP client ------------------------------------------------------------------------
+
+
+def _client(api: str, token: str) -> httpx.Client:
+    if not token:
+        console.print("[red]no API token:[/red] pass --token or set PWFF_API_TOKEN")
+        raise typer.Exit(2)
+    return httpx.Client(base_url=api.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as error:
+        console.print(f"[red]cannot reach the API at {client.base_url}:[/red] {error}")
+        raise typer.Exit(3) from None
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        if isinstance(detail, list):
+            detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+        console.print(f"[red]{response.status_code}:[/red] {detail}")
+        raise typer.Exit(1)
+    return response
+
+
+@app.command()
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC")],
+    set_: SetOption = None,
+    api: ApiOption = "http://127.0.0.1:8080",
+    token: TokenOption = "",
+) -> None:
+    """Submit a job to a deployment; prints its id."""
+    spec = _spec_or_exit(spec_path, set_)
+    with _client(api, token) as client:
+        job_id = _call(client, "POST", "/v1/jobs", json=spec.model_dump(mode="json")).json()["id"]
+    print(job_id)
+
+
+@app.command()
+def status(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
+    """Show a job's state and per-round metrics."""
+    with _client(api, token) as client:
+        job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
+    table = Table(title=f"{job['id']} — {job['state']} (round {job['round']}/{job['rounds']})")
+    for column in ("round", "accuracy", "loss", "train loss", "clients", "kB up", "duration s"):
+        table.add_column(column, justify="right")
+    for m in job["metrics"]:
+        table.add_row(
+            str(m["round"]), f"{m['accuracy']:.4f}", f"{m['loss']:.4f}",
+            f"{m['train_loss']:.4f}" if "train_loss" in m else "-",
+            str(len(m["clients"])), f"{m.get('bytes_up', 0) / 1e3:.1f}",
+            f"{m['duration_s']:.1f}" if "duration_s" in m else "-",
+        )
+    Console().print(table)
+    if job.get("error"):
+        console.print(f"[red]{job['error']}[/red]")
+
+
+@app.command()
+def wait(
+    job_id: str,
+    api: ApiOption = "http://127.0.0.1:8080",
+    token: TokenOption = "",
+    poll: Annotated[float, typer.Option(help="seconds between polls")] = 1.0,
+) -> None:
+    """Follow a job until it ends; exit code 1 unless it succeeded."""
+    with _client(api, token) as client, _progress() as progress:
+        job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
+        bar = _RoundBar(progress, job_id, job["rounds"])
+        while True:
+            bar(job)
+            if JobState(job["state"]).final:
+                break
+            time.sleep(poll)
+            job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
+    _summary(job)
+    if job["state"] != JobState.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+@app.command()
+def download(
+    job_id: str,
+    out: Annotated[Path, typer.Option("-o", "--out", help="destination folder")],
+    client_id: Annotated[int | None, typer.Option("--client", help="only this client's model")] = None,
+    api: ApiOption = "http://127.0.0.1:8080",
+    token: TokenOption = "",
+) -> None:
+    """Download a job's results: all of them (as `pwff run` writes them), or one client's PEFT folder."""
+    from services.results import write_results
+    from shared.models import extract_archive
+
+    with _client(api, token) as client:
+        if client_id is not None:
+            blob = _call(client, "GET", f"/v1/jobs/{job_id}/models/clients/{client_id}").content
+            extract_archive(blob, out)
+            console.print(f"client {client_id} adapter in [bold]{out}[/bold]")
+            return
+        job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
+
+        def fetch(path: str) -> bytes | None:
+            response = client.get(path)
+            return response.content if response.status_code == 200 else None
+
+        write_results(
+            out,
+            job,
+            fetch(f"/v1/jobs/{job_id}/models/global"),
+            lambda c: fetch(f"/v1/jobs/{job_id}/models/clients/{c}"),
+            range(job["spec"]["num_clients"]),
+        )
+    console.print(f"results in [bold]{out}[/bold]")
+
+
+@app.command()
+def jobs(api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
+    """List jobs, newest first."""
+    with _client(api, token) as client:
+        listed = _call(client, "GET", "/v1/jobs").json()
+    table = Table()
+    for column in ("id", "name", "state", "round"):
+        table.add_column(column)
+    for job in listed:
+        table.add_row(job["id"], job["name"], job["state"], str(job["round"]))
+    Console().print(table)
+
+
+@app.command()
+def cancel(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
+    """Cancel a queued or running job."""
+    with _client(api, token) as client:
+        job = _call(client, "DELETE", f"/v1/jobs/{job_id}").json()
+    console.print(f"job {job_id} {job['state']}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,49 @@
+"""`python -m services.scheduler`: the API and round loop against RabbitMQ and Redis."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+import uvicorn
+
+from services.scheduler.api import create_app
+from services.scheduler.core import Scheduler
+from shared.bus.rabbitmq import RabbitBus
+from shared.metrics import count_dead_letter
+from shared.settings import Settings, configure_process
+from shared.store.redis import RedisStore
+
+log = logging.getLogger("services.scheduler")
+
+
+def main() -> None:
+    settings = Settings()
+    configure_process(settings)
+    if not settings.api_token:
+        sys.exit("PWFF_API_TOKEN is not set: the scheduler refuses to serve an unauthenticated API")
+    scheduler = Scheduler(
+        RabbitBus(settings.rabbitmq_url, on_dead_letter=count_dead_letter),
+        RedisStore(settings.redis_url),
+        namespace=settings.namespace,
+    )
+    stop = threading.Event()
+    loop = threading.Thread(target=scheduler.run, args=(stop,), name="scheduler-loop", daemon=True)
+    loop.start()
+    try:
+        # uvicorn handles SIGTERM/SIGINT itself and returns; then the loop stops too.
+        uvicorn.run(
+            create_app(scheduler, settings.api_token),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+        )
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Job lifecycle and the round loop. Never touches tensors.
+
+A job moves queued -> running -> succeeded | failed | cancelled. Each round: sample
+clients (seeded), publish one task per client, wait for the aggregator's "merged"
+events, then ask it to close the round when every update is in, or at the deadline
+when the quorum is. All state lives in the store, with absolute deadlines, so a
+restarted scheduler picks up where the last one stopped; messages it may have sent
+twice are harmless because every step it asks for is idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from shared.bus import Bus, Queues
+from shared.jobs import JobNotFound, JobState, read_spec, read_state
+from shared.messages import (
+    CloseRound,
+    DropJob,
+    InitJob,
+    JobFailed,
+    JobInitialized,
+    RoundCommitted,
+    TrainTask,
+    UpdateMerged,
+    decode_scheduler,
+    encode,
+)
+from shared.metrics import (
+    JOBS_FINISHED,
+    JOBS_RUNNING,
+    JOBS_SUBMITTED,
+    LATE_TASKS,
+    ROUND_DURATION,
+    TASKS_DISPATCHED,
+)
+from shared.seeding import derive_seed
+from shared.spec import JobSpec
+from shared.store import Keys, Store
+
+log = logging.getLogger(__name__)
+
+RESEND_AFTER_S = 60.0
+"""A control message with no answer after this long is sent again (they are idempotent)."""
+
+
+class JobConflict(RuntimeError):
+    """The request does not fit the job's state (e.g. cancelling a finished job)."""
+
+
+def sample_clients(spec: JobSpec, round_: int) -> list[int]:
+    rng = np.random.default_rng(derive_seed("sample", spec.seed, round_))
+    chosen = rng.choice(spec.num_clients, size=spec.clients_per_round, replace=False)
+    return sorted(int(c) for c in chosen)
+
+
+def new_job_id(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "job"
+    return f"{slug}-{uuid.uuid4().hex[:10]}"
+
+
+class Scheduler:
+    def __init__(
+        self,
+        bus: Bus,
+        store: Store,
+        namespace: str = "pwff",
+        clock: Callable[[], float] = time.time,
+        tick_s: float = 0.5,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.keys = Keys(namespace)
+        self.queues = Queues(namespace)
+        self.clock = clock
+        self.tick_s = tick_s
+        self._lock = threading.RLock()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume aggregator events, and check deadlines every `tick_s`, until `stop`."""
+        JOBS_RUNNING.set(sum(1 for job in self.list_jobs() if job["state"] == JobState.RUNNING))
+        ticker = threading.Thread(target=self._tick_forever, args=(stop,), name="scheduler-tick", daemon=True)
+        ticker.start()
+        self.bus.consume(self.queues.events, self.handle_event, stop)
+        ticker.join()
+
+    def _tick_forever(self, stop: threading.Event) -> None:
+        while not stop.wait(self.tick_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("scheduler tick failed; trying again")
+
+    # -- API-facing operations --------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> str:
+        job_id = new_job_id(spec.name)
+        now = self.clock()
+        with self._lock:
+            self.store.hash_set(
+                self.keys.job(job_id),
+                {
+                    "spec": spec.model_dump_json(),
+                    "state": JobState.QUEUED,
+                    "round": "0",
+                    "created_at": repr(now),
+                    "updated_at": repr(now),
+                    "init_sent_at": repr(now),
+                    "error": "",
+                },
+            )
+            self.store.set_add(self.keys.jobs, job_id)
+        JOBS_SUBMITTED.inc()
+        self.bus.publish(self.queues.aggregate, encode(InitJob(job_id=job_id)))
+        log.info("job %s submitted (%s on %s, %d rounds)", job_id, spec.model, spec.dataset, spec.rounds)
+        return job_id
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            state = read_state(self.store, self.keys, job_id)
+            if state is None:
+                raise JobNotFound(job_id)
+            if state.final:
+                raise JobConflict(f"job {job_id} already {state}")
+            self._finish(job_id, JobState.CANCELLED, "")
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        meta = self.store.hash_get_all(self.keys.job(job_id))
+        if not meta:
+            raise JobNotFound(job_id)
+        spec = json.loads(meta["spec"])
+        rounds = []
+        for raw in self.store.list_range(self.keys.metrics(job_id)):
+            record = msgpack.unpackb(raw)
+            entry: dict[str, Any] = {"round": record["round"], "clients": record["clients"], **record["metrics"]}
+            plan = self.store.hash_get_all(self.keys.round_plan(job_id, record["round"]))
+            if plan.get("committed_at") and plan.get("opened_at"):
+                entry["duration_s"] = float(plan["committed_at"]) - float(plan["opened_at"])
+            rounds.append(entry)
+        return {
+            "id": job_id,
+            "name": spec.get("name", ""),
+            "state": meta["state"],
+            "round": int(meta.get("round", "0")),
+            "rounds": spec["rounds"],
+            "created_at": float(meta["created_at"]),
+            "updated_at": float(meta["updated_at"]),
+            "error": meta.get("error") or None,
+            "spec": spec,
+            "metrics": rounds,
+        }
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        jobs = []
+        for job_id in self.store.set_members(self.keys.jobs):
+            meta = self.store.hash_get_all(self.keys.job(job_id))
+            if meta:
+                jobs.append(
+                    {
+                        "id": job_id,
+                        "name": json.loads(meta["spec"]).get("name", ""),
+                        "state": meta["state"],
+                        "round": int(meta.get("round", "0")),
+                        "created_at": float(meta["created_at"]),
+                    }
+                )
+        return sorted(jobs, key=lambda job: job["created_at"], reverse=True)
+
+    def model_archive(self, job_id: str, client: int | None = None) -> bytes | None:
+        """The published PEFT folder (tar.gz) of the global model or of one client's model."""
+        spec = read_spec(self.store, self.keys, job_id)
+        if client is not None and not 0 <= client < spec.num_clients:
+            raise ValueError(f"client {client} out of range: the job has {spec.num_clients} clients")
+        # With nothing personal (preset "none"), each client's model is the global model.
+        return self.store.get(self.keys.model_archive(job_id, "global"))
+
+    # -- events from the aggregator ---------------------------------------------------------
+
+    def handle_event(self, body: bytes) -> None:
+        event = decode_scheduler(body)
+        with self._lock:
+            state = read_state(self.store, self.keys, event.job_id)
+            if state is None:
+                log.warning("event %s for unknown job %s ignored", event.type, event.job_id)
+                return
+            if isinstance(event, JobFailed):
+                if not state.final:
+                    self._finish(event.job_id, JobState.FAILED, event.error)
+                return
+            if state.final:
+                return  # e.g. a round that committed after the job was cancelled
+            if isinstance(event, JobInitialized):
+                if state == JobState.QUEUED:
+                    self._set(event.job_id, state=JobState.RUNNING)
+                    JOBS_RUNNING.inc()
+                    self._open_round(event.job_id, 1)
+            elif isinstance(event, UpdateMerged):
+                self._on_merged(event)
+            elif isinstance(event, RoundCommitted):
+                self._on_committed(event)
+
+    def _on_merged(self, event: UpdateMerged) -> None:
+        plan = self.store.hash_get_all(self.keys.round_plan(event.job_id, event.round))
+        if plan.get("status") != "open":
+            return
+        if event.merged_count >= len(json.loads(plan["clients"])):
+            self._close_round(event.job_id, event.round)
+
+    def _on_committed(self, event: RoundCommitted) -> None:
+        job_id, round_ = event.job_id, event.round
+        plan_key = self.keys.round_plan(job_id, round_)
+        plan = self.store.hash_get_all(plan_key)
+        if plan.get("status") == "committed" or self._current_round(job_id) != round_:
+            return
+        now = self.clock()
+        self.store.hash_set(plan_key, {"status": "committed", "committed_at": repr(now)})
+        if plan.get("opened_at"):
+            ROUND_DURATION.observe(now - float(plan["opened_at"]))
+        spec = read_spec(self.store, self.keys, job_id)
+        if round_ >= spec.rounds:
+            self._finish(job_id, JobState.SUCCEEDED, "")
+        else:
+            self._open_round(job_id, round_ + 1)
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    def _open_round(self, job_id: str, round_: int) -> None:
+        spec = read_spec(self.store, self.keys, job_id)
+        clients = sample_clients(spec, round_)
+        now = self.clock()
+        self.store.hash_set(
+            self.keys.round_plan(job_id, round_),
+            {
+                "clients": json.dumps(clients),
+                "opened_at": repr(now),
+                "deadline_at": repr(now + spec.round_deadline_s),
+                "status": "open",
+            },
+        )
+        self._set(job_id, round=str(round_))
+        for client in clients:
+            task = TrainTask(job_id=job_id, round=round_, client=client, attempt=0, local_steps=spec.local_steps)
+            self.bus.publish(self.queues.tasks, encode(task))
+        TASKS_DISPATCHED.inc(len(clients))
+        log.info("job %s round %d opened: clients %s", job_id, round_, clients)
+
+    def _close_round(self, job_id: str, round_: int) -> None:
+        self.store.hash_set(
+            self.keys.round_plan(job_id, round_), {"status": "closing", "close_sent_at": repr(self.clock())}
+        )
+        self.bus.publish(self.queues.aggregate, encode(CloseRound(job_id=job_id, round=round_)))
+
+    def tick(self) -> None:
+        """Deadlines and resends; safe to call at any time, from any scheduler replica after a restart."""
+        now = self.clock()
+        for job_id in self.store.set_members(self.keys.jobs):
+            with self._lock:
+                meta = self.store.hash_get_all(self.keys.job(job_id))
+                if not meta:
+                    continue
+                state = JobState(meta["state"])
+                if state == JobState.QUEUED and now - float(meta.get("init_sent_at", "0")) > RESEND_AFTER_S:
+                    self._set(job_id, init_sent_at=repr(now))
+                    self.bus.publish(self.queues.aggregate, encode(InitJob(job_id=job_id)))
+                if state != JobState.RUNNING:
+                    continue
+                round_ = int(meta.get("round", "0"))
+                plan = self.store.hash_get_all(self.keys.round_plan(job_id, round_))
+                status = plan.get("status")
+                if status == "open" and now >= float(plan["deadline_at"]):
+                    self._on_deadline(job_id, round_, plan)
+                elif status == "closing" and now - float(plan.get("close_sent_at", "0")) > RESEND_AFTER_S:
+                    self._close_round(job_id, round_)
+
+    def _on_deadline(self, job_id: str, round_: int, plan: dict[str, str]) -> None:
+        spec = read_spec(self.store, self.keys, job_id)
+        merged = len(self.store.set_members(self.keys.round_merged(job_id, round_)))
+        expected = len(json.loads(plan["clients"]))
+        if merged >= spec.quorum_count:
+            log.warning("job %s round %d: deadline with %d of %d updates; closing", job_id, round_, merged, expected)
+            LATE_TASKS.inc()
+            self._close_round(job_id, round_)
+        else:
+            self._finish(
+                job_id,
+                JobState.FAILED,
+                f"round {round_} reached its deadline ({spec.round_deadline_s:g}s) with {merged} of {expected} "
+                f"updates; the quorum is {spec.quorum_count}",
+            )
+
+    # -- state helpers ----------------------------------------------------------------------
+
+    def _current_round(self, job_id: str) -> int:
+        return int(self.store.hash_get(self.keys.job(job_id), "round") or "0")
+
+    def _set(self, job_id: str, **fields: str) -> None:
+        self.store.hash_set(self.keys.job(job_id), {**fields, "updated_at": repr(self.clock())})
+
+    def _finish(self, job_id: str, state: JobState, error: str) -> None:
+        previous = read_state(self.store, self.keys, job_id)
+        self._set(job_id, state=state, error=error)
+        if previous == JobState.RUNNING:
+            JOBS_RUNNING.dec()
+        JOBS_FINISHED.labels(state=str(state)).inc()
+        if state != JobState.SUCCEEDED:
+            self.bus.publish(self.queues.aggregate, encode(DropJob(job_id=job_id)))
+        log.info("job %s %s%s", job_id, state, f": {error}" if error else "")
