@@ -17,6 +17,10 @@ from shared.metrics import HTTP_REQUESTS
 from shared.spec import JobSpec
 
 
+# Module level: FastAPI resolves dependency annotations against module globals.
+_bearer = HTTPBearer(auto_error=False)
+
+
 class JobCreated(BaseModel):
     id: str
 
@@ -30,9 +34,7 @@ def create_app(scheduler: Scheduler, api_token: str) -> FastAPI:
         description="Personalized federated fine-tuning of language models: submit jobs, follow rounds, "
         "download adapters.",
     )
-    bearer = HTTPBearer(auto_error=False)
-
-    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), api_token.encode()):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"}

@@ -95,6 +95,7 @@ class Worker:
         except CodecError as error:
             raise RuntimeError(f"global state of {task.job_id} is corrupt: {error}") from error
 
+        log.info("%s starting %s round %d client %d", self.name, task.job_id, task.round, task.client)
         began = time.perf_counter()
         model, tokenizer = self.models.get(spec)
         load_trainable_state(model, start_state)
