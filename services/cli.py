@@ -164,9 +164,12 @@ def status(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOp
         table.add_column(column, justify="right")
     for m in job["metrics"]:
         table.add_row(
-            str(m["round"]), f"{m['accuracy']:.4f}", f"{m['loss']:.4f}",
+            str(m["round"]),
+            f"{m['accuracy']:.4f}",
+            f"{m['loss']:.4f}",
             f"{m['train_loss']:.4f}" if "train_loss" in m else "-",
-            str(len(m["clients"])), f"{m.get('bytes_up', 0) / 1e3:.1f}",
+            str(len(m["clients"])),
+            f"{m.get('bytes_up', 0) / 1e3:.1f}",
             f"{m['duration_s']:.1f}" if "duration_s" in m else "-",
         )
     Console().print(table)

@@ -140,7 +140,12 @@ class ServiceCluster:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "services.cli", *args, "--api", self.api_url, "--token", self.token],
-            cwd=REPO, env=self.base_env, capture_output=True, text=True, check=True, timeout=300,
+            cwd=REPO,
+            env=self.base_env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
         )
 
     def close(self) -> None:

@@ -27,7 +27,11 @@ def collate(
         padding="longest",
         return_tensors="pt",
     )
-    batch = {key: value.to(device) for key, value in encoded.items() if key in ("input_ids", "attention_mask", "token_type_ids")}
+    batch = {
+        key: value.to(device)
+        for key, value in encoded.items()
+        if key in ("input_ids", "attention_mask", "token_type_ids")
+    }
     if task == "classification":
         batch["labels"] = torch.tensor([example.label for example in examples], dtype=torch.long, device=device)
     else:

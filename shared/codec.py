@@ -60,4 +60,6 @@ def check_matches(update: Mapping[str, torch.Tensor], reference: Mapping[str, to
         raise CodecError(f"tensor names differ: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, tensor in update.items():
         if tensor.shape != reference[name].shape:
-            raise CodecError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(reference[name].shape)}")
+            raise CodecError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(reference[name].shape)}"
+            )

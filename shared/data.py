@@ -171,16 +171,12 @@ _R_LIBRARIES = ("/usr/lib/R/site-library", "/usr/local/lib/R/site-library", "/us
 
 
 def _janeaustenr_dir() -> Path:
-    extra = [
-        p for var in ("R_LIBS", "R_LIBS_SITE", "R_LIBS_USER") for p in os.environ.get(var, "").split(":")
-    ]
+    extra = [p for var in ("R_LIBS", "R_LIBS_SITE", "R_LIBS_USER") for p in os.environ.get(var, "").split(":")]
     for library in [*filter(None, extra), *_R_LIBRARIES]:
         candidate = Path(library) / "janeaustenr" / "data"
         if (candidate / "Rdata.rdx").is_file():
             return candidate
-    raise DataUnavailable(
-        "R package janeaustenr not found; install it with `apt-get install r-cran-janeaustenr`"
-    )
+    raise DataUnavailable("R package janeaustenr not found; install it with `apt-get install r-cran-janeaustenr`")
 
 
 def _parse_r(serialized: bytes) -> Any:
@@ -359,9 +355,7 @@ def _dirichlet_draw(
     return shards
 
 
-def _dirichlet(
-    labels: np.ndarray, num_clients: int, spec: PartitionSpec, rng: np.random.Generator
-) -> list[list[int]]:
+def _dirichlet(labels: np.ndarray, num_clients: int, spec: PartitionSpec, rng: np.random.Generator) -> list[list[int]]:
     """Per-class Dirichlet(alpha) label skew with every client holding at least min_examples.
 
     Draws are retried a bounded number of times; the draw closest to feasible is then repaired by

@@ -46,9 +46,7 @@ def evaluate(
             shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
             targets = labels[:, 1:].reshape(-1)
             mask = targets != -100
-            loss_sum += torch.nn.functional.cross_entropy(
-                shifted_logits[mask], targets[mask], reduction="sum"
-            ).item()
+            loss_sum += torch.nn.functional.cross_entropy(shifted_logits[mask], targets[mask], reduction="sum").item()
             correct += int((shifted_logits[mask].argmax(-1) == targets[mask]).sum().item())
             count += int(mask.sum().item())
     if count == 0:

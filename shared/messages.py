@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{2,63}$"
 
 
@@ -119,9 +119,7 @@ class JobFailed(_Message):
 
 WorkerMessage = TrainTask
 AggregatorMessage = Annotated[UpdateReady | InitJob | CloseRound | DropJob, Field(discriminator="type")]
-SchedulerMessage = Annotated[
-    JobInitialized | UpdateMerged | RoundCommitted | JobFailed, Field(discriminator="type")
-]
+SchedulerMessage = Annotated[JobInitialized | UpdateMerged | RoundCommitted | JobFailed, Field(discriminator="type")]
 
 _worker_adapter: TypeAdapter[TrainTask] = TypeAdapter(TrainTask)
 _aggregator_adapter: TypeAdapter[UpdateReady | InitJob | CloseRound | DropJob] = TypeAdapter(AggregatorMessage)
@@ -169,7 +167,5 @@ def decode_aggregator(body: bytes, max_bytes: int = 64 * 1024) -> UpdateReady | 
 def decode_scheduler(
     body: bytes, max_bytes: int = 64 * 1024
 ) -> JobInitialized | UpdateMerged | RoundCommitted | JobFailed:
-    result: JobInitialized | UpdateMerged | RoundCommitted | JobFailed = _decode(
-        _scheduler_adapter, body, max_bytes
-    )
+    result: JobInitialized | UpdateMerged | RoundCommitted | JobFailed = _decode(_scheduler_adapter, body, max_bytes)
     return result

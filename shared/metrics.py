@@ -28,7 +28,8 @@ TASK_DURATION = Histogram(
     "pwff_task_duration_seconds", "Worker compute time of one training task", buckets=_DURATION_BUCKETS
 )
 UPDATES_RECEIVED = Counter(
-    "pwff_updates_received_total", "Updates seen by the aggregator, by outcome (merged|duplicate|late|invalid)",
+    "pwff_updates_received_total",
+    "Updates seen by the aggregator, by outcome (merged|duplicate|late|invalid)",
     ["outcome"],
 )
 UPLOAD_BYTES = Counter("pwff_upload_bytes_total", "Bytes of updates uploaded by workers")

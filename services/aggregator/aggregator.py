@@ -77,8 +77,8 @@ class Aggregator:
         self,
         bus: Bus,
         store: Store,
+        cache_dir: Path,
         namespace: str = "pwff",
-        cache_dir: Path = Path.home() / ".cache" / "pwff",
         max_message_bytes: int = 64 * 1024,
         max_update_bytes: int = 512 * 1024 * 1024,
     ) -> None:
@@ -153,9 +153,10 @@ class Aggregator:
 
     def _merge(self, announce: UpdateReady, spec: JobSpec) -> None:
         keys, job_id, round_ = self.keys, announce.job_id, announce.round
-        if self.store.exists(keys.round_committed(job_id, round_)) or read_state(
-            self.store, keys, job_id
-        ) != JobState.RUNNING:
+        if (
+            self.store.exists(keys.round_committed(job_id, round_))
+            or read_state(self.store, keys, job_id) != JobState.RUNNING
+        ):
             UPDATES_RECEIVED.labels(outcome="late").inc()
             self.store.delete(announce.key)
             log.info("late update for %s round %d client %d dropped", job_id, round_, announce.client)
@@ -224,7 +225,9 @@ class Aggregator:
         committed = self.store.get(keys.round_committed(job_id, round_))
         if committed is not None:
             record = msgpack.unpackb(committed)
-            self._emit(RoundCommitted(job_id=job_id, round=round_, clients=record["clients"], metrics=record["metrics"]))
+            self._emit(
+                RoundCommitted(job_id=job_id, round=round_, clients=record["clients"], metrics=record["metrics"])
+            )
             return
         accumulator = self._accumulator(job_id, round_, spec)
         previous_blob = self.store.get(keys.global_state(job_id, round_ - 1))

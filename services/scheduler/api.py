@@ -16,7 +16,6 @@ from shared.jobs import JobNotFound
 from shared.metrics import HTTP_REQUESTS
 from shared.spec import JobSpec
 
-
 # Module level: FastAPI resolves dependency annotations against module globals.
 _bearer = HTTPBearer(auto_error=False)
 
@@ -34,6 +33,7 @@ def create_app(scheduler: Scheduler, api_token: str) -> FastAPI:
         description="Personalized federated fine-tuning of language models: submit jobs, follow rounds, "
         "download adapters.",
     )
+
     def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), api_token.encode()):
             raise HTTPException(

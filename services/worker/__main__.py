@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import socket
 
-from shared.runtime import run_until_signalled
 from services.worker.worker import Worker
 from shared.bus.rabbitmq import RabbitBus
 from shared.metrics import count_dead_letter, serve_metrics
+from shared.runtime import run_until_signalled
 from shared.settings import Settings, configure_process
 from shared.store.redis import RedisStore
 

@@ -66,6 +66,4 @@ def train_backprop(
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     model.eval()
-    return TrainResult(
-        loss=float(np.mean(losses)), num_samples=len(examples), examples_seen=steps * spec.batch_size
-    )
+    return TrainResult(loss=float(np.mean(losses)), num_samples=len(examples), examples_seen=steps * spec.batch_size)

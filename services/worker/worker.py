@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-
 from services.worker.trainer import train_backprop
 from shared import data
 from shared.bus import Bus, Queues
@@ -34,8 +33,8 @@ class Worker:
         self,
         bus: Bus,
         store: Store,
+        cache_dir: Path,
         namespace: str = "pwff",
-        cache_dir: Path = Path.home() / ".cache" / "pwff",
         update_ttl_s: int = 7 * 24 * 3600,
         max_message_bytes: int = 64 * 1024,
         name: str = "worker",
@@ -135,6 +134,12 @@ class Worker:
         UPLOAD_BYTES.inc(len(blob))
         log.info(
             "%s trained %s round %d client %d: loss %.4f in %.2fs, %d bytes up",
-            self.name, task.job_id, task.round, task.client, result.loss, compute_s, len(blob),
+            self.name,
+            task.job_id,
+            task.round,
+            task.client,
+            result.loss,
+            compute_s,
+            len(blob),
         )
         return "done"

@@ -47,6 +47,10 @@ class RabbitBus:
     # -- topology -------------------------------------------------------------------------
 
     def _declare(self, channel: BlockingChannel, queue: str) -> None:
+        """Declare a work queue with its dead-letter queue; a dead-letter queue itself has none."""
+        if queue.endswith(".dead"):
+            channel.queue_declare(queue=queue, durable=True)
+            return
         channel.queue_declare(queue=Queues.dead(queue), durable=True)
         channel.queue_declare(
             queue=queue,
@@ -226,4 +230,3 @@ class RabbitBus:
                     log.debug("closing the publisher failed", exc_info=True)
             self._publish_conn = None
             self._publish_channel = None
-
