@@ -1,0 +1,245 @@
+"""The HTTP API over a Scheduler on the in-process bus and store (the round loop is not running)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from services.scheduler.api import create_app
+from services.scheduler.core import Scheduler
+from shared.bus import Queues
+from shared.bus.memory import MemoryBus
+from shared.jobs import JobState
+from shared.messages import DropJob, InitJob, decode_aggregator
+from shared.store import Keys
+from shared.store.memory import MemoryStore
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SPEC: dict[str, Any] = {"name": "api-test", "model": "tiny-bert", "dataset": "bbc-news", "num_clients": 4,
+                        "clients_per_round": 2, "rounds": 2}
+
+ROUTES = [
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/some-job-123"),
+    ("DELETE", "/v1/jobs/some-job-123"),
+    ("GET", "/v1/jobs/some-job-123/models/global"),
+    ("GET", "/v1/jobs/some-job-123/models/clients/0"),
+]
+
+
+@pytest.fixture
+def scheduler() -> Scheduler:
+    return Scheduler(MemoryBus(), MemoryStore())
+
+
+@pytest.fixture
+def client(scheduler: Scheduler) -> TestClient:
+    return TestClient(create_app(scheduler, TOKEN))
+
+
+def _drain(scheduler: Scheduler, queue: str) -> list[bytes]:
+    bodies: list[bytes] = []
+    for _ in range(scheduler.bus.depth(queue)):
+        stop = threading.Event()
+
+        def take(body: bytes, stop: threading.Event = stop) -> None:
+            bodies.append(body)
+            stop.set()
+
+        scheduler.bus.consume(queue, take, stop)
+    return bodies
+
+
+def _submit(client: TestClient, **overrides: Any) -> str:
+    response = client.post("/v1/jobs", json={**SPEC, **overrides}, headers=AUTH)
+    assert response.status_code == 201, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+def test_app_refuses_to_start_without_a_token(scheduler: Scheduler) -> None:
+    with pytest.raises(ValueError, match="token"):
+        create_app(scheduler, "")
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN},
+     {"Authorization": f"Bearer {TOKEN}x"}],
+    ids=["none", "wrong", "basic", "bare", "suffix"],
+)
+def test_every_v1_route_needs_the_token(
+    client: TestClient, scheduler: Scheduler, method: str, path: str, headers: dict[str, str]
+) -> None:
+    response = client.request(method, path, headers=headers, json=SPEC if method == "POST" else None)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert scheduler.list_jobs() == []  # nothing happened behind the refusal
+
+
+def test_submit_creates_a_queued_job_and_asks_for_init(client: TestClient, scheduler: Scheduler) -> None:
+    response = client.post("/v1/jobs", json=SPEC, headers=AUTH)
+    assert response.status_code == 201
+    job_id = response.json()["id"]
+    assert set(response.json()) == {"id"}
+    assert job_id.startswith("api-test-")
+    assert scheduler.store.hash_get(Keys().job(job_id), "state") == JobState.QUEUED
+    assert [decode_aggregator(b) for b in _drain(scheduler, Queues().aggregate)] == [InitJob(job_id=job_id)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"num_clients": -1}, "num_clients"),
+        ({"roundz": 3}, "roundz"),
+        ({"optimizer": {"lr": 0}}, "lr"),
+        ({"optimizer": {"learning_rate": 0.1}}, "learning_rate"),
+        ({"model": "gpt-17"}, "model"),
+        ({"clients_per_round": 9}, "clients_per_round"),
+    ],
+)
+def test_invalid_spec_is_422_naming_the_field(
+    client: TestClient, scheduler: Scheduler, overrides: dict[str, Any], field: str
+) -> None:
+    response = client.post("/v1/jobs", json={**SPEC, **overrides}, headers=AUTH)
+    assert response.status_code == 422
+    assert field in response.text
+    assert scheduler.list_jobs() == []
+    assert scheduler.bus.depth(Queues().aggregate) == 0
+
+
+def test_model_dataset_mismatch_is_422(client: TestClient, scheduler: Scheduler) -> None:
+    response = client.post("/v1/jobs", json={**SPEC, "dataset": "jane-austen"}, headers=AUTH)
+    assert response.status_code == 422
+    assert "cannot train on dataset 'jane-austen'" in response.text
+    assert scheduler.list_jobs() == []
+
+
+def test_non_json_body_is_422(client: TestClient) -> None:
+    response = client.post("/v1/jobs", content=b"rounds: 3", headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 422
+
+
+def test_get_job(client: TestClient) -> None:
+    job_id = _submit(client, rounds=3)
+    response = client.get(f"/v1/jobs/{job_id}", headers=AUTH)
+    assert response.status_code == 200
+    job = response.json()
+    assert job["id"] == job_id and job["name"] == "api-test"
+    assert job["state"] == "queued" and job["round"] == 0 and job["rounds"] == 3
+    assert job["error"] is None and job["metrics"] == []
+    assert job["spec"]["model"] == "tiny-bert" and job["spec"]["optimizer"]["lr"] == 1e-3  # defaults filled in
+    assert job["created_at"] <= job["updated_at"]
+
+
+def test_list_jobs_newest_first(client: TestClient) -> None:
+    assert client.get("/v1/jobs", headers=AUTH).json() == []
+    first = _submit(client, name="first")
+    second = _submit(client, name="second")
+    listed = client.get("/v1/jobs", headers=AUTH).json()
+    assert [job["id"] for job in listed] == [second, first]
+    assert [job["name"] for job in listed] == ["second", "first"]
+    assert all(job["state"] == "queued" for job in listed)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/jobs/nope-123"), ("DELETE", "/v1/jobs/nope-123"), ("GET", "/v1/jobs/nope-123/models/global"),
+     ("GET", "/v1/jobs/nope-123/models/clients/0")],
+)
+def test_unknown_job_is_404(client: TestClient, method: str, path: str) -> None:
+    response = client.request(method, path, headers=AUTH)
+    assert response.status_code == 404
+    assert "nope-123" in response.json()["detail"]
+
+
+def test_cancel_then_cancel_again_is_409(client: TestClient, scheduler: Scheduler) -> None:
+    job_id = _submit(client)
+    scheduler.bus.purge(Queues().aggregate)
+    response = client.delete(f"/v1/jobs/{job_id}", headers=AUTH)
+    assert response.status_code == 200
+    assert response.json()["state"] == "cancelled"
+    assert client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["state"] == "cancelled"
+    # The aggregator is told to forget the job.
+    assert [decode_aggregator(b) for b in _drain(scheduler, Queues().aggregate)] == [DropJob(job_id=job_id)]
+
+    again = client.delete(f"/v1/jobs/{job_id}", headers=AUTH)
+    assert again.status_code == 409
+    assert "already cancelled" in again.json()["detail"]
+
+
+def test_models_are_404_before_anything_is_published(client: TestClient) -> None:
+    job_id = _submit(client)
+    for path in (f"/v1/jobs/{job_id}/models/global", f"/v1/jobs/{job_id}/models/clients/1"):
+        response = client.get(path, headers=AUTH)
+        assert response.status_code == 404
+        assert "has not published a model yet" in response.json()["detail"]
+
+
+def test_published_model_downloads_as_gzip(client: TestClient, scheduler: Scheduler) -> None:
+    job_id = _submit(client)
+    scheduler.store.put(Keys().model_archive(job_id, "global"), b"\x1f\x8bfake-archive")
+    response = client.get(f"/v1/jobs/{job_id}/models/global", headers=AUTH)
+    assert response.status_code == 200
+    assert response.content == b"\x1f\x8bfake-archive"
+    assert response.headers["content-type"] == "application/gzip"
+    assert f'filename="{job_id}-global.tar.gz"' in response.headers["content-disposition"]
+    client_response = client.get(f"/v1/jobs/{job_id}/models/clients/3", headers=AUTH)
+    assert client_response.status_code == 200 and client_response.content == b"\x1f\x8bfake-archive"
+    assert f'filename="{job_id}-client-3.tar.gz"' in client_response.headers["content-disposition"]
+
+
+@pytest.mark.parametrize("client_id", [4, 100, -1])
+def test_client_model_out_of_range_is_404(client: TestClient, scheduler: Scheduler, client_id: int) -> None:
+    job_id = _submit(client)
+    scheduler.store.put(Keys().model_archive(job_id, "global"), b"archive")
+    response = client.get(f"/v1/jobs/{job_id}/models/clients/{client_id}", headers=AUTH)
+    assert response.status_code == 404
+    assert "out of range" in response.json()["detail"]
+
+
+def test_healthz_needs_no_token(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_readyz_reports_broker_and_store(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"ready": True, "broker": True, "store": True}
+
+
+def test_readyz_is_503_when_the_store_is_down(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler.store, "ping", lambda: False)
+    response = TestClient(create_app(scheduler, TOKEN)).get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {"ready": False, "broker": True, "store": False}
+
+
+def test_metrics_are_prometheus_text_with_pwff_names(client: TestClient) -> None:
+    _submit(client)
+    client.get("/v1/jobs", headers=AUTH)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for name in ("pwff_jobs_submitted_total", "pwff_jobs_running", "pwff_updates_received_total",
+                 "pwff_http_requests_total"):
+        assert f"# TYPE {name.removesuffix('_total')}" in text
+    assert 'pwff_http_requests_total{method="GET",route="/v1/jobs",status="200"}' in text
+    assert "pwff_jobs_submitted_total " in text
+
+
+def test_http_requests_are_counted_by_route_template(client: TestClient) -> None:
+    labels = {"method": "GET", "route": "/v1/jobs/{job_id}", "status": "404"}
+    before = REGISTRY.get_sample_value("pwff_http_requests_total", labels) or 0.0
+    client.get("/v1/jobs/abc-123", headers=AUTH)
+    client.get("/v1/jobs/xyz-456", headers=AUTH)
+    assert REGISTRY.get_sample_value("pwff_http_requests_total", labels) == before + 2
