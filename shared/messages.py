@@ -41,7 +41,9 @@ class TrainTask(_Message):
     round: Round
     client: ClientId
     attempt: int = Field(0, ge=0, le=1000)
-    local_steps: int = Field(ge=1, le=1_000_000)
+    wave: int = Field(0, ge=0, le=10_000, description="fwd: extra perturbation work within the same step")
+    local_steps: int = Field(ge=1, le=1_000_000, description="backprop budget: local optimizer steps")
+    perturbations: int = Field(0, ge=0, le=100_000, description="fwd budget: directions to evaluate")
 
 
 # --- workers and scheduler -> aggregator (aggregate queue) ----------------------------------
@@ -55,11 +57,14 @@ class UpdateReady(_Message):
     round: Round
     client: ClientId
     attempt: int = Field(ge=0, le=1000)
+    wave: int = Field(0, ge=0, le=10_000)
     key: str = Field(min_length=1, max_length=512)
     num_samples: int = Field(ge=1)
     train_loss: float
     compute_s: float = Field(ge=0)
     upload_bytes: int = Field(ge=0)
+    perturbations: int = Field(0, ge=0, description="fwd: directions evaluated")
+    cosine: float = Field(0.0, ge=-1, le=1, description="fwd: mean |cosine| of the chosen directions")
 
 
 class InitJob(_Message):
@@ -75,6 +80,7 @@ class CloseRound(_Message):
     type: Literal["close"] = "close"
     job_id: JobId
     round: Round
+    force: bool = Field(False, description="commit even if the fwd variance is above its threshold")
 
 
 class DropJob(_Message):
@@ -101,6 +107,17 @@ class UpdateMerged(_Message):
     merged_count: int = Field(ge=1)
 
 
+class MoreWork(_Message):
+    """fwd: the step's gradient estimate is still too noisy; the scheduler dispatches another wave."""
+
+    type: Literal["more"] = "more"
+    job_id: JobId
+    round: Round
+    wave: int = Field(ge=1)
+    variance: float
+    perturbations: int = Field(ge=0)
+
+
 class RoundCommitted(_Message):
     type: Literal["committed"] = "committed"
     job_id: JobId
@@ -117,15 +134,14 @@ class JobFailed(_Message):
     error: str = Field(max_length=4000)
 
 
-WorkerMessage = TrainTask
-AggregatorMessage = Annotated[UpdateReady | InitJob | CloseRound | DropJob, Field(discriminator="type")]
-SchedulerMessage = Annotated[JobInitialized | UpdateMerged | RoundCommitted | JobFailed, Field(discriminator="type")]
+AggregatorCommand = UpdateReady | InitJob | CloseRound | DropJob
+SchedulerEvent = JobInitialized | UpdateMerged | MoreWork | RoundCommitted | JobFailed
 
 _worker_adapter: TypeAdapter[TrainTask] = TypeAdapter(TrainTask)
-_aggregator_adapter: TypeAdapter[UpdateReady | InitJob | CloseRound | DropJob] = TypeAdapter(AggregatorMessage)
-_scheduler_adapter: TypeAdapter[JobInitialized | UpdateMerged | RoundCommitted | JobFailed] = TypeAdapter(
-    SchedulerMessage
+_aggregator_adapter: TypeAdapter[AggregatorCommand] = TypeAdapter(
+    Annotated[AggregatorCommand, Field(discriminator="type")]
 )
+_scheduler_adapter: TypeAdapter[SchedulerEvent] = TypeAdapter(Annotated[SchedulerEvent, Field(discriminator="type")])
 
 
 def encode(message: BaseModel) -> bytes:
@@ -159,13 +175,11 @@ def decode_task(body: bytes, max_bytes: int = 64 * 1024) -> TrainTask:
     return result
 
 
-def decode_aggregator(body: bytes, max_bytes: int = 64 * 1024) -> UpdateReady | InitJob | CloseRound | DropJob:
-    result: UpdateReady | InitJob | CloseRound | DropJob = _decode(_aggregator_adapter, body, max_bytes)
+def decode_aggregator(body: bytes, max_bytes: int = 64 * 1024) -> AggregatorCommand:
+    result: AggregatorCommand = _decode(_aggregator_adapter, body, max_bytes)
     return result
 
 
-def decode_scheduler(
-    body: bytes, max_bytes: int = 64 * 1024
-) -> JobInitialized | UpdateMerged | RoundCommitted | JobFailed:
-    result: JobInitialized | UpdateMerged | RoundCommitted | JobFailed = _decode(_scheduler_adapter, body, max_bytes)
+def decode_scheduler(body: bytes, max_bytes: int = 64 * 1024) -> SchedulerEvent:
+    result: SchedulerEvent = _decode(_scheduler_adapter, body, max_bytes)
     return result

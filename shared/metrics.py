@@ -58,3 +58,15 @@ def serve_metrics(port: int) -> None:
             return
         start_http_server(port)
         _started_ports.add(port)
+
+
+FWD_PERTURBATIONS = Histogram(
+    "pwff_fwd_perturbations_per_step",
+    "fwd: perturbations used by a committed step (grows when variance control asks for more)",
+    buckets=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+)
+FWD_VARIANCE = Gauge("pwff_fwd_variance", "fwd: normalized split-half variance of the last committed step", ["job"])
+FWD_COSINE = Gauge(
+    "pwff_fwd_direction_cosine", "fwd: mean |cosine| of chosen directions with the previous gradient", ["job"]
+)
+FWD_EXTRA_WAVES = Counter("pwff_fwd_extra_waves_total", "fwd: extra perturbation waves dispatched by variance control")

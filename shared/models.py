@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TINY_SEED = 1234  # tiny test models must have identical frozen weights in every process
 
+GLOBAL_RNG_LOCK = threading.RLock()
+"""Held by whatever draws from torch's process-wide generator (model init, dropout in training):
+in the embedded mode several workers share one process, and interleaved draws would make
+results depend on thread timing."""
+
 
 class ModelUnavailable(RuntimeError):
     """A model package is not installed; the message says how to install it."""
@@ -130,13 +135,23 @@ def load_tokenizer(name: str, cache_dir: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(name: str, num_labels: int, cache_dir: Path) -> PreTrainedModel:
-    """The frozen base, identical in every process (tiny models are seeded with a constant)."""
+def load_base_model(
+    name: str, num_labels: int, cache_dir: Path, attn_implementation: str | None = None
+) -> PreTrainedModel:
+    """The frozen base, identical in every process (tiny models are seeded with a constant).
+
+    `attn_implementation="eager"` is needed for forward-mode AD (`torch.func.jvp`): the CPU
+    SDPA kernel has no forward derivative.
+    """
     model: PreTrainedModel
     if name == "minilm-l6":
-        model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            minilm_dir(), num_labels=num_labels, attn_implementation=attn_implementation
+        )
     elif name == "smollm2-135m":
-        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(cache_dir), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            smollm2_dir(cache_dir), dtype=torch.float32, attn_implementation=attn_implementation
+        )
     elif name == "tiny-bert":
         torch.manual_seed(_TINY_SEED)
         bert_config = BertConfig(
@@ -148,6 +163,8 @@ def load_base_model(name: str, num_labels: int, cache_dir: Path) -> PreTrainedMo
             max_position_embeddings=512,
         )
         bert_config.num_labels = num_labels
+        if attn_implementation:
+            bert_config._attn_implementation = attn_implementation
         model = BertForSequenceClassification(bert_config)
     elif name == "tiny-llama":
         torch.manual_seed(_TINY_SEED)
@@ -162,6 +179,8 @@ def load_base_model(name: str, num_labels: int, cache_dir: Path) -> PreTrainedMo
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
         )
+        if attn_implementation:
+            llama_config._attn_implementation = attn_implementation
         model = LlamaForCausalLM(llama_config)
     else:
         raise ValueError(f"unknown model {name!r}")
@@ -183,12 +202,21 @@ def lora_config(spec: JobSpec) -> LoraConfig:
     )
 
 
+def attention_for(spec: JobSpec) -> str | None:
+    return "eager" if spec.mode == "fwd" and spec.fwd.estimator == "jvp" else None
+
+
 def peft_cache_key(spec: JobSpec) -> str:
     """Specs with the same key can share one loaded PEFT model (only the trainable state differs)."""
     from shared.data import info as dataset_info
 
     return json.dumps(
-        {"model": spec.model, "labels": dataset_info(spec.dataset).num_labels, "lora": spec.lora.model_dump()},
+        {
+            "model": spec.model,
+            "labels": dataset_info(spec.dataset).num_labels,
+            "lora": spec.lora.model_dump(),
+            "attention": attention_for(spec),
+        },
         sort_keys=True,
     )
 
@@ -197,10 +225,13 @@ def build_peft_model(spec: JobSpec, cache_dir: Path) -> PeftModel:
     """Frozen base model + LoRA (and a trainable head for classifiers)."""
     from shared.data import info as dataset_info
 
-    base = load_base_model(spec.model, dataset_info(spec.dataset).num_labels, cache_dir)
-    for param in base.parameters():
-        param.requires_grad_(False)
-    return get_peft_model(base, lora_config(spec))
+    with GLOBAL_RNG_LOCK:
+        base = load_base_model(spec.model, dataset_info(spec.dataset).num_labels, cache_dir, attention_for(spec))
+        for param in base.parameters():
+            param.requires_grad_(False)
+        # peft writes the base's name into adapter_config.json: make it one a user can load elsewhere.
+        base.name_or_path = model_info(spec.model).hub_id
+        return get_peft_model(base, lora_config(spec))
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ to travel with a task.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import yaml
@@ -50,6 +51,31 @@ class AggregationSpec(_Strict):
     weighting: Literal["samples", "uniform"] = "samples"
 
 
+class ForwardSpec(_Strict):
+    """FwdLLM: backprop-free training from forward gradients (mode `fwd`)."""
+
+    estimator: Literal["fd", "jvp"] = Field(
+        "fd", description="fd: central difference from two perturbed inferences; jvp: exact, one pass"
+    )
+    h: float = Field(1e-3, gt=0, le=1, description="perturbation size of the central difference")
+    perturb: Literal["all", "lora", "head"] = Field("all", description="which trainable tensors are perturbed")
+    perturbations_per_task: int = Field(16, ge=1, le=4096, description="K: directions a task evaluates")
+    candidates: int = Field(10, ge=1, le=1000, description="C: a task scores C x K candidates and keeps the K best")
+    discriminative: bool = Field(True, description="choose directions by cosine with the previous global gradient")
+    variance_control: Literal["adaptive", "fixed"] = Field(
+        "adaptive", description="adaptive: ask for more perturbations while the variance is above the threshold"
+    )
+    variance_threshold: float = Field(0.5, gt=0, description="normalized split-half variance that ends a step")
+    max_perturbations_per_step: int = Field(1024, ge=1, description="cap on perturbations per step (all waves)")
+    upload: Literal["seeds", "dense"] = Field(
+        "seeds", description="seeds: (seed, g, loss) triples; dense: the client's summed estimate as a tensor"
+    )
+    lr: float = Field(0.01, gt=0, le=100, description="server SGD learning rate on the estimated gradient")
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+
+
 class PersonalizationSpec(_Strict):
     """Which trainable tensors are averaged globally. Personal parts arrive with the PWFF issue."""
 
@@ -65,7 +91,9 @@ class JobSpec(_Strict):
     name: str = Field("job", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
     model: Literal["minilm-l6", "smollm2-135m", "tiny-bert", "tiny-llama"] = "minilm-l6"
     dataset: Literal["bbc-news", "tweets-sentiment", "jane-austen"] = "bbc-news"
-    mode: Literal["backprop"] = Field("backprop", description="training mode; 'fwd' and 'align' come later")
+    mode: Literal["backprop", "fwd"] = Field(
+        "backprop", description="backprop: local AdamW/SGD steps; fwd: forward gradients (FwdLLM)"
+    )
     partition: PartitionSpec = PartitionSpec()
     num_clients: int = Field(8, ge=1, le=10_000)
     clients_per_round: int = Field(8, ge=1)
@@ -74,6 +102,7 @@ class JobSpec(_Strict):
     batch_size: int = Field(16, ge=1, le=4096)
     max_length: int = Field(128, ge=8, le=4096, description="tokens per example")
     optimizer: OptimizerSpec = OptimizerSpec()
+    fwd: ForwardSpec = ForwardSpec()
     lora: LoraSpec = LoraSpec()
     aggregation: AggregationSpec = AggregationSpec()
     personalization: PersonalizationSpec = PersonalizationSpec()
@@ -91,6 +120,8 @@ class JobSpec(_Strict):
         if causal != (self.dataset == "jane-austen"):
             kind = "a causal LM" if causal else "a sequence classifier"
             raise ValueError(f"model {self.model!r} is {kind} and cannot train on dataset {self.dataset!r}")
+        if self.fwd.perturbations_per_task > self.fwd.max_perturbations_per_step:
+            raise ValueError("fwd.perturbations_per_task exceeds fwd.max_perturbations_per_step")
         if self.partition.kind == "natural" and self.dataset != "jane-austen":
             raise ValueError(f"partition 'natural' needs a data set with natural groups, not {self.dataset!r}")
         return self
@@ -98,7 +129,11 @@ class JobSpec(_Strict):
     @property
     def quorum_count(self) -> int:
         """Updates needed to close a round at its deadline (at least one)."""
-        return max(1, int(-(-self.quorum * self.clients_per_round // 1)))
+        return self.quorum_count_of(self.clients_per_round)
+
+    def quorum_count_of(self, expected: int) -> int:
+        """The quorum when `expected` updates were asked for (fwd rounds may ask for more waves)."""
+        return max(1, math.ceil(self.quorum * expected - 1e-9))
 
 
 class SpecError(ValueError):

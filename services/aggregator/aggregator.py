@@ -9,21 +9,22 @@ updates of the clients in that set, so nothing merged is lost or merged twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
 import torch
 
-from services.aggregator.fedavg import StreamingMean, apply_update
+from services.aggregator.rounds import RoundAccumulator
 from shared import data
 from shared.bus import Bus, Queues
-from shared.codec import CodecError, check_matches, decode_tensors, encode_tensors
+from shared.codec import CodecError, decode_tensors, encode_tensors
 from shared.evaluation import evaluate, evaluation_subset
+from shared.forward_grad import UploadError
 from shared.jobs import JobNotFound, JobState, read_spec, read_state
 from shared.messages import (
     CloseRound,
@@ -32,13 +33,23 @@ from shared.messages import (
     InvalidMessage,
     JobFailed,
     JobInitialized,
+    MoreWork,
     RoundCommitted,
+    SchedulerEvent,
     UpdateMerged,
     UpdateReady,
     decode_aggregator,
     encode,
 )
-from shared.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, ROUNDS_COMMITTED, UPDATES_RECEIVED
+from shared.metrics import (
+    FWD_COSINE,
+    FWD_PERTURBATIONS,
+    FWD_VARIANCE,
+    GLOBAL_ACCURACY,
+    GLOBAL_LOSS,
+    ROUNDS_COMMITTED,
+    UPDATES_RECEIVED,
+)
 from shared.models import (
     ModelCache,
     initial_state,
@@ -56,20 +67,8 @@ log = logging.getLogger(__name__)
 _STATE_DTYPE = "float32"
 
 
-@dataclass
-class _RoundAccumulator:
-    mean: StreamingMean = field(default_factory=StreamingMean)
-    clients: list[int] = field(default_factory=list)
-    loss_weighted: float = 0.0
-    upload_bytes: int = 0
-    compute_s_max: float = 0.0
-
-    def add(self, announce: UpdateReady, delta: dict[str, torch.Tensor], weight: float) -> None:
-        self.mean.add(delta, weight)
-        self.clients.append(announce.client)
-        self.loss_weighted += announce.train_loss * weight
-        self.upload_bytes += announce.upload_bytes
-        self.compute_s_max = max(self.compute_s_max, announce.compute_s)
+class MissingState(RuntimeError):
+    """A state the message presupposes does not exist (e.g. an update for a round never opened)."""
 
 
 class Aggregator:
@@ -89,7 +88,7 @@ class Aggregator:
         self.models = ModelCache(cache_dir)
         self.max_message_bytes = max_message_bytes
         self.max_update_bytes = max_update_bytes
-        self._rounds: dict[tuple[str, int], _RoundAccumulator] = {}
+        self._rounds: dict[tuple[str, int], RoundAccumulator] = {}
 
     def run(self, stop: threading.Event) -> None:
         log.info("aggregator consuming %s", self.queues.aggregate)
@@ -108,7 +107,7 @@ class Aggregator:
         elif isinstance(message, InitJob):
             self._guarded(message.job_id, lambda: self._init(message.job_id, spec))
         elif isinstance(message, CloseRound):
-            self._guarded(message.job_id, lambda: self._close(message.job_id, message.round, spec))
+            self._guarded(message.job_id, lambda: self._close(message, spec))
         elif isinstance(message, DropJob):
             self._forget(message.job_id)
 
@@ -120,7 +119,7 @@ class Aggregator:
             log.exception("job %s failed in the aggregator", job_id)
             self._emit(JobFailed(job_id=job_id, error=f"{type(error).__name__}: {error}"[:4000]))
 
-    def _emit(self, message: JobInitialized | UpdateMerged | RoundCommitted | JobFailed) -> None:
+    def _emit(self, message: SchedulerEvent) -> None:
         self.bus.publish(self.queues.events, encode(message))
 
     def _forget(self, job_id: str) -> None:
@@ -153,6 +152,11 @@ class Aggregator:
 
     def _merge(self, announce: UpdateReady, spec: JobSpec) -> None:
         keys, job_id, round_ = self.keys, announce.job_id, announce.round
+        # Validate identity first: everything below trusts announce.key (it may even delete it).
+        expected_key = keys.update(job_id, round_, announce.client, announce.wave, announce.attempt)
+        if announce.key != expected_key:
+            UPDATES_RECEIVED.labels(outcome="invalid").inc()
+            raise InvalidMessage(f"update key {announce.key!r} does not match its job, round, client and wave")
         if (
             self.store.exists(keys.round_committed(job_id, round_))
             or read_state(self.store, keys, job_id) != JobState.RUNNING
@@ -161,67 +165,63 @@ class Aggregator:
             self.store.delete(announce.key)
             log.info("late update for %s round %d client %d dropped", job_id, round_, announce.client)
             return
+        member = f"{announce.client}:{announce.wave}"
         merged = self.store.set_members(keys.round_merged(job_id, round_))
-        if str(announce.client) in merged:
+        if member in merged:
             UPDATES_RECEIVED.labels(outcome="duplicate").inc()
             # Say it again: the first announcement may have died with a previous process.
             self._emit(UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=len(merged)))
             return
-        expected_key = keys.update(job_id, round_, announce.client, announce.attempt)
-        if announce.key != expected_key:
+        planned = self.store.hash_get(keys.round_plan(job_id, round_), "clients")
+        if planned is None or announce.client not in json.loads(planned):
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
-            raise InvalidMessage(f"update key {announce.key!r} does not match its job, round and client")
-        accumulator = self._accumulator(job_id, round_, spec)
+            raise InvalidMessage(f"client {announce.client} was not sampled in {job_id} round {round_}")
+        blob = self.store.get(announce.key)
         try:
-            delta = self._load_update(job_id, round_, announce)
-        except (CodecError, KeyError) as error:
+            accumulator = self._accumulator(job_id, round_, spec)
+            if blob is None:
+                raise KeyError("no stored update under that key")
+            merge = accumulator.decode(announce, blob, self.max_update_bytes)
+        except (CodecError, UploadError, KeyError, MissingState) as error:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"update {announce.key}: {error}") from None
-        accumulator.add(announce, delta, self._weight(spec, announce))
-        self.store.set_add(keys.round_merged(job_id, round_), str(announce.client))
+        merge()
+        self.store.set_add(keys.round_merged(job_id, round_), member)
         UPDATES_RECEIVED.labels(outcome="merged").inc()
         self._emit(
-            UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=len(accumulator.clients))
+            UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=len(accumulator.merged))
         )
-
-    @staticmethod
-    def _weight(spec: JobSpec, announce: UpdateReady) -> float:
-        return float(announce.num_samples) if spec.aggregation.weighting == "samples" else 1.0
-
-    def _load_update(self, job_id: str, round_: int, announce: UpdateReady) -> dict[str, torch.Tensor]:
-        blob = self.store.get(announce.key)
-        if blob is None:
-            raise KeyError("no stored update under that key")
-        delta = decode_tensors(blob, self.max_update_bytes)
-        check_matches(delta, self._global(job_id, round_ - 1))
-        return delta
 
     def _global(self, job_id: str, round_: int) -> dict[str, torch.Tensor]:
         blob = self.store.get(self.keys.global_state(job_id, round_))
         if blob is None:
-            raise KeyError(f"global state of round {round_} is missing")
+            raise MissingState(f"global state of {job_id} round {round_} is missing")
         return decode_tensors(blob, self.max_update_bytes)
 
-    def _accumulator(self, job_id: str, round_: int, spec: JobSpec) -> _RoundAccumulator:
-        """The round's running sum, rebuilt from the store if this process has not seen it."""
+    def _accumulator(self, job_id: str, round_: int, spec: JobSpec) -> RoundAccumulator:
+        """The round's running aggregate, rebuilt from the store if this process has not seen it."""
         key = (job_id, round_)
         if key not in self._rounds:
-            accumulator = _RoundAccumulator()
-            for client in sorted(int(c) for c in self.store.set_members(self.keys.round_merged(job_id, round_))):
-                raw = self.store.get(self.keys.update_meta(job_id, round_, client))
+            accumulator = RoundAccumulator(spec, self._global(job_id, round_ - 1))
+            members = self.store.set_members(self.keys.round_merged(job_id, round_))
+            for client, wave in sorted(tuple(int(x) for x in m.split(":")) for m in members):
+                raw = self.store.get(self.keys.update_meta(job_id, round_, client, wave))
                 if raw is None:
                     raise RuntimeError(f"merged update of client {client} in {job_id} round {round_} is gone")
                 announce = UpdateReady.model_validate(msgpack.unpackb(raw))
-                accumulator.add(announce, self._load_update(job_id, round_, announce), self._weight(spec, announce))
-            if accumulator.clients:
-                log.info("rebuilt %s round %d from %d stored updates", job_id, round_, len(accumulator.clients))
+                stored = self.store.get(announce.key)
+                if stored is None:
+                    raise RuntimeError(f"merged update {announce.key} is gone")
+                accumulator.decode(announce, stored, self.max_update_bytes)()
+            if accumulator.merged:
+                log.info("rebuilt %s round %d from %d stored updates", job_id, round_, len(accumulator.merged))
             self._rounds[key] = accumulator
         return self._rounds[key]
 
     # -- committing -----------------------------------------------------------------------
 
-    def _close(self, job_id: str, round_: int, spec: JobSpec) -> None:
-        keys = self.keys
+    def _close(self, close: CloseRound, spec: JobSpec) -> None:
+        keys, job_id, round_ = self.keys, close.job_id, close.round
         committed = self.store.get(keys.round_committed(job_id, round_))
         if committed is not None:
             record = msgpack.unpackb(committed)
@@ -230,41 +230,74 @@ class Aggregator:
             )
             return
         accumulator = self._accumulator(job_id, round_, spec)
+        if accumulator.estimate is not None and accumulator.merged:
+            self.store.list_append(
+                keys.round_variances(job_id, round_), msgpack.packb(accumulator.estimate.variance_ratio())
+            )
+        if accumulator.wants_more_work(close.force):
+            assert accumulator.estimate is not None
+            variance = accumulator.estimate.variance_ratio()
+            log.info(
+                "job %s round %d: variance %.3g above threshold after %d perturbations; asking for more",
+                job_id,
+                round_,
+                variance,
+                accumulator.estimate.count,
+            )
+            self._emit(
+                MoreWork(
+                    job_id=job_id,
+                    round=round_,
+                    wave=accumulator.next_wave(),
+                    variance=variance,
+                    perturbations=accumulator.estimate.count,
+                )
+            )
+            return
+
         previous_blob = self.store.get(keys.global_state(job_id, round_ - 1))
         if previous_blob is None:
             raise RuntimeError(f"global state of round {round_ - 1} is missing")
         previous = decode_tensors(previous_blob, self.max_update_bytes)
+        momentum_blob = self.store.get(keys.server_momentum(job_id, round_ - 1))
+        momentum = decode_tensors(momentum_blob, self.max_update_bytes) if momentum_blob else None
         began = time.perf_counter()
-        if accumulator.clients:
-            state = apply_update(previous, accumulator.mean.mean(), spec.aggregation.server_lr)
-        else:
-            state = previous  # nothing arrived: the global model carries over unchanged
+        step = accumulator.apply(previous, momentum, round_)
         aggregate_s = time.perf_counter() - began
         began = time.perf_counter()
-        metrics = self._evaluate(spec, state)
-        weight = accumulator.mean.total_weight or 1.0
+        metrics = self._evaluate(spec, step.state)
+        metrics.update(step.figures)
         metrics.update(
-            train_loss=accumulator.loss_weighted / weight,
-            clients=float(len(accumulator.clients)),
+            train_loss=accumulator.loss_weighted / (accumulator.weight or 1.0),
+            num_clients=float(len(accumulator.clients)),
+            updates=float(len(accumulator.merged)),
             bytes_up=float(accumulator.upload_bytes),
-            bytes_down=float(len(previous_blob) * len(accumulator.clients)),
+            bytes_down=float(len(previous_blob) * len(accumulator.merged)),
             compute_s_max=accumulator.compute_s_max,
             aggregate_s=aggregate_s,
             eval_s=time.perf_counter() - began,
         )
-        clients = sorted(accumulator.clients)
+        clients = accumulator.clients
         record = {"round": round_, "clients": clients, "metrics": metrics}
-        archive = self._archive(spec, state)
+        archive = self._archive(spec, step.state)
 
         batch = self.store.batch()
-        batch.put(keys.global_state(job_id, round_), encode_tensors(state, _STATE_DTYPE))
+        batch.put(keys.global_state(job_id, round_), encode_tensors(step.state, _STATE_DTYPE))
+        if step.gradient is not None:
+            batch.put(keys.global_gradient(job_id, round_), encode_tensors(step.gradient, _STATE_DTYPE))
+        if step.momentum is not None:
+            batch.put(keys.server_momentum(job_id, round_), encode_tensors(step.momentum, _STATE_DTYPE))
         batch.put(keys.round_committed(job_id, round_), msgpack.packb(record))
         batch.list_append(keys.metrics(job_id), msgpack.packb(record))
         batch.put(keys.model_archive(job_id, "global"), archive)
-        for client in clients:
-            batch.delete(keys.update_meta(job_id, round_, client))
+        for client, wave in accumulator.merged:
+            batch.delete(keys.update_meta(job_id, round_, client, wave))
         if round_ >= 2:
-            batch.delete(keys.global_state(job_id, round_ - 2))
+            batch.delete(
+                keys.global_state(job_id, round_ - 2),
+                keys.global_gradient(job_id, round_ - 2),
+                keys.server_momentum(job_id, round_ - 2),
+            )
         batch.execute()
         # Update payloads go after the commit: a crash here leaves garbage (with a TTL), never a gap.
         self.store.delete_prefix(f"{keys.job_prefix(job_id)}round:{round_}:update:")
@@ -273,6 +306,10 @@ class Aggregator:
         ROUNDS_COMMITTED.inc()
         GLOBAL_ACCURACY.labels(job=job_id).set(metrics["accuracy"])
         GLOBAL_LOSS.labels(job=job_id).set(metrics["loss"])
+        if "perturbations" in metrics:
+            FWD_PERTURBATIONS.observe(metrics["perturbations"])
+            FWD_VARIANCE.labels(job=job_id).set(metrics["variance"])
+            FWD_COSINE.labels(job=job_id).set(metrics["cosine"])
         log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(clients), _fmt(metrics))
         self._emit(RoundCommitted(job_id=job_id, round=round_, clients=clients, metrics=metrics))
 

@@ -30,6 +30,7 @@ from shared.messages import (
     InitJob,
     JobFailed,
     JobInitialized,
+    MoreWork,
     RoundCommitted,
     TrainTask,
     UpdateMerged,
@@ -37,6 +38,7 @@ from shared.messages import (
     encode,
 )
 from shared.metrics import (
+    FWD_EXTRA_WAVES,
     JOBS_FINISHED,
     JOBS_RUNNING,
     JOBS_SUBMITTED,
@@ -208,6 +210,8 @@ class Scheduler:
                     self._open_round(event.job_id, 1)
             elif isinstance(event, UpdateMerged):
                 self._on_merged(event)
+            elif isinstance(event, MoreWork):
+                self._on_more_work(event)
             elif isinstance(event, RoundCommitted):
                 self._on_committed(event)
 
@@ -215,8 +219,47 @@ class Scheduler:
         plan = self.store.hash_get_all(self.keys.round_plan(event.job_id, event.round))
         if plan.get("status") != "open":
             return
-        if event.merged_count >= len(json.loads(plan["clients"])):
+        if event.merged_count >= int(plan["expected"]):
             self._close_round(event.job_id, event.round)
+
+    def _on_more_work(self, event: MoreWork) -> None:
+        """fwd variance control: another wave of perturbations for the same step."""
+        job_id, round_ = event.job_id, event.round
+        plan_key = self.keys.round_plan(job_id, round_)
+        plan = self.store.hash_get_all(plan_key)
+        if plan.get("status") != "closing" or int(plan.get("wave", "0")) >= event.wave:
+            return  # a repeated event, or the round moved on
+        spec = read_spec(self.store, self.keys, job_id)
+        clients = json.loads(plan["clients"])
+        per_task = spec.fwd.perturbations_per_task
+        count = min(len(clients), (spec.fwd.max_perturbations_per_step - event.perturbations) // per_task)
+        if count <= 0:
+            self._close_round(job_id, round_, force=True)
+            return
+        # Rotate through the round's clients so a partial wave does not always land on the same ones.
+        start = (event.wave * count) % len(clients)
+        chosen = [clients[(start + i) % len(clients)] for i in range(count)]
+        now = self.clock()
+        self.store.hash_set(
+            plan_key,
+            {
+                "status": "open",
+                "wave": str(event.wave),
+                "expected": str(int(plan["expected"]) + count),
+                "deadline_at": repr(now + spec.round_deadline_s),
+            },
+        )
+        self._dispatch(spec, job_id, round_, chosen, event.wave)
+        FWD_EXTRA_WAVES.inc()
+        log.info(
+            "job %s round %d: variance %.3g after %d perturbations; wave %d to clients %s",
+            job_id,
+            round_,
+            event.variance,
+            event.perturbations,
+            event.wave,
+            chosen,
+        )
 
     def _on_committed(self, event: RoundCommitted) -> None:
         job_id, round_ = event.job_id, event.round
@@ -247,20 +290,35 @@ class Scheduler:
                 "opened_at": repr(now),
                 "deadline_at": repr(now + spec.round_deadline_s),
                 "status": "open",
+                "wave": "0",
+                "expected": str(len(clients)),
             },
         )
         self._set(job_id, round=str(round_))
-        for client in clients:
-            task = TrainTask(job_id=job_id, round=round_, client=client, attempt=0, local_steps=spec.local_steps)
-            self.bus.publish(self.queues.tasks, encode(task))
-        TASKS_DISPATCHED.inc(len(clients))
+        self._dispatch(spec, job_id, round_, clients, wave=0)
         log.info("job %s round %d opened: clients %s", job_id, round_, clients)
 
-    def _close_round(self, job_id: str, round_: int) -> None:
+    def _dispatch(self, spec: JobSpec, job_id: str, round_: int, clients: list[int], wave: int) -> None:
+        """One task per client, each carrying its compute budget."""
+        for client in clients:
+            task = TrainTask(
+                job_id=job_id,
+                round=round_,
+                client=client,
+                attempt=0,
+                wave=wave,
+                local_steps=spec.local_steps,
+                perturbations=spec.fwd.perturbations_per_task if spec.mode == "fwd" else 0,
+            )
+            self.bus.publish(self.queues.tasks, encode(task))
+        TASKS_DISPATCHED.inc(len(clients))
+
+    def _close_round(self, job_id: str, round_: int, force: bool = False) -> None:
         self.store.hash_set(
-            self.keys.round_plan(job_id, round_), {"status": "closing", "close_sent_at": repr(self.clock())}
+            self.keys.round_plan(job_id, round_),
+            {"status": "closing", "close_sent_at": repr(self.clock()), "force": "1" if force else ""},
         )
-        self.bus.publish(self.queues.aggregate, encode(CloseRound(job_id=job_id, round=round_)))
+        self.bus.publish(self.queues.aggregate, encode(CloseRound(job_id=job_id, round=round_, force=force)))
 
     def tick(self) -> None:
         """Deadlines and resends; safe to call at any time, from any scheduler replica after a restart."""
@@ -282,22 +340,22 @@ class Scheduler:
                 if status == "open" and now >= float(plan["deadline_at"]):
                     self._on_deadline(job_id, round_, plan)
                 elif status == "closing" and now - float(plan.get("close_sent_at", "0")) > RESEND_AFTER_S:
-                    self._close_round(job_id, round_)
+                    self._close_round(job_id, round_, force=bool(plan.get("force")))
 
     def _on_deadline(self, job_id: str, round_: int, plan: dict[str, str]) -> None:
         spec = read_spec(self.store, self.keys, job_id)
         merged = len(self.store.set_members(self.keys.round_merged(job_id, round_)))
-        expected = len(json.loads(plan["clients"]))
-        if merged >= spec.quorum_count:
+        expected = int(plan["expected"])
+        if merged >= spec.quorum_count_of(expected):
             log.warning("job %s round %d: deadline with %d of %d updates; closing", job_id, round_, merged, expected)
             LATE_TASKS.inc()
-            self._close_round(job_id, round_)
+            self._close_round(job_id, round_, force=True)
         else:
             self._finish(
                 job_id,
                 JobState.FAILED,
                 f"round {round_} reached its deadline ({spec.round_deadline_s:g}s) with {merged} of {expected} "
-                f"updates; the quorum is {spec.quorum_count}",
+                f"updates; the quorum is {spec.quorum_count_of(expected)}",
             )
 
     # -- state helpers ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shared.batches import Task, collate
 from shared.data import Example
+from shared.models import GLOBAL_RNG_LOCK
 from shared.spec import JobSpec
 
 
@@ -54,16 +55,18 @@ def train_backprop(
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(spec, params)
-    torch.manual_seed(seed)  # dropout
-    model.train()
     losses: list[float] = []
     batches = minibatches(examples, spec.batch_size, seed)
-    for _ in range(steps):
-        batch = collate(tokenizer, next(batches), task, spec.max_length, device)
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    model.eval()
+    # Dropout draws from torch's process-wide generator; embedded workers share one process.
+    with GLOBAL_RNG_LOCK:
+        torch.manual_seed(seed)
+        model.train()
+        for _ in range(steps):
+            batch = collate(tokenizer, next(batches), task, spec.max_length, device)
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        model.eval()
     return TrainResult(loss=float(np.mean(losses)), num_samples=len(examples), examples_seen=steps * spec.batch_size)

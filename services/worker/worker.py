@@ -13,10 +13,14 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
+from services.worker.forward import forward_task
 from services.worker.trainer import train_backprop
 from shared import data
 from shared.bus import Bus, Queues
 from shared.codec import CodecError, decode_tensors, encode_tensors
+from shared.forward_grad import ParamSpace
 from shared.jobs import JobNotFound, JobState, read_spec, read_state
 from shared.messages import InvalidMessage, TrainTask, UpdateReady, decode_task, encode
 from shared.metrics import DOWNLOAD_BYTES, TASK_DURATION, TASKS_PROCESSED, UPLOAD_BYTES
@@ -69,6 +73,8 @@ class Worker:
 
     def _spec(self, job_id: str) -> JobSpec:
         if job_id not in self._specs:
+            if len(self._specs) > 256:
+                self._specs.clear()  # specs never change; this only bounds memory
             self._specs[job_id] = read_spec(self.store, self.keys, job_id)
         return self._specs[job_id]
 
@@ -79,7 +85,7 @@ class Worker:
         ):
             log.info("dropping stale task %s round %d client %d", task.job_id, task.round, task.client)
             return "stale"
-        announced = self.store.get(keys.update_meta(task.job_id, task.round, task.client))
+        announced = self.store.get(keys.update_meta(task.job_id, task.round, task.client, task.wave))
         if announced is not None:
             # A redelivered task whose update is already stored: announce again, never train twice.
             self.bus.publish(self.queues.aggregate, announced)
@@ -94,27 +100,39 @@ class Worker:
         except CodecError as error:
             raise RuntimeError(f"global state of {task.job_id} is corrupt: {error}") from error
 
-        log.info("%s starting %s round %d client %d", self.name, task.job_id, task.round, task.client)
+        log.info("%s starting %s round %d client %d wave %d", self.name, *_where(task))
         began = time.perf_counter()
         model, tokenizer = self.models.get(spec)
         load_trainable_state(model, start_state)
-        seed = derive_seed("train", spec.seed, task.round, task.client)
-        result = train_backprop(
-            model,
-            tokenizer,
-            data.client_examples(spec, task.client),
-            spec,
-            model_info(spec.model).task,
-            task.local_steps,
-            seed,
-        )
-        trained = trainable_state(model)
-        delta = {name: trained[name] - start_state[name] for name in start_state}
-        blob = encode_tensors(delta, spec.compression.dtype, spec.compression.zstd_level)
+        examples = data.client_examples(spec, task.client)
+        task_kind = model_info(spec.model).task
+        perturbations, cosine = 0, 0.0
+        if spec.mode == "fwd":
+            result = forward_task(
+                model,
+                tokenizer,
+                examples,
+                spec,
+                task_kind,
+                round_=task.round,
+                client=task.client,
+                wave=task.wave,
+                perturbations=task.perturbations or spec.fwd.perturbations_per_task,
+                reference=self._reference_gradient(task, spec),
+            )
+            blob, loss = result.payload, result.loss
+            perturbations, cosine = result.perturbations, result.cosine
+        else:
+            seed = derive_seed("train", spec.seed, task.round, task.client)
+            trained = train_backprop(model, tokenizer, examples, spec, task_kind, task.local_steps, seed)
+            after = trainable_state(model)
+            delta = {name: after[name] - start_state[name] for name in start_state}
+            blob = encode_tensors(delta, spec.compression.dtype, spec.compression.zstd_level)
+            loss = trained.loss
         compute_s = time.perf_counter() - began
         TASK_DURATION.observe(compute_s)
 
-        key = keys.update(task.job_id, task.round, task.client, task.attempt)
+        key = keys.update(task.job_id, task.round, task.client, task.wave, task.attempt)
         self.store.put(key, blob, self.update_ttl_s)
         message = encode(
             UpdateReady(
@@ -122,24 +140,39 @@ class Worker:
                 round=task.round,
                 client=task.client,
                 attempt=task.attempt,
+                wave=task.wave,
                 key=key,
-                num_samples=result.num_samples,
-                train_loss=result.loss,
+                num_samples=len(examples),
+                train_loss=loss,
                 compute_s=compute_s,
                 upload_bytes=len(blob),
+                perturbations=perturbations,
+                cosine=min(1.0, cosine),
             )
         )
-        self.store.put(keys.update_meta(task.job_id, task.round, task.client), message, self.update_ttl_s)
+        self.store.put(keys.update_meta(task.job_id, task.round, task.client, task.wave), message, self.update_ttl_s)
         self.bus.publish(self.queues.aggregate, message)
         UPLOAD_BYTES.inc(len(blob))
         log.info(
-            "%s trained %s round %d client %d: loss %.4f in %.2fs, %d bytes up",
+            "%s trained %s round %d client %d wave %d: loss %.4f in %.2fs, %d bytes up",
             self.name,
-            task.job_id,
-            task.round,
-            task.client,
-            result.loss,
+            *_where(task),
+            loss,
             compute_s,
             len(blob),
         )
         return "done"
+
+    def _reference_gradient(self, task: TrainTask, spec: JobSpec) -> torch.Tensor | None:
+        """The previous step's global gradient (flattened over the perturbed tensors), if any."""
+        if not spec.fwd.discriminative or task.round < 2:
+            return None
+        blob = self.store.get(self.keys.global_gradient(task.job_id, task.round - 1))
+        if blob is None:
+            return None
+        gradient = decode_tensors(blob)
+        return ParamSpace.from_state(gradient).flatten(gradient)
+
+
+def _where(task: TrainTask) -> tuple[str, int, int, int]:
+    return task.job_id, task.round, task.client, task.wave

@@ -37,11 +37,14 @@ class MemoryBus:
                 continue
             try:
                 handler(body)
+                failures.pop(body, None)
             except InvalidMessage as error:
+                failures.pop(body, None)
                 self._dead_letter(queue, body, str(error))
             except Exception as error:
                 failures[body] += 1
                 if failures[body] >= MAX_FAILURES:
+                    failures.pop(body, None)
                     self._dead_letter(queue, body, f"failed {MAX_FAILURES} times: {error}")
                 else:
                     log.exception("handler failed on %s; redelivering", queue)

@@ -158,11 +158,13 @@ class RabbitBus:
             connection.process_data_events(time_limit=0.5)
             thread.join(timeout=0)
         error = outcome["error"]
+        digest = hashlib.sha256(body).hexdigest()
         if error is None:
+            failures.pop(digest, None)
             channel.basic_ack(method.delivery_tag)
             return
-        digest = hashlib.sha256(body).hexdigest()
         if isinstance(error, InvalidMessage):
+            failures.pop(digest, None)
             self._dead_letter(channel, queue, method, str(error))
             return
         failures[digest] += 1

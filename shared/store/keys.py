@@ -26,19 +26,31 @@ class Keys:
         return f"{self.namespace}:job:{job_id}:round:{round_}:plan"
 
     def round_merged(self, job_id: str, round_: int) -> str:
-        """Set of clients whose update the aggregator merged this round (dedup key)."""
+        """Set of "client:wave" whose update the aggregator merged this round (dedup key)."""
         return f"{self.namespace}:job:{job_id}:round:{round_}:merged"
 
     def round_committed(self, job_id: str, round_: int) -> str:
         """Committed round record (msgpack): exists iff the round committed."""
         return f"{self.namespace}:job:{job_id}:round:{round_}:committed"
 
-    def update(self, job_id: str, round_: int, client: int, attempt: int) -> str:
-        return f"{self.namespace}:job:{job_id}:round:{round_}:update:{client}:{attempt}"
+    def update(self, job_id: str, round_: int, client: int, wave: int, attempt: int) -> str:
+        return f"{self.namespace}:job:{job_id}:round:{round_}:update:{client}:{wave}:{attempt}"
 
-    def update_meta(self, job_id: str, round_: int, client: int) -> str:
-        """The UpdateReady message a worker announced for this client (lets the aggregator rebuild)."""
-        return f"{self.namespace}:job:{job_id}:round:{round_}:announce:{client}"
+    def update_meta(self, job_id: str, round_: int, client: int, wave: int) -> str:
+        """The UpdateReady message a worker announced for this task (lets the aggregator rebuild)."""
+        return f"{self.namespace}:job:{job_id}:round:{round_}:announce:{client}:{wave}"
+
+    def round_variances(self, job_id: str, round_: int) -> str:
+        """fwd: list of the step's variance after each wave (msgpack floats)."""
+        return f"{self.namespace}:job:{job_id}:round:{round_}:variances"
+
+    def global_gradient(self, job_id: str, round_: int) -> str:
+        """fwd: the gradient estimate applied at `round_` (codec bytes); guides discriminative sampling."""
+        return f"{self.namespace}:job:{job_id}:gradient:{round_}"
+
+    def server_momentum(self, job_id: str, round_: int) -> str:
+        """fwd: the server optimizer's momentum buffer after `round_`."""
+        return f"{self.namespace}:job:{job_id}:momentum:{round_}"
 
     def global_state(self, job_id: str, round_: int) -> str:
         """Global trainable state committed at `round_` (codec bytes, float32); round 0 is the init."""

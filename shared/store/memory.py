@@ -122,7 +122,8 @@ class _MemoryBatch:
         self._ops.append(lambda: self._store.delete(*keys))
 
     def hash_set(self, key: str, mapping: dict[str, str]) -> None:
-        self._ops.append(lambda: self._store.hash_set(key, dict(mapping)))
+        snapshot = dict(mapping)  # as a Redis pipeline would: the value at call time
+        self._ops.append(lambda: self._store.hash_set(key, snapshot))
 
     def list_append(self, key: str, value: bytes) -> None:
         self._ops.append(lambda: self._store.list_append(key, value))

@@ -1,0 +1,177 @@
+"""Backprop-free local work (FwdLLM): directional derivatives from forward passes only.
+
+`fd` perturbs the parameters in place by +-h v and runs two inferences under
+`torch.no_grad()`; `jvp` gets the exact directional derivative in one pass with
+`torch.func.jvp`. Neither keeps an autograd graph. For causal LMs the loss is computed
+from the last hidden state in chunks of positions, so the full (batch x tokens x 49k)
+logits tensor never exists at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from services.worker.trainer import minibatches
+from shared.batches import Task, collate
+from shared.codec import encode_tensors
+from shared.data import Example
+from shared.forward_grad import ParamSpace, candidate_seed, direction, encode_seed_scalars, select_directions
+from shared.seeding import derive_seed
+from shared.spec import JobSpec
+
+LOGIT_CHUNK_TOKENS = 512
+"""Tokens whose logits exist at once when a causal LM's loss is computed (49k floats each)."""
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    payload: bytes
+    loss: float
+    perturbations: int
+    cosine: float
+
+
+def candidate_count(spec: JobSpec, perturbations: int) -> int:
+    """How many candidate seeds a task may choose from (the aggregator checks uploads against it)."""
+    return perturbations * (spec.fwd.candidates if spec.fwd.discriminative else 1)
+
+
+class LossOf(torch.nn.Module):
+    """The mean training loss of a batch as a module, so `torch.func.functional_call` can drive it."""
+
+    def __init__(self, model: torch.nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.task == "classification":
+            logits = self.model(**inputs).logits
+            return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        return chunked_causal_loss(self.model, inputs, batch["labels"])
+
+
+def chunked_causal_loss(
+    model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
+    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+    hidden = base.model(**inputs).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    step = max(1, LOGIT_CHUNK_TOKENS // hidden.shape[0])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    count = (targets != -100).sum().clamp(min=1)
+    for start in range(0, hidden.shape[1], step):
+        logits = base.lm_head(hidden[:, start : start + step]).float()
+        total = total + torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets[:, start : start + step].reshape(-1), reduction="sum"
+        )
+    return total / count
+
+
+def forward_task(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    spec: JobSpec,
+    task: Task,
+    *,
+    round_: int,
+    client: int,
+    wave: int,
+    perturbations: int,
+    reference: torch.Tensor | None,
+) -> ForwardResult:
+    device = next(model.parameters()).device
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    space = ParamSpace.from_state(params, spec.fwd.perturb)
+    batch_seed = derive_seed("fwd-batch", spec.seed, round_, client, wave)
+    batch = collate(tokenizer, next(minibatches(examples, spec.batch_size, batch_seed)), task, spec.max_length, device)
+
+    seeds = [candidate_seed(spec.seed, round_, client, wave, i) for i in range(candidate_count(spec, perturbations))]
+    usable_reference = reference if spec.fwd.discriminative else None
+    chosen, cosines = select_directions(seeds, space.dim, usable_reference, perturbations)
+
+    loss_module = LossOf(model, task)
+    model.eval()  # the same network for every pass: no dropout
+    grads: list[float] = []
+    losses: list[float] = []
+    dense = torch.zeros(space.dim, dtype=torch.float32) if spec.fwd.upload == "dense" else None
+    estimate = _jvp if spec.fwd.estimator == "jvp" else _central_difference
+    for position in chosen:
+        v = direction(seeds[position], space.dim)
+        g, loss = estimate(loss_module, batch, params, space, v.to(device), spec.fwd.h)
+        grads.append(g)
+        losses.append(loss)
+        if dense is not None:
+            dense += g * v
+
+    if dense is not None:
+        payload = encode_tensors(space.unflatten(dense), spec.compression.dtype, spec.compression.zstd_level)
+    else:
+        payload = encode_seed_scalars(chosen, grads, losses)
+    return ForwardResult(
+        payload=payload,
+        loss=float(np.mean(losses)),
+        perturbations=len(chosen),
+        cosine=float(np.mean(np.abs(cosines))) if cosines else 0.0,
+    )
+
+
+def _autocast(device: torch.device) -> Any:
+    # Half precision where it is fast and the point is throughput; full precision on the CPU.
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def _central_difference(
+    loss_module: LossOf,
+    batch: dict[str, torch.Tensor],
+    params: Mapping[str, torch.nn.Parameter],
+    space: ParamSpace,
+    v: torch.Tensor,
+    h: float,
+) -> tuple[float, float]:
+    pieces = space.unflatten(v)
+    saved = {name: params[name].detach().clone() for name in space.names}
+    device = v.device
+    try:
+        for name in space.names:
+            params[name].add_(pieces[name], alpha=h)
+        with _autocast(device):
+            plus = float(loss_module(batch))
+        for name in space.names:
+            params[name].add_(pieces[name], alpha=-2 * h)
+        with _autocast(device):
+            minus = float(loss_module(batch))
+    finally:
+        for name in space.names:  # restore exactly, not by adding h v back (no drift)
+            params[name].copy_(saved[name])
+    return (plus - minus) / (2 * h), (plus + minus) / 2
+
+
+def _jvp(
+    loss_module: LossOf,
+    batch: dict[str, torch.Tensor],
+    params: Mapping[str, torch.nn.Parameter],
+    space: ParamSpace,
+    v: torch.Tensor,
+    h: float,
+) -> tuple[float, float]:
+    pieces = space.unflatten(v)
+    primals = {f"model.{name}": params[name].detach() for name in space.names}
+    tangents = {f"model.{name}": pieces[name] for name in space.names}
+
+    def loss_at(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        result: torch.Tensor = torch.func.functional_call(loss_module, values, (batch,), strict=False)
+        return result
+
+    loss, derivative = torch.func.jvp(loss_at, (primals,), (tangents,))  # type: ignore[misc]
+    return float(derivative), float(loss)
