@@ -257,7 +257,8 @@ def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tenso
 def peft_folder_archive(model: PeftModel) -> bytes:
     """The model's adapter as a tar.gz of a PEFT folder (adapter_config.json + adapter_model.safetensors)."""
     with tempfile.TemporaryDirectory(prefix="pwff-adapter-") as tmp:
-        model.save_pretrained(tmp)
+        # The base's embeddings are frozen: no need for peft to check the hub for a resized vocabulary.
+        model.save_pretrained(tmp, save_embedding_layers=False)
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
             for path in sorted(Path(tmp).iterdir()):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from services.scheduler.core import Scheduler, sample_clients
 from shared.bus import Queues
 from shared.bus.memory import MemoryBus
 from shared.codec import decode_tensors, encode_tensors
+from shared.forward_grad import ParamSpace, candidate_seed, direction, encode_seed_scalars
 from shared.jobs import JobState, read_state
 from shared.messages import (
     CloseRound,
@@ -26,6 +26,7 @@ from shared.messages import (
     InitJob,
     InvalidMessage,
     JobInitialized,
+    MoreWork,
     RoundCommitted,
     UpdateMerged,
     UpdateReady,
@@ -74,15 +75,11 @@ class World:
     keys: Keys = field(default_factory=Keys)
     queues: Queues = field(default_factory=Queues)
 
-    # Keys and dedup members are built through these, so the tests follow the store layout
-    # whether or not an update key carries a `wave` (fwd mode adds one, always 0 for backprop).
-    def update_key(self, client: int, round_: int = 1, attempt: int = 0) -> str:
-        wave = {"wave": 0} if "wave" in inspect.signature(self.keys.update).parameters else {}
-        return self.keys.update(self.job_id, round_=round_, client=client, attempt=attempt, **wave)
+    def update_key(self, client: int, round_: int = 1, attempt: int = 0, wave: int = 0) -> str:
+        return self.keys.update(self.job_id, round_=round_, client=client, wave=wave, attempt=attempt)
 
-    def meta_key(self, client: int, round_: int = 1) -> str:
-        wave = {"wave": 0} if "wave" in inspect.signature(self.keys.update_meta).parameters else {}
-        return self.keys.update_meta(self.job_id, round_=round_, client=client, **wave)
+    def meta_key(self, client: int, round_: int = 1, wave: int = 0) -> str:
+        return self.keys.update_meta(self.job_id, round_=round_, client=client, wave=wave)
 
     def merged(self, round_: int = 1) -> set[int]:
         """Clients recorded as merged in the store (members are "client" or "client:wave")."""
@@ -118,10 +115,15 @@ class World:
         self.store.put(key, blob)
         message = encode(
             UpdateReady(
-                job_id=self.job_id, round=round_, client=client, attempt=attempt, key=key,
+                job_id=self.job_id,
+                round=round_,
+                client=client,
+                attempt=attempt,
+                key=key,
                 num_samples=num_samples if num_samples is not None else 10 + 7 * client,
                 train_loss=loss if loss is not None else 1.0 + client / 10,
-                compute_s=0.1 * (client + 1), upload_bytes=len(blob),
+                compute_s=0.1 * (client + 1),
+                upload_bytes=len(blob),
             )
         )
         self.store.put(self.meta_key(client, round_), message)
@@ -383,8 +385,9 @@ def _extra_tensor(world: World, client: int) -> State:
     return {**world.delta(client), "base_model.model.bert.embeddings.word_embeddings.weight": torch.zeros(2, 2)}
 
 
-@pytest.mark.parametrize("corrupt", [_nan_delta, _wrong_shape, _missing_tensor, _extra_tensor],
-                         ids=["nan", "shape", "missing", "extra"])
+@pytest.mark.parametrize(
+    "corrupt", [_nan_delta, _wrong_shape, _missing_tensor, _extra_tensor], ids=["nan", "shape", "missing", "extra"]
+)
 def test_invalid_update_is_rejected_and_counted(
     make_world: Callable[..., World], corrupt: Callable[[World, int], State]
 ) -> None:
@@ -519,8 +522,15 @@ def test_late_update_never_deletes_a_key_it_does_not_own(make_world: Callable[..
     for victim in victims:
         body = encode(
             UpdateReady(
-                job_id=world.job_id, round=1, client=world.clients[1], attempt=0, key=victim,
-                num_samples=1, train_loss=0.0, compute_s=0.0, upload_bytes=0,
+                job_id=world.job_id,
+                round=1,
+                client=world.clients[1],
+                attempt=0,
+                key=victim,
+                num_samples=1,
+                train_loss=0.0,
+                compute_s=0.0,
+                upload_bytes=0,
             )
         )
         with contextlib.suppress(InvalidMessage):
@@ -570,3 +580,105 @@ def test_restart_before_close_commits_what_was_merged(make_world: Callable[..., 
     deltas = [world.delta(c) for c in world.clients]
     weights = [10.0 + 7 * c for c in world.clients]
     assert_states_close(world.global_state(1), weighted_step(world.global_state(0), deltas, weights))
+
+
+# -- fwd mode: seed-scalar uploads ------------------------------------------------------------
+
+FWD = {
+    "mode": "fwd",
+    "fwd": {
+        "perturbations_per_task": 4,
+        "candidates": 3,
+        "variance_threshold": 0.2,
+        "max_perturbations_per_step": 16,
+        "lr": 0.1,
+    },
+}
+
+
+def announce_seeds(world: World, client: int, indices: list[int], grads: list[float], wave: int = 0) -> bytes:
+    blob = encode_seed_scalars(indices, grads, [1.0] * len(indices))
+    key = world.update_key(client, wave=wave)
+    world.store.put(key, blob)
+    message = encode(
+        UpdateReady(
+            job_id=world.job_id,
+            round=1,
+            client=client,
+            attempt=0,
+            wave=wave,
+            key=key,
+            num_samples=10,
+            train_loss=1.0,
+            compute_s=0.1,
+            upload_bytes=len(blob),
+            perturbations=len(indices),
+        )
+    )
+    world.store.put(world.meta_key(client, wave=wave), message)
+    return message
+
+
+@pytest.mark.parametrize(
+    ("indices", "grads"),
+    [
+        ([0, 1, 2], [0.1, 0.2, 0.3]),  # wrong length
+        ([0, 1, 2, 3], [0.1, float("nan"), 0.3, 0.4]),  # NaN
+        ([0, 1, 2, 12], [0.1, 0.2, 0.3, 0.4]),  # unknown seed: only 4 x 3 candidates exist
+    ],
+)
+def test_malformed_fwd_upload_is_rejected_and_the_round_commits_from_the_valid_ones(
+    make_world: Callable[..., World], indices: list[int], grads: list[float]
+) -> None:
+    world = make_world(**FWD)
+    bad, *good = world.clients
+    invalid_before = received("invalid")
+    with pytest.raises(InvalidMessage):
+        world.aggregator.handle(announce_seeds(world, bad, indices, grads))
+    assert received("invalid") == invalid_before + 1
+    for client in good:
+        world.aggregator.handle(announce_seeds(world, client, [0, 4, 7, 11], [0.5, -0.2, 0.1, 0.3]))
+    world.aggregator.handle(encode(CloseRound(job_id=world.job_id, round=1, force=True)))
+    committed = [e for e in world.events() if isinstance(e, RoundCommitted)]
+    assert len(committed) == 1
+    assert committed[0].clients == sorted(good)
+    assert committed[0].metrics["perturbations"] == 4 * len(good)
+    before, after = world.global_state(0), world.global_state(1)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fwd_commit_applies_sgd_on_the_regenerated_estimate(make_world: Callable[..., World]) -> None:
+    world = make_world(**FWD)
+    spec = world.spec
+    start = world.global_state(0)
+    space = ParamSpace.from_state(start)
+    expected = torch.zeros(space.dim, dtype=torch.float64)
+    uploads = {client: ([0, 5, 6, 9], [0.3, -0.1, 0.2 * client, 0.05]) for client in world.clients}
+    for client, (indices, grads) in uploads.items():
+        world.aggregator.handle(announce_seeds(world, client, indices, grads))
+        for index, g in zip(indices, grads, strict=True):
+            v = direction(candidate_seed(spec.seed, 1, client, 0, index), space.dim)
+            expected += float(g) * v.double()
+    world.aggregator.handle(encode(CloseRound(job_id=world.job_id, round=1, force=True)))
+    mean = (expected / (4 * len(world.clients))).float()
+    want = {k: start[k] - 0.1 * v for k, v in space.unflatten(mean).items()}
+    got = world.global_state(1)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    gradient = decode_tensors(world.store.get(world.keys.global_gradient(world.job_id, 1)) or b"")
+    assert torch.allclose(space.flatten(gradient), mean, atol=1e-7)
+
+
+def test_noisy_fwd_step_asks_for_more_work_until_the_cap(make_world: Callable[..., World]) -> None:
+    world = make_world(**FWD)
+    for client in world.clients:
+        world.aggregator.handle(announce_seeds(world, client, [0, 1, 2, 3], [1.0, -1.0, 1.0, -1.0]))
+    world.aggregator.handle(encode(CloseRound(job_id=world.job_id, round=1)))
+    [event] = [e for e in world.events() if not isinstance(e, UpdateMerged)]
+    assert isinstance(event, MoreWork) and event.wave == 1 and event.perturbations == 4 * len(world.clients)
+    assert not world.store.exists(world.keys.round_committed(world.job_id, 1))
+    # The scheduler turns it into a wave of tasks, bounded by the cap of 16 perturbations.
+    world.store.hash_set(world.keys.round_plan(world.job_id, 1), {"status": "closing"})
+    world.scheduler.handle_event(encode(event))
+    tasks = [decode_task(body) for body in drain(world.bus, world.queues.tasks)]
+    assert [t.wave for t in tasks] == [1] * ((16 - 4 * len(world.clients)) // 4)
+    assert all(t.perturbations == 4 for t in tasks)

@@ -20,8 +20,14 @@ from shared.store.memory import MemoryStore
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SPEC: dict[str, Any] = {"name": "api-test", "model": "tiny-bert", "dataset": "bbc-news", "num_clients": 4,
-                        "clients_per_round": 2, "rounds": 2}
+SPEC: dict[str, Any] = {
+    "name": "api-test",
+    "model": "tiny-bert",
+    "dataset": "bbc-news",
+    "num_clients": 4,
+    "clients_per_round": 2,
+    "rounds": 2,
+}
 
 ROUTES = [
     ("POST", "/v1/jobs"),
@@ -71,8 +77,13 @@ def test_app_refuses_to_start_without_a_token(scheduler: Scheduler) -> None:
 @pytest.mark.parametrize(("method", "path"), ROUTES)
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN},
-     {"Authorization": f"Bearer {TOKEN}x"}],
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Bearer {TOKEN}x"},
+    ],
     ids=["none", "wrong", "basic", "bare", "suffix"],
 )
 def test_every_v1_route_needs_the_token(
@@ -151,8 +162,12 @@ def test_list_jobs_newest_first(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/v1/jobs/nope-123"), ("DELETE", "/v1/jobs/nope-123"), ("GET", "/v1/jobs/nope-123/models/global"),
-     ("GET", "/v1/jobs/nope-123/models/clients/0")],
+    [
+        ("GET", "/v1/jobs/nope-123"),
+        ("DELETE", "/v1/jobs/nope-123"),
+        ("GET", "/v1/jobs/nope-123/models/global"),
+        ("GET", "/v1/jobs/nope-123/models/clients/0"),
+    ],
 )
 def test_unknown_job_is_404(client: TestClient, method: str, path: str) -> None:
     response = client.request(method, path, headers=AUTH)
@@ -230,8 +245,12 @@ def test_metrics_are_prometheus_text_with_pwff_names(client: TestClient) -> None
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    for name in ("pwff_jobs_submitted_total", "pwff_jobs_running", "pwff_updates_received_total",
-                 "pwff_http_requests_total"):
+    for name in (
+        "pwff_jobs_submitted_total",
+        "pwff_jobs_running",
+        "pwff_updates_received_total",
+        "pwff_http_requests_total",
+    ):
         assert f"# TYPE {name.removesuffix('_total')}" in text
     assert 'pwff_http_requests_total{method="GET",route="/v1/jobs",status="200"}' in text
     assert "pwff_jobs_submitted_total " in text

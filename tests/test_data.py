@@ -84,9 +84,7 @@ def _check_cover(shards: list[list[int]], n: int) -> None:
     ids=["iid", "dirichlet", "natural"],
 )
 @pytest.mark.parametrize("num_clients", [1, 4, 6, 13])
-def test_partition_covers_every_index_once_and_is_deterministic(
-    spec: PartitionSpec, num_clients: int
-) -> None:
+def test_partition_covers_every_index_once_and_is_deterministic(spec: PartitionSpec, num_clients: int) -> None:
     labels = [e.label for e in data.load("jane-austen", "train")]
     shards = data.partition(labels, num_clients, spec, seed=7)
     assert len(shards) == num_clients

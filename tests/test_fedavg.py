@@ -14,8 +14,10 @@ SHAPES = {"lora_A": (8, 32), "lora_B": (32, 8), "head.weight": (5, 32), "head.bi
 
 def _updates(count: int, seed: int = 0) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     g = torch.Generator().manual_seed(seed)
-    updates = [{name: torch.randn(shape, generator=g) * 10 ** (i % 3 - 1) for name, shape in SHAPES.items()}
-               for i in range(count)]
+    updates = [
+        {name: torch.randn(shape, generator=g) * 10 ** (i % 3 - 1) for name, shape in SHAPES.items()}
+        for i in range(count)
+    ]
     weights = (torch.rand(count, generator=g, dtype=torch.float64) * 100 + 0.5).tolist()
     return updates, weights
 

@@ -47,9 +47,7 @@ def helm() -> str:
     on_path = shutil.which("helm")
     if on_path:
         return on_path
-    proc = subprocess.run(
-        ["bash", str(INSTALL_HELM)], capture_output=True, text=True, timeout=300, check=False
-    )
+    proc = subprocess.run(["bash", str(INSTALL_HELM)], capture_output=True, text=True, timeout=300, check=False)
     if proc.returncode != 0 or not _executable(LOCAL_HELM):
         pytest.fail(
             f"helm is not available and {INSTALL_HELM.relative_to(REPO)} could not install it "
@@ -123,9 +121,7 @@ def test_lint_strict(helm: str, values: str) -> None:
 
 
 @pytest.mark.parametrize("values", VALUE_SETS)
-def test_rendered_manifests_validate(
-    helm: str, kubernetes_validate: list[str], tmp_path: Path, values: str
-) -> None:
+def test_rendered_manifests_validate(helm: str, kubernetes_validate: list[str], tmp_path: Path, values: str) -> None:
     proc = _run(_template_cmd(helm, *VALUE_SETS[values]))
     assert proc.returncode == 0, proc.stderr
     manifests = tmp_path / f"{values}.yaml"

@@ -34,8 +34,15 @@ CASES: list[tuple[BaseModel, Decoder]] = [
     (TrainTask(job_id=JOB, round=3, client=2, attempt=1, local_steps=10), decode_task),
     (
         UpdateReady(
-            job_id=JOB, round=1, client=0, attempt=0, key=f"pwff:job:{JOB}:round:1:update:0:0",
-            num_samples=12, train_loss=1.25, compute_s=0.5, upload_bytes=2048,
+            job_id=JOB,
+            round=1,
+            client=0,
+            attempt=0,
+            key=f"pwff:job:{JOB}:round:1:update:0:0",
+            num_samples=12,
+            train_loss=1.25,
+            compute_s=0.5,
+            upload_bytes=2048,
         ),
         decode_aggregator,
     ),

@@ -47,8 +47,12 @@ def test_more_clients_per_round_than_clients_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("model", "dataset"),
-    [("tiny-bert", "jane-austen"), ("minilm-l6", "jane-austen"), ("tiny-llama", "bbc-news"),
-     ("smollm2-135m", "tweets-sentiment")],
+    [
+        ("tiny-bert", "jane-austen"),
+        ("minilm-l6", "jane-austen"),
+        ("tiny-llama", "bbc-news"),
+        ("smollm2-135m", "tweets-sentiment"),
+    ],
 )
 def test_model_and_dataset_must_agree_on_the_task(model: str, dataset: str) -> None:
     with pytest.raises(SpecError, match=f"model '{model}' is a .* cannot train on dataset '{dataset}'"):
