@@ -53,7 +53,8 @@ class ServiceCluster:
             "PYTHONUNBUFFERED": "1",
         }
         self.scheduler = self._start("scheduler", {"PWFF_API_TOKEN": self.token, "PWFF_API_PORT": str(self.api_port)})
-        self.aggregator = self._start("aggregator", {"PWFF_METRICS_PORT": str(free_port())})
+        self.aggregator_metrics_port = free_port()
+        self.aggregator = self._start("aggregator", {"PWFF_METRICS_PORT": str(self.aggregator_metrics_port)})
         self.workers: list[subprocess.Popen[bytes]] = []
         self.worker_logs: list[Path] = []
         self.worker_metric_ports: list[int] = []

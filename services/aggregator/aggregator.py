@@ -274,6 +274,7 @@ class Aggregator:
             bytes_up=float(accumulator.upload_bytes),
             bytes_down=float(len(previous_blob) * len(accumulator.merged)),
             compute_s_max=accumulator.compute_s_max,
+            compute_s_sum=accumulator.compute_s_sum,
             aggregate_s=aggregate_s,
             eval_s=time.perf_counter() - began,
         )

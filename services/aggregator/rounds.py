@@ -43,6 +43,7 @@ class RoundAccumulator:
     weight: float = 0.0
     upload_bytes: int = 0
     compute_s_max: float = 0.0
+    compute_s_sum: float = 0.0
     cosine_sum: float = 0.0
     mean: StreamingMean = field(default_factory=StreamingMean)
     estimate: ForwardGradientEstimate | None = None
@@ -81,6 +82,7 @@ class RoundAccumulator:
         self.weight += weight
         self.upload_bytes += announce.upload_bytes
         self.compute_s_max = max(self.compute_s_max, announce.compute_s)
+        self.compute_s_sum += announce.compute_s
         self.cosine_sum += announce.cosine
 
     def _merge_delta(self, announce: UpdateReady, delta: dict[str, torch.Tensor], weight: float) -> None:

@@ -8,7 +8,7 @@ import pytest
 from services.processes import ServiceCluster
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[ServiceCluster]:
     logs = tmp_path_factory.mktemp("service-logs")
     services = ServiceCluster(logs, model_cache)
