@@ -465,3 +465,106 @@ def client_indices(spec: JobSpec, client_id: int) -> list[int]:
 def client_examples(spec: JobSpec, client_id: int) -> list[Example]:
     train = load(spec.dataset, "train")
     return [train[i] for i in client_indices(spec, client_id)]
+
+
+# --- per-client held-out examples -----------------------------------------------------------------
+
+# A per-client test set smaller than this makes accuracy jump in steps of over 5 points.
+_CLIENT_TEST_MIN = 20
+
+
+def _apportion(weights: dict[int, int], capacity: dict[int, int], total: int) -> dict[int, int]:
+    """Split `total` among labels in proportion to `weights`, at most capacity[label] each.
+
+    Largest remainders (ties to the lower label) round the proportional shares to integers; a label
+    whose share exceeds its capacity is filled to capacity and the rest is shared out again among the
+    others in the same proportions. Needs total <= sum of capacities.
+    """
+    quotas = {label: 0 for label in weights}
+    open_labels = sorted(weights)
+    remaining = total
+    while remaining > 0 and open_labels:
+        mass = sum(weights[label] for label in open_labels)
+        shares = {label: remaining * weights[label] / mass for label in open_labels}
+        counts = {label: int(share) for label, share in shares.items()}
+        leftover = remaining - sum(counts.values())
+        for label in sorted(open_labels, key=lambda lb: (counts[lb] - shares[lb], lb))[:leftover]:
+            counts[label] += 1
+        full = [label for label in open_labels if counts[label] > capacity[label]]
+        if not full:
+            for label in open_labels:
+                quotas[label] += counts[label]
+            return quotas
+        # Fill the labels that overflow and share what they could not take among the others.
+        for label in full:
+            quotas[label] = capacity[label]
+            remaining -= capacity[label]
+        open_labels = [label for label in open_labels if label not in full]
+    return quotas
+
+
+@functools.lru_cache(maxsize=256)
+def _client_test_cached(
+    dataset: str,
+    num_clients: int,
+    kind: str,
+    alpha: float,
+    min_examples: int,
+    seed: int,
+    client_id: int,
+    limit: int | None,
+) -> tuple[int, ...]:
+    # Imported here so this addition leaves the module's import block as it was.
+    from shared.seeding import derive_seed
+
+    shard = _partition_cached(dataset, num_clients, kind, alpha, min_examples, seed)[client_id]
+    train, test = load(dataset, "train"), load(dataset, "test")
+    train_counts: dict[int, int] = {}
+    for i in shard:
+        train_counts[train[i].label] = train_counts.get(train[i].label, 0) + 1
+    pools: dict[int, list[int]] = {label: [] for label in train_counts}
+    for i, example in enumerate(test):
+        if example.label in pools:
+            pools[example.label].append(i)
+    available = sum(len(pool) for pool in pools.values())
+    wanted = max(_CLIENT_TEST_MIN, len(test) // num_clients) if limit is None else limit
+    quotas = _apportion(train_counts, {label: len(pool) for label, pool in pools.items()}, min(wanted, available))
+    rng = np.random.Generator(np.random.PCG64(derive_seed("client-test", dataset, seed, client_id)))
+    chosen: list[int] = []
+    for label in sorted(pools):
+        # A permutation per label, taken from the front: the draw of one label never depends on another's quota.
+        order = rng.permutation(len(pools[label]))
+        chosen.extend(pools[label][int(j)] for j in order[: quotas[label]])
+    return tuple(chosen[int(j)] for j in rng.permutation(len(chosen)))
+
+
+def client_test_examples(spec: JobSpec, client_id: int, limit: int | None = None) -> list[Example]:
+    """Held-out examples for one client, distributed like its training shard: its personal test set.
+
+    Drawn without replacement from the fixed test split `load(spec.dataset, "test")` (so never seen in
+    training), with the label proportions of `client_examples(spec, client_id)`: each label gets its
+    share of the total by largest remainders, and a label the client never trains on never appears
+    (one it barely trains on may round to no test examples).
+    Under the `natural` partition the label is the natural group (the novel), so a client is tested
+    on held-out passages of its own novel(s). If a label's test pool is too small for its share, the
+    pool is used whole and the shortfall is shared among the client's other labels in proportion.
+
+    Size: min(limit, available) where available is the number of test examples with the client's
+    labels, and limit defaults to max(20, len(test) // num_clients): together the clients' test sets
+    are about one test split, so per-client evaluation costs about what one global evaluation does,
+    and 20 is a floor below which a client's accuracy is too coarse (5-point steps) to compare.
+
+    Deterministic in (data set, partition, num_clients, seed, client_id, limit): the examples come
+    from a generator seeded with derive_seed("client-test", dataset, seed, client_id), are returned
+    in a seeded random order (so any prefix is itself a label-mixed sample), and are memoized.
+    """
+    if not 0 <= client_id < spec.num_clients:
+        raise ValueError(f"client_id {client_id} is out of range for a job with {spec.num_clients} clients")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    p = spec.partition
+    indices = _client_test_cached(
+        spec.dataset, spec.num_clients, p.kind, p.alpha, p.min_examples, spec.seed, client_id, limit
+    )
+    test = load(spec.dataset, "test")
+    return [test[i] for i in indices]

@@ -46,6 +46,20 @@ class TrainTask(_Message):
     perturbations: int = Field(0, ge=0, le=100_000, description="fwd budget: directions to evaluate")
 
 
+class EvaluateTask(_Message):
+    """Evaluate one client's global and personalized models after `round`; publish the latter if asked.
+
+    Runs on the client side (a worker) because the personalized model includes the client's
+    personal tensors, which the aggregator never sees.
+    """
+
+    type: Literal["evaluate"] = "evaluate"
+    job_id: JobId
+    round: Round
+    client: ClientId
+    publish: bool = False
+
+
 # --- workers and scheduler -> aggregator (aggregate queue) ----------------------------------
 
 
@@ -64,6 +78,7 @@ class UpdateReady(_Message):
     compute_s: float = Field(ge=0)
     upload_bytes: int = Field(ge=0)
     perturbations: int = Field(0, ge=0, description="fwd: directions evaluated")
+    flops: float = Field(0.0, ge=0, description="compute spent on the task (wireless cost model)")
     cosine: float = Field(0.0, ge=-1, le=1, description="fwd: mean |cosine| of the chosen directions")
 
 
@@ -126,6 +141,16 @@ class RoundCommitted(_Message):
     metrics: dict[str, float]
 
 
+class ClientEvaluated(_Message):
+    """A client's held-out figures after a round: the global model vs its personalized model."""
+
+    type: Literal["client-evaluated"] = "client-evaluated"
+    job_id: JobId
+    round: Round
+    client: ClientId
+    metrics: dict[str, float]
+
+
 class JobFailed(_Message):
     """Something the aggregator cannot recover from (e.g. a model that does not load)."""
 
@@ -134,10 +159,11 @@ class JobFailed(_Message):
     error: str = Field(max_length=4000)
 
 
+WorkerTask = TrainTask | EvaluateTask
 AggregatorCommand = UpdateReady | InitJob | CloseRound | DropJob
-SchedulerEvent = JobInitialized | UpdateMerged | MoreWork | RoundCommitted | JobFailed
+SchedulerEvent = JobInitialized | UpdateMerged | MoreWork | RoundCommitted | ClientEvaluated | JobFailed
 
-_worker_adapter: TypeAdapter[TrainTask] = TypeAdapter(TrainTask)
+_worker_adapter: TypeAdapter[WorkerTask] = TypeAdapter(Annotated[WorkerTask, Field(discriminator="type")])
 _aggregator_adapter: TypeAdapter[AggregatorCommand] = TypeAdapter(
     Annotated[AggregatorCommand, Field(discriminator="type")]
 )
@@ -170,8 +196,8 @@ def _decode(adapter: TypeAdapter[Any], body: bytes, max_bytes: int) -> Any:
         raise InvalidMessage(str(error).replace("\n", " ")[:1000]) from None
 
 
-def decode_task(body: bytes, max_bytes: int = 64 * 1024) -> TrainTask:
-    result: TrainTask = _decode(_worker_adapter, body, max_bytes)
+def decode_task(body: bytes, max_bytes: int = 64 * 1024) -> WorkerTask:
+    result: WorkerTask = _decode(_worker_adapter, body, max_bytes)
     return result
 
 

@@ -70,3 +70,9 @@ FWD_COSINE = Gauge(
     "pwff_fwd_direction_cosine", "fwd: mean |cosine| of chosen directions with the previous gradient", ["job"]
 )
 FWD_EXTRA_WAVES = Counter("pwff_fwd_extra_waves_total", "fwd: extra perturbation waves dispatched by variance control")
+DEVICE_DELAY = Histogram(
+    "pwff_device_round_delay_seconds",
+    "Simulated wireless delay (compute + upload) of one device's work in a round",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+)
+DEVICE_ENERGY = Counter("pwff_device_energy_joules_total", "Simulated energy spent by devices (compute + upload)")

@@ -61,13 +61,19 @@ class ModelInfo:
     lora_targets: tuple[str, ...]
     hub_id: str
     """What a user would load as the base model elsewhere; written into adapter_config.json."""
+    num_params: int
+    """Parameters of the base model: what the scheduler's FLOP estimates scale with before loading it."""
 
 
 MODELS: dict[str, ModelInfo] = {
-    "minilm-l6": ModelInfo("minilm-l6", "classification", ("query", "value"), "sentence-transformers/all-MiniLM-L6-v2"),
-    "tiny-bert": ModelInfo("tiny-bert", "classification", ("query", "value"), "pwff/tiny-bert"),
-    "smollm2-135m": ModelInfo("smollm2-135m", "causal-lm", ("q_proj", "v_proj"), "HuggingFaceTB/SmolLM2-135M-Instruct"),
-    "tiny-llama": ModelInfo("tiny-llama", "causal-lm", ("q_proj", "v_proj"), "pwff/tiny-llama"),
+    "minilm-l6": ModelInfo(
+        "minilm-l6", "classification", ("query", "value"), "sentence-transformers/all-MiniLM-L6-v2", 22_715_141
+    ),
+    "tiny-bert": ModelInfo("tiny-bert", "classification", ("query", "value"), "pwff/tiny-bert", 1_011_525),
+    "smollm2-135m": ModelInfo(
+        "smollm2-135m", "causal-lm", ("q_proj", "v_proj"), "HuggingFaceTB/SmolLM2-135M-Instruct", 134_515_008
+    ),
+    "tiny-llama": ModelInfo("tiny-llama", "causal-lm", ("q_proj", "v_proj"), "pwff/tiny-llama", 3_166_368),
 }
 
 
@@ -191,11 +197,21 @@ def load_base_model(
 def lora_config(spec: JobSpec) -> LoraConfig:
     info = model_info(spec.model)
     classification = info.task == "classification"
+    targets: list[str] | str = list(spec.lora.target_modules or info.lora_targets)
+    rank_pattern: dict[str, int] = {}
+    if spec.personalization.preset == "pwff":
+        from shared.personalization import adapter_pattern
+
+        # One regex for peft (full match): the attention LoRA targets, plus the shared adapter.
+        adapter = adapter_pattern(spec)
+        targets = "|".join([*(rf".*\.{t}" for t in targets), adapter])
+        rank_pattern = {adapter: spec.personalization.adapter_r}
     return LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,
         lora_dropout=spec.lora.dropout,
-        target_modules=list(spec.lora.target_modules or info.lora_targets),
+        target_modules=targets,
+        rank_pattern=rank_pattern,
         task_type="SEQ_CLS" if classification else "CAUSAL_LM",
         modules_to_save=["classifier"] if classification and spec.lora.train_head else None,
         base_model_name_or_path=info.hub_id,
@@ -215,6 +231,8 @@ def peft_cache_key(spec: JobSpec) -> str:
             "model": spec.model,
             "labels": dataset_info(spec.dataset).num_labels,
             "lora": spec.lora.model_dump(),
+            "preset": spec.personalization.preset,
+            "adapter_r": spec.personalization.adapter_r,
             "attention": attention_for(spec),
         },
         sort_keys=True,
@@ -277,6 +295,11 @@ def extract_archive(blob: bytes, destination: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as archive:
         archive.extractall(destination, filter="data")
     return destination
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """All parameters a forward pass touches (frozen base included): what FLOP estimates scale with."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def device() -> torch.device:

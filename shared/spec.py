@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared.wireless import DevicesSpec
+
 MODEL_NAMES = ("minilm-l6", "smollm2-135m", "tiny-bert", "tiny-llama")
 DATASET_NAMES = ("bbc-news", "tweets-sentiment", "jane-austen")
 
@@ -77,9 +79,33 @@ class ForwardSpec(_Strict):
 
 
 class PersonalizationSpec(_Strict):
-    """Which trainable tensors are averaged globally. Personal parts arrive with the PWFF issue."""
+    """Global partial aggregation: which trainable tensors are averaged and which stay with each client.
 
-    preset: Literal["none"] = "none"
+    Presets: `none` (everything global: FedAvg); `pwff` (a shared adapter is aggregated and a
+    personal LoRA stays on the client: the adapter is a low-rank parallel adapter on each block's
+    feed-forward output, the personal LoRA the attention one); `fedsa` (LoRA A global, LoRA B
+    personal); `head` (the classifier head personal). `personal` adds glob patterns over tensor
+    names (e.g. "*.layer.5.*") to whatever the preset keeps personal.
+    """
+
+    preset: Literal["none", "pwff", "fedsa", "head"] = "none"
+    personal: list[str] = Field(default_factory=list, description="extra glob patterns of personal tensors")
+    adapter_r: int = Field(8, ge=1, le=256, description="pwff: rank of the shared feed-forward adapter")
+    eval_every: int = Field(1, ge=1, description="evaluate every client's models every this many rounds")
+    eval_examples_per_client: int = Field(64, ge=1, description="held-out examples per client evaluation")
+
+
+class BudgetSpec(_Strict):
+    """Compute budgets from the wireless model: how much local work each device gets per round."""
+
+    kind: Literal["fixed", "deadline"] = Field(
+        "fixed", description="fixed: every task gets local_steps/perturbations; deadline: as much as fits"
+    )
+    device_deadline_s: float = Field(60.0, gt=0, description="simulated per-round deadline of a device")
+    min_steps: int = Field(1, ge=1, description="never give a selected device less than this")
+    selection: Literal["random", "delay", "energy"] = Field(
+        "random", description="sample clients at random, or prefer the lowest expected delay or energy"
+    )
 
 
 class CompressionSpec(_Strict):
@@ -107,6 +133,8 @@ class JobSpec(_Strict):
     aggregation: AggregationSpec = AggregationSpec()
     personalization: PersonalizationSpec = PersonalizationSpec()
     compression: CompressionSpec = CompressionSpec()
+    devices: DevicesSpec = DevicesSpec()
+    budget: BudgetSpec = BudgetSpec()
     seed: int = Field(0, ge=0, lt=2**31)
     round_deadline_s: float = Field(900.0, gt=0, description="a round closes at this age if the quorum is in")
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of the round's clients needed at the deadline")

@@ -23,11 +23,13 @@ from shared.jobs import JobState, read_state
 from shared.messages import (
     CloseRound,
     DropJob,
+    EvaluateTask,
     InitJob,
     InvalidMessage,
     JobInitialized,
     MoreWork,
     RoundCommitted,
+    TrainTask,
     UpdateMerged,
     UpdateReady,
     decode_aggregator,
@@ -252,7 +254,13 @@ def test_commit_is_previous_plus_weighted_mean_of_deltas(make_world: Callable[..
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
     # The round record and the metrics list agree with the event.
     record = msgpack.unpackb(world.store.get(world.keys.round_committed(world.job_id, 1)))
-    assert record == {"round": 1, "clients": committed.clients, "metrics": metrics}
+    assert {k: record[k] for k in ("round", "clients", "metrics")} == {
+        "round": 1,
+        "clients": committed.clients,
+        "metrics": metrics,
+    }
+    # Each client's simulated wireless cost is kept with the round.
+    assert sorted(int(c) for c in record["extra"]["devices"]) == sorted(world.clients)
     assert [msgpack.unpackb(r)["round"] for r in world.store.list_range(world.keys.metrics(world.job_id))] == [0, 1]
     assert world.store.get(world.keys.model_archive(world.job_id, "global"))
 
@@ -317,7 +325,10 @@ def test_round_closes_through_the_scheduler_when_all_updates_are_in(make_world: 
     job = world.scheduler.get_job(world.job_id)
     assert job["state"] == JobState.RUNNING and job["round"] == 2
     assert [m["round"] for m in job["metrics"]] == [0, 1]
-    assert len(drain(world.bus, world.queues.tasks)) == world.spec.clients_per_round
+    tasks = [decode_task(body) for body in drain(world.bus, world.queues.tasks)]
+    # Round 2's training tasks, and an evaluation of round 1 for every client.
+    assert sum(isinstance(t, TrainTask) for t in tasks) == world.spec.clients_per_round
+    assert sorted(t.client for t in tasks if isinstance(t, EvaluateTask)) == list(range(world.spec.num_clients))
 
 
 # --- exactly-once effect -------------------------------------------------------------------------
@@ -596,7 +607,9 @@ FWD = {
 }
 
 
-def announce_seeds(world: World, client: int, indices: list[int], grads: list[float], wave: int = 0) -> bytes:
+def announce_seeds(
+    world: World, client: int, indices: list[int], grads: list[float], wave: int = 0, claimed: int | None = None
+) -> bytes:
     blob = encode_seed_scalars(indices, grads, [1.0] * len(indices))
     key = world.update_key(client, wave=wave)
     world.store.put(key, blob)
@@ -612,7 +625,7 @@ def announce_seeds(world: World, client: int, indices: list[int], grads: list[fl
             train_loss=1.0,
             compute_s=0.1,
             upload_bytes=len(blob),
-            perturbations=len(indices),
+            perturbations=len(indices) if claimed is None else claimed,
         )
     )
     world.store.put(world.meta_key(client, wave=wave), message)
@@ -634,7 +647,7 @@ def test_malformed_fwd_upload_is_rejected_and_the_round_commits_from_the_valid_o
     bad, *good = world.clients
     invalid_before = received("invalid")
     with pytest.raises(InvalidMessage):
-        world.aggregator.handle(announce_seeds(world, bad, indices, grads))
+        world.aggregator.handle(announce_seeds(world, bad, indices, grads, claimed=4))
     assert received("invalid") == invalid_before + 1
     for client in good:
         world.aggregator.handle(announce_seeds(world, client, [0, 4, 7, 11], [0.5, -0.2, 0.1, 0.3]))

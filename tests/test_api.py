@@ -206,8 +206,11 @@ def test_published_model_downloads_as_gzip(client: TestClient, scheduler: Schedu
     assert response.content == b"\x1f\x8bfake-archive"
     assert response.headers["content-type"] == "application/gzip"
     assert f'filename="{job_id}-global.tar.gz"' in response.headers["content-disposition"]
+    # A client's personalized model is published by the client-side evaluation at the end.
+    assert client.get(f"/v1/jobs/{job_id}/models/clients/3", headers=AUTH).status_code == 404
+    scheduler.store.put(Keys().model_archive(job_id, "client-3"), b"\x1f\x8bclient-archive")
     client_response = client.get(f"/v1/jobs/{job_id}/models/clients/3", headers=AUTH)
-    assert client_response.status_code == 200 and client_response.content == b"\x1f\x8bfake-archive"
+    assert client_response.status_code == 200 and client_response.content == b"\x1f\x8bclient-archive"
     assert f'filename="{job_id}-client-3.tar.gz"' in client_response.headers["content-disposition"]
 
 

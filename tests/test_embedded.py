@@ -162,7 +162,7 @@ def test_worker_count_does_not_change_the_result(first: Run, parallel: Run) -> N
 
 def _figures(run: Run) -> list[dict[str, Any]]:
     """Per-round figures without wall-clock timings."""
-    timings = {"eval_s", "aggregate_s", "compute_s_max", "duration_s"}
+    timings = {"eval_s", "aggregate_s", "compute_s_max", "compute_s_sum", "duration_s"}
     return [{k: v for k, v in m.items() if k not in timings} for m in run.job["metrics"]]
 
 

@@ -136,6 +136,7 @@ def test_apply_update_with_unit_lr_and_zero_delta_is_identity() -> None:
     assert torch.equal(apply_update(state, {"w": torch.zeros(3, 3)}, 1.0)["w"], state["w"])
 
 
-def test_apply_update_missing_delta_name_fails() -> None:
-    with pytest.raises(KeyError):
-        apply_update({"w": torch.zeros(1), "v": torch.zeros(1)}, {"w": torch.zeros(1)}, 1.0)
+def test_apply_update_keeps_tensors_without_a_delta() -> None:
+    """Personal tensors are not in the averaged delta: the global state keeps them as they were."""
+    state = {"w": torch.zeros(1), "personal": torch.full((1,), 3.0)}
+    assert apply_update(state, {"w": torch.ones(1)}, 0.5) == {"w": torch.full((1,), 0.5), "personal": state["personal"]}

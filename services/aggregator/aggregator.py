@@ -42,6 +42,8 @@ from shared.messages import (
     encode,
 )
 from shared.metrics import (
+    DEVICE_DELAY,
+    DEVICE_ENERGY,
     FWD_COSINE,
     FWD_PERTURBATIONS,
     FWD_VARIANCE,
@@ -278,8 +280,24 @@ class Aggregator:
             aggregate_s=aggregate_s,
             eval_s=time.perf_counter() - began,
         )
+        devices = accumulator.devices
+        if devices:
+            metrics.update(
+                delay_s=max(d["delay_s"] for d in devices.values()),  # the round waits for the slowest device
+                delay_s_mean=sum(d["delay_s"] for d in devices.values()) / len(devices),
+                energy_j=sum(d["energy_j"] for d in devices.values()),
+                upload_s_max=max(d["upload_s"] for d in devices.values()),
+            )
+            for figures in devices.values():
+                DEVICE_DELAY.observe(figures["delay_s"])
+                DEVICE_ENERGY.inc(figures["energy_j"])
         clients = accumulator.clients
-        record = {"round": round_, "clients": clients, "metrics": metrics}
+        record = {
+            "round": round_,
+            "clients": clients,
+            "metrics": metrics,
+            "extra": {"devices": {str(c): d for c, d in sorted(devices.items())}},
+        }
         archive = self._archive(spec, step.state)
 
         batch = self.store.batch()

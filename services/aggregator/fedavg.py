@@ -40,5 +40,11 @@ class StreamingMean:
 def apply_update(
     state: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor], server_lr: float
 ) -> dict[str, torch.Tensor]:
-    """Server SGD on the averaged delta: with server_lr = 1 this is plain FedAvg."""
-    return {name: (value.double() + server_lr * mean_delta[name].double()).float() for name, value in state.items()}
+    """Server SGD on the averaged delta: with server_lr = 1 this is plain FedAvg.
+
+    Tensors without a delta (a client's personal parts) keep their value.
+    """
+    return {
+        name: (value.double() + server_lr * mean_delta[name].double()).float() if name in mean_delta else value
+        for name, value in state.items()
+    }

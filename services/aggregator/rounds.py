@@ -18,6 +18,7 @@ from shared.forward_grad import (
     ForwardGradientEstimate,
     ParamSpace,
     SeedScalars,
+    UploadError,
     candidate_seed,
     decode_seed_scalars,
     direction,
@@ -25,7 +26,9 @@ from shared.forward_grad import (
     validate_upload,
 )
 from shared.messages import UpdateReady
+from shared.personalization import is_personal
 from shared.spec import JobSpec
+from shared.wireless import round_cost, round_profile
 
 
 def candidate_count(spec: JobSpec, perturbations: int) -> int:
@@ -48,8 +51,12 @@ class RoundAccumulator:
     mean: StreamingMean = field(default_factory=StreamingMean)
     estimate: ForwardGradientEstimate | None = None
     space: ParamSpace | None = None
+    shared_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    devices: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Simulated wireless cost of each client's work this round (delay, energy, link rate)."""
 
     def __post_init__(self) -> None:
+        self.shared_state = {n: t for n, t in self.start_state.items() if not is_personal(self.spec, n)}
         if self.spec.mode == "fwd":
             self.space = ParamSpace.from_state(self.start_state, self.spec.fwd.perturb)
             self.estimate = ForwardGradientEstimate(self.space.dim)
@@ -63,20 +70,36 @@ class RoundAccumulator:
         spec = self.spec
         if spec.mode == "backprop":
             delta = decode_tensors(blob, max_bytes)
-            check_matches(delta, self.start_state)
+            check_matches(delta, self.shared_state)
             weight = float(announce.num_samples) if spec.aggregation.weighting == "samples" else 1.0
             return lambda: self._merge_delta(announce, delta, weight)
         assert self.space is not None
         if spec.fwd.upload == "dense":
             dense = decode_tensors(blob, max_bytes)
-            check_matches(dense, {name: self.start_state[name] for name in self.space.names})
-            return lambda: self._merge_dense(announce, self.space.flatten(dense))  # type: ignore[union-attr]
+            check_matches(
+                dense, {name: self.start_state[name] for name in self.space.names if name in self.shared_state}
+            )
+            full = {name: dense.get(name, torch.zeros_like(self.start_state[name])) for name in self.space.names}
+            return lambda: self._merge_dense(announce, self.space.flatten(full))  # type: ignore[union-attr]
         upload = decode_seed_scalars(blob)
-        k = spec.fwd.perturbations_per_task
+        # The task's budget may be below the spec's (deadline budgets); never above it.
+        k = announce.perturbations
+        if not 1 <= k <= spec.fwd.perturbations_per_task:
+            raise UploadError(f"{k} perturbations is outside 1..{spec.fwd.perturbations_per_task}")
         validate_upload(upload, expected_count=k, candidate_count=candidate_count(spec, k))
         return lambda: self._merge_seeds(announce, upload)
 
     def _account(self, announce: UpdateReady, weight: float) -> None:
+        spec = self.spec
+        profile = round_profile(spec.devices, spec.num_clients, spec.seed, announce.client, announce.round)
+        cost = round_cost(profile, announce.flops, announce.upload_bytes)
+        device = self.devices.setdefault(announce.client, {"delay_s": 0.0, "energy_j": 0.0, "upload_s": 0.0})
+        # A client's waves run one after the other on the same device.
+        device["delay_s"] += cost.total_s
+        device["upload_s"] += cost.upload_s
+        device["energy_j"] += cost.total_j
+        device["rate_bps"] = cost.rate_bps
+        device["flops"] = device.get("flops", 0.0) + announce.flops
         self.merged.append((announce.client, announce.wave))
         self.loss_weighted += announce.train_loss * weight
         self.weight += weight
@@ -98,7 +121,7 @@ class RoundAccumulator:
 
     def _merge_dense(self, announce: UpdateReady, estimate_sum: torch.Tensor) -> None:
         assert self.estimate is not None
-        count = self.spec.fwd.perturbations_per_task
+        count = max(1, min(announce.perturbations, self.spec.fwd.perturbations_per_task))
         self.estimate.add_dense(estimate_sum, count, half_of(announce.client, announce.wave))
         self._account(announce, 1.0)
 
@@ -129,8 +152,10 @@ class RoundAccumulator:
             previous = momentum or {name: torch.zeros_like(g) for name, g in gradient.items()}
             direction_ = {name: fwd.momentum * previous[name] + g for name, g in gradient.items()}
         lr = fwd_learning_rate(self.spec, round_)
+        # Only the global part moves; personal tensors are updated by their own client.
         new_state = {
-            name: (value - lr * direction_[name]) if name in direction_ else value for name, value in state.items()
+            name: value - lr * direction_[name] if name in direction_ and name in self.shared_state else value
+            for name, value in state.items()
         }
         figures = {
             "perturbations": float(self.estimate.count),

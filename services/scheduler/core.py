@@ -25,8 +25,10 @@ import numpy as np
 from shared.bus import Bus, Queues
 from shared.jobs import JobNotFound, JobState, read_spec, read_state
 from shared.messages import (
+    ClientEvaluated,
     CloseRound,
     DropJob,
+    EvaluateTask,
     InitJob,
     JobFailed,
     JobInitialized,
@@ -46,9 +48,19 @@ from shared.metrics import (
     ROUND_DURATION,
     TASKS_DISPATCHED,
 )
+from shared.models import model_info
 from shared.seeding import derive_seed
 from shared.spec import JobSpec
 from shared.store import Keys, Store
+from shared.wireless import (
+    RoundCost,
+    backprop_step_flops,
+    fwd_perturbation_flops,
+    max_local_steps,
+    round_cost,
+    round_profile,
+    select_clients,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +73,50 @@ class JobConflict(RuntimeError):
 
 
 def sample_clients(spec: JobSpec, round_: int) -> list[int]:
+    """The round's clients: seeded at random, or those with the lowest expected delay or energy."""
+    if spec.budget.selection != "random":
+        costs = {
+            client: getattr(
+                expected_cost(spec, round_, client), "total_s" if spec.budget.selection == "delay" else "total_j"
+            )
+            for client in range(spec.num_clients)
+        }
+        return sorted(select_clients(costs, spec.clients_per_round))
     rng = np.random.default_rng(derive_seed("sample", spec.seed, round_))
     chosen = rng.choice(spec.num_clients, size=spec.clients_per_round, replace=False)
     return sorted(int(c) for c in chosen)
+
+
+def work_flops(spec: JobSpec) -> float:
+    """FLOPs of one unit of local work (a backprop step, or one perturbation) at full sequence length."""
+    tokens = spec.batch_size * spec.max_length
+    params = model_info(spec.model).num_params
+    if spec.mode == "fwd":
+        return float(fwd_perturbation_flops(params, tokens))
+    return float(backprop_step_flops(params, tokens))
+
+
+def full_budget(spec: JobSpec) -> int:
+    return spec.fwd.perturbations_per_task if spec.mode == "fwd" else spec.local_steps
+
+
+def expected_cost(spec: JobSpec, round_: int, client: int, upload_bytes: float = 0.0) -> RoundCost:
+    profile = round_profile(spec.devices, spec.num_clients, spec.seed, client, round_)
+    return round_cost(profile, work_flops(spec) * full_budget(spec), upload_bytes)
+
+
+def task_budget(spec: JobSpec, round_: int, client: int, upload_bytes: float) -> int:
+    """Local steps (or perturbations) for one device: all of it, or as much as meets the device deadline.
+
+    Sized at full sequence length and with the previous round's upload size (0 before any), so a
+    deadline budget is an upper estimate of the time a device needs; never below `budget.min_steps`.
+    """
+    cap = full_budget(spec)
+    if spec.budget.kind == "fixed":
+        return cap
+    profile = round_profile(spec.devices, spec.num_clients, spec.seed, client, round_)
+    fits = max_local_steps(profile, spec.budget.device_deadline_s, work_flops(spec), upload_bytes, cap)
+    return max(min(spec.budget.min_steps, cap), fits)
 
 
 def new_job_id(name: str) -> str:
@@ -150,6 +203,13 @@ class Scheduler:
             plan = self.store.hash_get_all(self.keys.round_plan(job_id, record["round"]))
             if plan.get("committed_at") and plan.get("opened_at"):
                 entry["duration_s"] = float(plan["committed_at"]) - float(plan["opened_at"])
+            entry.update(record.get("extra", {}))
+            evaluated = self.store.hash_get_all(self.keys.client_metrics(job_id, record["round"]))
+            if evaluated:
+                per_client = {int(c): json.loads(m) for c, m in sorted(evaluated.items(), key=lambda i: int(i[0]))}
+                entry["per_client"] = per_client
+                for figure in ("global_accuracy", "personalized_accuracy"):
+                    entry[f"client_mean_{figure}"] = float(np.mean([m[figure] for m in per_client.values()]))
             rounds.append(entry)
         return {
             "id": job_id,
@@ -183,10 +243,11 @@ class Scheduler:
     def model_archive(self, job_id: str, client: int | None = None) -> bytes | None:
         """The published PEFT folder (tar.gz) of the global model or of one client's model."""
         spec = read_spec(self.store, self.keys, job_id)
-        if client is not None and not 0 <= client < spec.num_clients:
+        if client is None:
+            return self.store.get(self.keys.model_archive(job_id, "global"))
+        if not 0 <= client < spec.num_clients:
             raise ValueError(f"client {client} out of range: the job has {spec.num_clients} clients")
-        # With nothing personal (preset "none"), each client's model is the global model.
-        return self.store.get(self.keys.model_archive(job_id, "global"))
+        return self.store.get(self.keys.model_archive(job_id, f"client-{client}"))
 
     # -- events from the aggregator ---------------------------------------------------------
 
@@ -212,6 +273,8 @@ class Scheduler:
                 self._on_merged(event)
             elif isinstance(event, MoreWork):
                 self._on_more_work(event)
+            elif isinstance(event, ClientEvaluated):
+                self._on_client_evaluated(event)
             elif isinstance(event, RoundCommitted):
                 self._on_committed(event)
 
@@ -265,17 +328,35 @@ class Scheduler:
         job_id, round_ = event.job_id, event.round
         plan_key = self.keys.round_plan(job_id, round_)
         plan = self.store.hash_get_all(plan_key)
-        if plan.get("status") == "committed" or self._current_round(job_id) != round_:
+        if plan.get("status") in ("committed", "evaluating") or self._current_round(job_id) != round_:
             return
         now = self.clock()
-        self.store.hash_set(plan_key, {"status": "committed", "committed_at": repr(now)})
+        spec = read_spec(self.store, self.keys, job_id)
+        last = round_ >= spec.rounds
+        # The last round waits for every client's evaluation: that is what publishes their models.
+        status = "evaluating" if last else "committed"
+        self.store.hash_set(
+            plan_key, {"status": status, "committed_at": repr(now), "deadline_at": repr(now + spec.round_deadline_s)}
+        )
         if plan.get("opened_at"):
             ROUND_DURATION.observe(now - float(plan["opened_at"]))
-        spec = read_spec(self.store, self.keys, job_id)
-        if round_ >= spec.rounds:
-            self._finish(job_id, JobState.SUCCEEDED, "")
-        else:
+        if last or round_ % spec.personalization.eval_every == 0:
+            for client in range(spec.num_clients):
+                task = EvaluateTask(job_id=job_id, round=round_, client=client, publish=last)
+                self.bus.publish(self.queues.tasks, encode(task))
+        if not last:
             self._open_round(job_id, round_ + 1)
+
+    def _on_client_evaluated(self, event: ClientEvaluated) -> None:
+        job_id, round_ = event.job_id, event.round
+        self.store.hash_set(self.keys.client_metrics(job_id, round_), {str(event.client): json.dumps(event.metrics)})
+        plan = self.store.hash_get_all(self.keys.round_plan(job_id, round_))
+        if plan.get("status") != "evaluating":
+            return
+        spec = read_spec(self.store, self.keys, job_id)
+        if len(self.store.hash_get_all(self.keys.client_metrics(job_id, round_))) >= spec.num_clients:
+            self.store.hash_set(self.keys.round_plan(job_id, round_), {"status": "committed"})
+            self._finish(job_id, JobState.SUCCEEDED, "")
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -300,18 +381,28 @@ class Scheduler:
 
     def _dispatch(self, spec: JobSpec, job_id: str, round_: int, clients: list[int], wave: int) -> None:
         """One task per client, each carrying its compute budget."""
+        upload = self._recent_upload_bytes(job_id)
         for client in clients:
+            budget = task_budget(spec, round_, client, upload)
             task = TrainTask(
                 job_id=job_id,
                 round=round_,
                 client=client,
                 attempt=0,
                 wave=wave,
-                local_steps=spec.local_steps,
-                perturbations=spec.fwd.perturbations_per_task if spec.mode == "fwd" else 0,
+                local_steps=budget if spec.mode == "backprop" else spec.local_steps,
+                perturbations=budget if spec.mode == "fwd" else 0,
             )
             self.bus.publish(self.queues.tasks, encode(task))
         TASKS_DISPATCHED.inc(len(clients))
+
+    def _recent_upload_bytes(self, job_id: str) -> float:
+        """Mean bytes per update of the last committed round: what the budgets expect a device to send."""
+        records = self.store.list_range(self.keys.metrics(job_id))
+        if len(records) < 2:
+            return 0.0
+        metrics = msgpack.unpackb(records[-1])["metrics"]
+        return float(metrics.get("bytes_up", 0.0)) / max(1.0, float(metrics.get("updates", 1.0)))
 
     def _close_round(self, job_id: str, round_: int, force: bool = False) -> None:
         self.store.hash_set(
@@ -339,6 +430,11 @@ class Scheduler:
                 status = plan.get("status")
                 if status == "open" and now >= float(plan["deadline_at"]):
                     self._on_deadline(job_id, round_, plan)
+                elif status == "evaluating" and now >= float(plan["deadline_at"]):
+                    # The global model is committed; clients that never reported keep no published model.
+                    done = len(self.store.hash_get_all(self.keys.client_metrics(job_id, round_)))
+                    self.store.hash_set(self.keys.round_plan(job_id, round_), {"status": "committed"})
+                    self._finish(job_id, JobState.SUCCEEDED, f"{done} client evaluations arrived before the deadline")
                 elif status == "closing" and now - float(plan.get("close_sent_at", "0")) > RESEND_AFTER_S:
                     self._close_round(job_id, round_, force=bool(plan.get("force")))
 

@@ -27,7 +27,10 @@ from shared.seeding import derive_seed
 from shared.spec import JobSpec
 
 LOGIT_CHUNK_TOKENS = 512
-"""Tokens whose logits exist at once when a causal LM's loss is computed (49k floats each)."""
+"""Tokens whose losses one cross-entropy reduction sums (this fixes the loss's summation order)."""
+LOGIT_BLOCK_TOKENS = 128
+"""Tokens whose logits (49k floats each, 25 MB for 128) exist at once: a chunk is computed in blocks.
+Any block size gives the same loss bit for bit (see `_chunk_loss_sum`); smaller saves memory."""
 
 
 @dataclass(frozen=True)
@@ -63,17 +66,42 @@ def chunked_causal_loss(
     model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
 ) -> torch.Tensor:
     base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
-    hidden = base.model(**inputs).last_hidden_state[:, :-1]
+    # No KV cache: it would keep every layer's keys and values alive until the loss is done.
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
     targets = labels[:, 1:]
     step = max(1, LOGIT_CHUNK_TOKENS // hidden.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
     count = (targets != -100).sum().clamp(min=1)
     for start in range(0, hidden.shape[1], step):
-        logits = base.lm_head(hidden[:, start : start + step]).float()
-        total = total + torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets[:, start : start + step].reshape(-1), reduction="sum"
-        )
+        total = total + _chunk_loss_sum(base.lm_head, hidden[:, start : start + step], targets[:, start : start + step])
     return total / count
+
+
+def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`cross_entropy(head(hidden), targets, reduction="sum")` with at most LOGIT_BLOCK_TOKENS rows of logits alive.
+
+    Per-token losses are computed block by block (each row's logits and log-softmax do not depend
+    on the other rows), then summed by `nll_loss` itself over the whole chunk: the same reduction
+    kernel over the same values in the same order as `reduction="sum"` on the chunk, so the loss,
+    and under `torch.func.jvp` its tangent, are unchanged bit for bit.
+    """
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    per_token = torch.cat(
+        [
+            torch.nn.functional.cross_entropy(
+                head(rows[start : start + LOGIT_BLOCK_TOKENS]).float(),
+                flat_targets[start : start + LOGIT_BLOCK_TOKENS],
+                reduction="none",
+            )
+            for start in range(0, rows.shape[0], LOGIT_BLOCK_TOKENS)
+        ]
+    )
+    # nll_loss of a one-class "log-probability" -loss_i sums loss_i; ignored targets stay ignored.
+    ignored = flat_targets == -100
+    return torch.nn.functional.nll_loss(
+        -per_token.unsqueeze(1), torch.where(ignored, -100, 0), ignore_index=-100, reduction="sum"
+    )
 
 
 def forward_task(

@@ -11,8 +11,9 @@ from transformers import PreTrainedTokenizerBase
 
 from shared.batches import Task, collate
 from shared.data import Example
-from shared.models import GLOBAL_RNG_LOCK
+from shared.models import GLOBAL_RNG_LOCK, parameter_count
 from shared.spec import JobSpec
+from shared.wireless import backprop_step_flops
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class TrainResult:
     num_samples: int
     """Distinct examples the client holds (the FedAvg weight)."""
     examples_seen: int
+    flops: float
+    """Compute spent: ~3 forward passes' worth (forward + backward) per token, 2 FLOPs per parameter."""
 
 
 def minibatches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
@@ -56,6 +59,7 @@ def train_backprop(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(spec, params)
     losses: list[float] = []
+    tokens = 0
     batches = minibatches(examples, spec.batch_size, seed)
     # Dropout draws from torch's process-wide generator; embedded workers share one process.
     with GLOBAL_RNG_LOCK:
@@ -63,10 +67,16 @@ def train_backprop(
         model.train()
         for _ in range(steps):
             batch = collate(tokenizer, next(batches), task, spec.max_length, device)
+            tokens += int(batch["attention_mask"].sum())
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         model.eval()
-    return TrainResult(loss=float(np.mean(losses)), num_samples=len(examples), examples_seen=steps * spec.batch_size)
+    return TrainResult(
+        loss=float(np.mean(losses)),
+        num_samples=len(examples),
+        examples_seen=steps * spec.batch_size,
+        flops=float(backprop_step_flops(parameter_count(model), tokens)),
+    )

@@ -63,3 +63,15 @@ class Keys:
     def model_archive(self, job_id: str, which: str) -> str:
         """A published PEFT folder as a tar.gz: which is 'global' or 'client-<id>'."""
         return f"{self.namespace}:job:{job_id}:model:{which}"
+
+    def personal_state(self, job_id: str, client: int, round_: int) -> str:
+        """A client's personal tensors after training in `round_` (codec bytes). Never read by the aggregator."""
+        return f"{self.namespace}:job:{job_id}:client:{client}:personal:{round_}"
+
+    def personal_rounds(self, job_id: str, client: int) -> str:
+        """Set of rounds for which `personal_state` exists, so a worker finds the latest before its own."""
+        return f"{self.namespace}:job:{job_id}:client:{client}:personal-rounds"
+
+    def client_metrics(self, job_id: str, round_: int) -> str:
+        """Hash client -> json of that client's evaluation after `round_` (global vs personalized)."""
+        return f"{self.namespace}:job:{job_id}:round:{round_}:client-metrics"
