@@ -23,8 +23,11 @@ from shared.batches import Task, collate
 from shared.codec import encode_tensors
 from shared.data import Example
 from shared.forward_grad import ParamSpace, candidate_seed, direction, encode_seed_scalars, select_directions
+from shared.models import parameter_count
+from shared.personalization import is_personal
 from shared.seeding import derive_seed
 from shared.spec import JobSpec
+from shared.wireless import fwd_perturbation_flops
 
 LOGIT_CHUNK_TOKENS = 512
 """Tokens whose losses one cross-entropy reduction sums (this fixes the loss's summation order)."""
@@ -39,6 +42,11 @@ class ForwardResult:
     loss: float
     perturbations: int
     cosine: float
+    flops: float
+    """Compute spent: two forward passes' worth per perturbation (wireless cost model)."""
+    local_step: dict[str, torch.Tensor]
+    """This client's own gradient estimate per perturbed tensor (mean of g_i v_i): it moves the
+    client's personal tensors locally, which never leave it."""
 
 
 def candidate_count(spec: JobSpec, perturbations: int) -> int:
@@ -60,6 +68,39 @@ class LossOf(torch.nn.Module):
             logits = self.model(**inputs).logits
             return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
         return chunked_causal_loss(self.model, inputs, batch["labels"])
+
+
+class HeadLossOf(LossOf):
+    """The loss when only the classifier head is perturbed: the frozen encoder runs once per batch.
+
+    The head's input (the pooled features) does not depend on the head's parameters, so every
+    perturbation reuses it; each pass is then a small matrix product instead of a full forward.
+    The loss is the same as `LossOf`'s (eval mode: dropout is the identity).
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+        super().__init__(model, "classification")
+        base: Any = model.get_base_model()  # type: ignore[operator]
+        encoder = getattr(base, base.base_model_prefix)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            self.features = base.dropout(encoder(**inputs)[1])
+        self.classifier = base.classifier
+
+    @staticmethod
+    def applies(model: torch.nn.Module, task: Task, space: ParamSpace) -> bool:
+        base: Any = model.get_base_model() if hasattr(model, "get_base_model") else None  # type: ignore[operator]
+        return (
+            task == "classification"
+            and base is not None
+            and hasattr(base, "classifier")
+            and hasattr(base, "dropout")
+            and all("modules_to_save" in name for name in space.names)
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.classifier(self.features)
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
 
 
 def chunked_causal_loss(
@@ -127,29 +168,33 @@ def forward_task(
     usable_reference = reference if spec.fwd.discriminative else None
     chosen, cosines = select_directions(seeds, space.dim, usable_reference, perturbations)
 
-    loss_module = LossOf(model, task)
     model.eval()  # the same network for every pass: no dropout
+    loss_module = HeadLossOf(model, batch) if HeadLossOf.applies(model, task, space) else LossOf(model, task)
     grads: list[float] = []
     losses: list[float] = []
-    dense = torch.zeros(space.dim, dtype=torch.float32) if spec.fwd.upload == "dense" else None
+    dense = torch.zeros(space.dim, dtype=torch.float32)
     estimate = _jvp if spec.fwd.estimator == "jvp" else _central_difference
     for position in chosen:
         v = direction(seeds[position], space.dim)
         g, loss = estimate(loss_module, batch, params, space, v.to(device), spec.fwd.h)
         grads.append(g)
         losses.append(loss)
-        if dense is not None:
-            dense += g * v
+        dense += g * v
 
-    if dense is not None:
-        payload = encode_tensors(space.unflatten(dense), spec.compression.dtype, spec.compression.zstd_level)
+    if spec.fwd.upload == "dense":
+        # Only the global part goes up; personal tensors stay on the client.
+        shared = {name: t for name, t in space.unflatten(dense).items() if not is_personal(spec, name)}
+        payload = encode_tensors(shared, spec.compression.dtype, spec.compression.zstd_level)
     else:
         payload = encode_seed_scalars(chosen, grads, losses)
+    tokens = int(batch["attention_mask"].sum())
     return ForwardResult(
         payload=payload,
         loss=float(np.mean(losses)),
         perturbations=len(chosen),
         cosine=float(np.mean(np.abs(cosines))) if cosines else 0.0,
+        flops=float(fwd_perturbation_flops(parameter_count(model), tokens) * len(chosen)),
+        local_step={name: t.clone() for name, t in space.unflatten(dense / max(1, len(chosen))).items()},
     )
 
 
