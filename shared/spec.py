@@ -91,7 +91,19 @@ class PersonalizationSpec(_Strict):
     preset: Literal["none", "pwff", "fedsa", "head"] = "none"
     personal: list[str] = Field(default_factory=list, description="extra glob patterns of personal tensors")
     adapter_r: int = Field(8, ge=1, le=256, description="pwff: rank of the shared feed-forward adapter")
-    eval_every: int = Field(1, ge=1, description="evaluate every client's models every this many rounds")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="evaluate every client's models every this many rounds (default: every round when "
+        "something is personal, else only after the last round, which also publishes every client's model)",
+    )
+
+    def evaluates_after(self, round_: int, rounds: int) -> bool:
+        if round_ >= rounds:
+            return True
+        every = self.eval_every or (1 if self.preset != "none" or self.personal else rounds)
+        return round_ % every == 0
+
     eval_examples_per_client: int = Field(64, ge=1, description="held-out examples per client evaluation")
 
 

@@ -340,7 +340,7 @@ class Scheduler:
         )
         if plan.get("opened_at"):
             ROUND_DURATION.observe(now - float(plan["opened_at"]))
-        if last or round_ % spec.personalization.eval_every == 0:
+        if spec.personalization.evaluates_after(round_, spec.rounds):
             for client in range(spec.num_clients):
                 task = EvaluateTask(job_id=job_id, round=round_, client=client, publish=last)
                 self.bus.publish(self.queues.tasks, encode(task))
