@@ -208,8 +208,10 @@ class Worker:
         task_kind = model_info(spec.model).task
         load_trainable_state(model, global_state)
         global_figures = evaluate(model, tokenizer, examples, task_kind, spec.max_length)
-        load_trainable_state(model, {**global_state, **personal})
-        personal_figures = evaluate(model, tokenizer, examples, task_kind, spec.max_length)
+        personal_figures = global_figures  # with nothing personal, the client's model is the global one
+        if personal:
+            load_trainable_state(model, {**global_state, **personal})
+            personal_figures = evaluate(model, tokenizer, examples, task_kind, spec.max_length)
         if task.publish:
             self.store.put(self.keys.model_archive(task.job_id, f"client-{task.client}"), peft_folder_archive(model))
         metrics = {

@@ -1,0 +1,140 @@
+"""Convergence on BBC News: backprop vs FwdLLM with both refinements, and with each one off.
+
+    .venv/bin/python bench/convergence.py [--rounds 30] [--set key=value ...]
+
+Every variant runs embedded from `examples/fwd-bbc.yaml` (MiniLM-L6, 8 clients with Dirichlet
+label skew, 4 per round, same seed, so the same clients in every round):
+
+- `backprop`: local AdamW steps (`--backprop-steps` per task) on all trainable tensors (LoRA +
+  head), the usual fine-tuning; it is the reference the forward modes try to approach;
+- `fwd`: forward gradients with variance control (adaptive) and discriminative sampling;
+- `fwd-no-variance-control`: a fixed number of perturbations per step (one wave);
+- `fwd-no-discriminative`: random directions instead of the best by |cosine|.
+
+Writes bench/results/convergence.json and .png (accuracy against rounds and against wall time)
+and prints, last, one JSON line with each variant's final and best accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.embedded import EmbeddedCluster
+from shared.settings import Settings
+from shared.spec import JobSpec, apply_overrides, load_spec_file, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def variants(base: JobSpec, backprop_steps: int) -> dict[str, JobSpec]:
+    data = base.model_dump(mode="json")
+    backprop = {**data, "mode": "backprop", "local_steps": backprop_steps, "optimizer": {"name": "adamw", "lr": 0.005}}
+    return {
+        "backprop": parse_spec(backprop),
+        "fwd": parse_spec(data),
+        "fwd-no-variance-control": parse_spec(apply_overrides(data, ["fwd.variance_control=fixed"])),
+        "fwd-no-discriminative": parse_spec(apply_overrides(data, ["fwd.discriminative=false"])),
+    }
+
+
+def run(spec: JobSpec, cache_dir: Path) -> dict[str, Any]:
+    began = time.perf_counter()
+    points: list[tuple[int, float, float]] = []
+
+    def record(job: dict[str, Any]) -> None:
+        for m in job["metrics"]:
+            if m["round"] not in {p[0] for p in points}:
+                points.append((m["round"], m["accuracy"], time.perf_counter() - began))
+
+    with EmbeddedCluster(cache_dir) as cluster:
+        job = cluster.wait(cluster.scheduler.submit(spec), record)
+    record(job)
+    if job["state"] != "succeeded":
+        raise RuntimeError(f"{spec.name} {job['state']}: {job.get('error')}")
+    rounds = job["metrics"]
+    return {
+        "rounds": [p[0] for p in points],
+        "accuracy": [p[1] for p in points],
+        "wall_s": [p[2] for p in points],
+        "final_accuracy": rounds[-1]["accuracy"],
+        "best_accuracy": max(m["accuracy"] for m in rounds),
+        "perturbations_per_step": [m.get("perturbations") for m in rounds[1:]],
+        "bytes_up_per_round": [m["bytes_up"] for m in rounds[1:]],
+        "total_wall_s": time.perf_counter() - began,
+    }
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_round, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, result in results.items():
+        by_round.plot(result["rounds"], result["accuracy"], marker=".", label=name)
+        by_time.plot(result["wall_s"], result["accuracy"], marker=".", label=name)
+    by_round.set(xlabel="round", ylabel="held-out accuracy", title="accuracy against rounds")
+    by_time.set(xlabel="wall time (s, 2 CPU cores, embedded)", title="accuracy against wall time")
+    for axis in (by_round, by_time):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle("BBC News, MiniLM-L6, 8 clients (Dirichlet 0.5), 4 per round")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=None, help="override the example's rounds")
+    parser.add_argument("--backprop-steps", type=int, default=4, help="local steps per backprop task")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="spec override key=value")
+    parser.add_argument("--only", default="", help="comma-separated variants to run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    overrides = list(args.overrides) + ([f"rounds={args.rounds}"] if args.rounds else [])
+    base = load_spec_file(str(ROOT / "examples" / "fwd-bbc.yaml"), overrides)
+    chosen = variants(base, args.backprop_steps)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    cache_dir = Settings().cache_dir
+    results: dict[str, dict[str, Any]] = {}
+    for name, spec in chosen.items():
+        results[name] = run(spec, cache_dir)
+        print(
+            f"{name}: final {results[name]['final_accuracy']:.4f}, best {results[name]['best_accuracy']:.4f} "
+            f"in {results[name]['total_wall_s']:.0f}s",
+            flush=True,
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    summary = {
+        name: {"final_accuracy": round(r["final_accuracy"], 4), "best_accuracy": round(r["best_accuracy"], 4)}
+        for name, r in results.items()
+    }
+    report = {
+        "summary": summary,
+        "results": results,
+        "specs": {name: spec.model_dump(mode="json") for name, spec in chosen.items()},
+        "machine": {
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    (RESULTS / "convergence.json").write_text(json.dumps(report, indent=2))
+    plot(results, RESULTS / "convergence.png")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
