@@ -60,7 +60,11 @@ class ServiceCluster:
         self.worker_metric_ports: list[int] = []
         for index in range(workers):
             self._add_worker(index)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()  # the caller gets no object to close: leave no processes behind
+            raise
 
     def _start(self, service: str, env: dict[str, str], log_name: str | None = None) -> subprocess.Popen[bytes]:
         log = self.log_dir / f"{log_name or service}.log"

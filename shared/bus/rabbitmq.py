@@ -154,9 +154,11 @@ class RabbitBus:
 
         thread = threading.Thread(target=run, name=f"handle-{queue}", daemon=True)
         thread.start()
+        # Pump heartbeats while the handler runs, but notice its end within ~20 ms: waiting out a
+        # fixed window here would hold every message (prefetch 1) for up to that long.
         while thread.is_alive():
-            connection.process_data_events(time_limit=0.5)
-            thread.join(timeout=0)
+            connection.process_data_events(time_limit=0)
+            thread.join(timeout=0.02)
         error = outcome["error"]
         digest = hashlib.sha256(body).hexdigest()
         if error is None:
