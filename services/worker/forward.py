@@ -33,7 +33,8 @@ LOGIT_CHUNK_TOKENS = 512
 """Tokens whose losses one cross-entropy reduction sums (this fixes the loss's summation order)."""
 LOGIT_BLOCK_TOKENS = 128
 """Tokens whose logits (49k floats each, 25 MB for 128) exist at once: a chunk is computed in blocks.
-Any block size gives the same loss bit for bit (see `_chunk_loss_sum`); smaller saves memory."""
+The loss does not change with it (see `_chunk_loss_sum`; checked bit for bit for 32 to 256 on
+CPU/MKL, SmolLM2); 128 keeps the loss's peak below a decoder layer's in both estimators."""
 
 
 @dataclass(frozen=True)

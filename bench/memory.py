@@ -1,0 +1,483 @@
+"""Peak memory of ONE training step: backprop LoRA vs forward gradients (FwdLLM `fd` and `jvp`).
+
+    .venv/bin/python bench/memory.py                                   # both models, batch 8 x 256 tokens
+    .venv/bin/python bench/memory.py --models smollm2-135m --batch 8 --tokens 256 --repeat 1
+    .venv/bin/python bench/memory.py --from-json bench/results/memory.json   # redraw the figure only
+
+Every (model, mode) runs in its own fresh process (`bench/memory.py --child MODEL MODE ...`),
+so no mode inherits another's allocator state; each is repeated `--repeat` times (interleaved
+with the other modes) and the median is reported, because glibc's heap keeps a varying amount
+of freed memory resident (the same step's peak differs by up to ~200 MB from run to run).
+Each child does what a worker does for one task, through the project's real code paths:
+
+- the model from `shared.models.build_peft_model(spec, cache_dir)` (frozen float32 base + LoRA;
+  `jvp` gets eager attention, as `shared.models.attention_for` decides), its trainable state set
+  from `shared.models.initial_state` with `load_trainable_state`, as the worker does;
+- the data from `shared.data.client_examples(spec, 0)`, keeping the examples that fill the whole
+  `--tokens` window, so every mode sees a batch of exactly `--batch` x `--tokens` tokens;
+- backprop: `services.worker.trainer.train_backprop(..., steps=1)` (AdamW);
+- fd / jvp: `services.worker.forward.forward_task(..., perturbations=1)` with one candidate and
+  discriminative sampling off (no candidate scoring).
+
+The headline number is the whole-process peak resident set size (`ru_maxrss` of the child as the
+parent's `wait4` reports it): interpreter, torch/transformers/peft, tokenizer, data, model and the
+step. The child also reports its RSS after the imports, after the data, after the model load and
+with every weight read once (the floor any step starts from), and the peak of the step alone
+(VmHWM reset through /proc/self/clear_refs just before it).
+
+Writes bench/results/memory.json and memory.png; prints one JSON summary line per model, the
+SmolLM2 line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "bench" / "results"
+MODES = ("backprop", "fd", "jvp")
+DATASETS = {
+    "smollm2-135m": "jane-austen",
+    "minilm-l6": "bbc-news",
+    "tiny-bert": "bbc-news",
+    "tiny-llama": "jane-austen",
+}
+CHILD_MARK = "MEMORY-CHILD "
+MB = 1024 * 1024
+
+
+# -- measuring inside the child ---------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS: now, VmHWM: the high-water mark)."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); ru_maxrss is not affected."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class RssSampler:
+    """Samples this process's RSS in a thread, to see when in the step the peak falls."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = 0.0
+
+    def _run(self) -> None:
+        page_mb = os.sysconf("SC_PAGE_SIZE") / MB
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            while not self._stop.is_set():
+                handle.seek(0)
+                rss = int(handle.read().split()[1]) * page_mb
+                self.samples.append((time.perf_counter() - self._start, rss))
+                self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self) -> float:
+        return max((rss for _, rss in self.samples), default=0.0)
+
+    def timeline(self, points: int = 120) -> list[list[float]]:
+        """At most `points` (t, rss) pairs: the max of each time slice, so peaks survive."""
+        if not self.samples:
+            return []
+        end = self.samples[-1][0] or 1.0
+        slices: dict[int, tuple[float, float]] = {}
+        for t, rss in self.samples:
+            key = min(points - 1, int(t / end * points))
+            if key not in slices or rss > slices[key][1]:
+                slices[key] = (t, rss)
+        return [[round(t, 3), round(rss, 1)] for t, rss in (slices[k] for k in sorted(slices))]
+
+
+def spec_fields(model: str, mode: str, batch: int, tokens: int) -> dict[str, Any]:
+    """The job spec of a measurement: the same model, data, batch and length for every mode."""
+    fields: dict[str, Any] = {
+        "name": "memory-bench",
+        "model": model,
+        "dataset": DATASETS[model],
+        "mode": "backprop" if mode == "backprop" else "fwd",
+        "num_clients": 8,
+        "clients_per_round": 1,
+        "partition": {"kind": "iid"},
+        "batch_size": batch,
+        "max_length": tokens,
+        "local_steps": 1,
+        "seed": 0,
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    }
+    if mode != "backprop":
+        fields["fwd"] = {
+            "estimator": mode,
+            "perturbations_per_task": 1,
+            "candidates": 1,
+            "discriminative": False,
+            "upload": "seeds",
+        }
+    return fields
+
+
+def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]:
+    """One step of `mode` in this (fresh) process; returns what was measured."""
+    rss_start = _rss_mb()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from services.worker.forward import forward_task
+    from services.worker.trainer import train_backprop
+    from shared.data import client_examples
+    from shared.forward_grad import decode_seed_scalars
+    from shared.models import (
+        build_peft_model,
+        describe,
+        device,
+        initial_state,
+        load_tokenizer,
+        load_trainable_state,
+        model_info,
+    )
+    from shared.seeding import derive_seed
+    from shared.settings import Settings
+    from shared.spec import parse_spec
+
+    rss_imports = _rss_mb()
+    spec = parse_spec(spec_fields(model_name, mode, batch, tokens))
+    cache_dir = Settings().cache_dir
+    task = model_info(spec.model).task
+    tokenizer = load_tokenizer(spec.model, cache_dir)
+    # Examples that fill the whole window: every batch is exactly batch x tokens, in every mode.
+    examples = [e for e in client_examples(spec, 0) if len(tokenizer(e.text)["input_ids"]) >= tokens]
+    if len(examples) < batch:
+        raise SystemExit(f"client 0 has only {len(examples)} examples of >= {tokens} tokens; need {batch}")
+    rss_data = _rss_mb()
+
+    model = build_peft_model(spec, cache_dir).to(device())
+    load_trainable_state(model, initial_state(model, spec.seed))
+    rss_model = _rss_mb()
+    # The weights may be mapped from the cached safetensors file and paged in only when a pass
+    # first reads them; every mode reads all of them, so paging them in now changes no peak but
+    # makes the floor before the step the model's real resident cost.
+    with torch.no_grad():
+        for param in model.parameters():
+            float(param.sum())
+    rss_resident = _rss_mb()
+    peak_before_step = _maxrss_mb()
+    hwm_reset = _reset_hwm()
+
+    outcome: dict[str, Any] = {}
+    began = time.perf_counter()
+    with RssSampler() as sampler:
+        if mode == "backprop":
+            seed = derive_seed("train", spec.seed, 0, 0)
+            trained = train_backprop(model, tokenizer, examples, spec, task, 1, seed)
+            outcome["loss"] = trained.loss
+        else:
+            result = forward_task(
+                model,
+                tokenizer,
+                examples,
+                spec,
+                task,
+                round_=0,
+                client=0,
+                wave=0,
+                perturbations=1,
+                reference=None,
+            )
+            scalars = decode_seed_scalars(result.payload)
+            outcome["loss"] = result.loss
+            outcome["g"] = [float(x) for x in scalars.grads]
+    step_s = time.perf_counter() - began
+    step_hwm = _status_kb("VmHWM") / 1024 if hwm_reset else None
+    return {
+        "model": model_name,
+        "mode": mode,
+        "peak_mb": _maxrss_mb(),
+        "rss_start_mb": rss_start,
+        "rss_after_imports_mb": rss_imports,
+        "rss_after_data_mb": rss_data,
+        "rss_after_model_mb": rss_model,
+        "rss_model_resident_mb": rss_resident,
+        "peak_before_step_mb": peak_before_step,
+        "step_peak_mb": step_hwm,
+        "step_peak_sampled_mb": sampler.peak(),
+        "rss_after_step_mb": _rss_mb(),
+        "step_s": step_s,
+        "timeline": sampler.timeline(),
+        "batch_shape": [batch, tokens],
+        "examples_available": len(examples),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "dtype": str(next(model.parameters()).dtype),
+        "torch_threads": torch.get_num_threads(),
+        **describe(model),
+        **outcome,
+    }
+
+
+# -- the parent: one fresh process per (model, mode) -----------------------------------------
+
+
+def run_child(model: str, mode: str, batch: int, tokens: int) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        model,
+        mode,
+        "--batch",
+        str(batch),
+        "--tokens",
+        str(tokens),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=REPO)
+        # wait4 gives this child's own rusage: ru_maxrss is its whole-process peak RSS (kB on Linux).
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if process.returncode != 0:
+        sys.stderr.write(stderr)
+        raise RuntimeError(f"{model} {mode}: child exited with {process.returncode}")
+    lines = [line for line in stdout.splitlines() if line.startswith(CHILD_MARK)]
+    if not lines:
+        sys.stderr.write(stderr)
+        raise RuntimeError(f"{model} {mode}: child printed no result")
+    result: dict[str, Any] = json.loads(lines[-1][len(CHILD_MARK) :])
+    result["self_reported_peak_mb"] = result.pop("peak_mb")
+    result["peak_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+def combine(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's repeats: the run with the median whole-process peak, plus every repeat's peak."""
+    ordered = sorted(repeats, key=lambda run: run["peak_mb"])
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    peaks = [run["peak_mb"] for run in repeats]
+    median["peaks_mb"] = peaks
+    median["peak_min_mb"], median["peak_max_mb"] = min(peaks), max(peaks)
+    median["step_peaks_mb"] = [run["step_peak_mb"] for run in repeats]
+    losses = {json.dumps([run.get("loss"), run.get("g")]) for run in repeats}
+    median["deterministic"] = len(losses) == 1
+    return median
+
+
+def summarize(model: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    backprop = runs["backprop"]["peak_mb"]
+    fd = runs["fd"]["peak_mb"]
+    jvp = runs["jvp"]["peak_mb"]
+    return {
+        "model": model,
+        "backprop_peak_mb": round(backprop, 1),
+        "fd_peak_mb": round(fd, 1),
+        "jvp_peak_mb": round(jvp, 1),
+        "fd_ratio": round(backprop / fd, 2),
+        "jvp_ratio": round(backprop / jvp, 2),
+    }
+
+
+def plot(document: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(document["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 5), squeeze=False)
+    colors = {"backprop": "#c44e52", "fd": "#4c72b0", "jvp": "#55a868"}
+    for ax, model in zip(axes[0], models, strict=True):
+        entry = document["models"][model]
+        runs = entry["runs"]
+        xs = list(range(len(MODES)))
+        peaks = [runs[m]["peak_mb"] for m in MODES]
+        ax.bar(xs, peaks, color=[colors[m] for m in MODES], alpha=0.35, label="whole-process peak (median)")
+        ax.errorbar(
+            xs,
+            peaks,
+            yerr=[[p - runs[m]["peak_min_mb"] for m, p in zip(MODES, peaks, strict=True)],
+                  [runs[m]["peak_max_mb"] - p for m, p in zip(MODES, peaks, strict=True)]],
+            fmt="none",
+            ecolor="black",
+            capsize=4,
+            lw=0.8,
+        )  # fmt: skip
+        resident = [runs[m]["rss_model_resident_mb"] for m in MODES]
+        ax.bar(xs, resident, color=[colors[m] for m in MODES], alpha=0.9, label="RSS with the model resident")
+        imports = [runs[m]["rss_after_imports_mb"] for m in MODES]
+        ax.bar(xs, imports, color="#555555", alpha=0.9, width=0.5, label="RSS after imports")
+        for x, mode, peak in zip(xs, MODES, peaks, strict=True):
+            label = f"{peak:.0f} MB"
+            if mode != "backprop":
+                label += f"\n{entry['summary'][f'{mode}_ratio']:.2f}x less"
+            ax.text(x, runs[mode]["peak_max_mb"], label, ha="center", va="bottom", fontsize=9)
+        ax.axhline(runs["backprop"]["peak_mb"] / 5, color="black", lw=0.8, ls="--", label="backprop peak / 5")
+        ax.set_xticks(xs, list(MODES))
+        ax.set_ylabel("resident memory (MB)")
+        ax.set_ylim(0, max(runs[m]["peak_max_mb"] for m in MODES) * 1.22)
+        shape = runs["backprop"]["batch_shape"]
+        ax.set_title(f"{model}: one step, batch {shape[0]} x {shape[1]} tokens", fontsize=10)
+        ax.legend(fontsize=7.5, loc="upper right")
+    repeats = document.get("repeat", 1)
+    fig.suptitle(
+        f"Peak RSS of one training step, each in a fresh process (float32, torch {document['machine']['torch']}, "
+        f"median of {repeats}, bars: min-max)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine_info() -> dict[str, Any]:
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for package in ("torch", "transformers", "peft"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),
+        **versions,
+    }
+
+
+def print_summaries(document: dict[str, Any]) -> None:
+    # One line per model; SmolLM2's is the very last line.
+    order = sorted(document["models"], key=lambda m: m == "smollm2-135m")
+    for model in order:
+        print(json.dumps(document["models"][model]["summary"]), flush=True)
+
+
+DEFINITIONS = {
+    "peak_mb": "whole-process peak RSS of the child: ru_maxrss of its rusage as os.wait4 returns it (interpreter, "
+    "imports, tokenizer, data, model and one step); with --repeat N, the median run's (peaks_mb lists all); "
+    "self_reported_peak_mb is the child's RUSAGE_SELF ru_maxrss just after the step",
+    "rss_after_imports_mb": "RSS once torch, transformers, peft and the pwff modules are imported",
+    "rss_after_data_mb": "... and the tokenizer and the client's examples are loaded",
+    "rss_after_model_mb": "... and the PEFT model is built and its trainable state loaded (weights may still be "
+    "mapped, not yet read)",
+    "rss_model_resident_mb": "... and every weight has been read once: the floor of any step",
+    "step_peak_mb": "peak RSS during the step alone (VmHWM reset just before it)",
+    "ratio": "backprop peak_mb / forward-mode peak_mb",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--models", default="smollm2-135m,minilm-l6", help="comma-separated model names")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3, help="fresh processes per (model, mode); median reported")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--from-json", type=Path, default=None, help="run nothing: redraw the figure from this file")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        model, mode = args.child
+        result = child(model, mode, args.batch, args.tokens)
+        print(CHILD_MARK + json.dumps(result), flush=True)
+        return
+
+    if args.from_json is not None:
+        loaded = json.loads(args.from_json.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(loaded, args.out / "memory.png")
+        print_summaries(loaded)
+        return
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in DATASETS]
+    if unknown or not models:
+        parser.error(f"unknown models: {unknown or args.models}")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+    document: dict[str, Any] = {
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "repeat": args.repeat,
+        "definitions": DEFINITIONS,
+        "models": {},
+    }
+    for model in models:
+        repeats: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+        for index in range(args.repeat):
+            for mode in MODES:  # interleaved, so a busy spell of the machine hits every mode alike
+                print(f"{model} {mode} ({index + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+                run = run_child(model, mode, args.batch, args.tokens)
+                repeats[mode].append(run)
+                print(
+                    f"  peak {run['peak_mb']:.0f} MB (imports {run['rss_after_imports_mb']:.0f}, model resident "
+                    f"{run['rss_model_resident_mb']:.0f}, step peak {run['step_peak_mb']:.0f}) in {run['step_s']:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        runs = {mode: combine(repeats[mode]) for mode in MODES}
+        document["models"][model] = {
+            "spec": {mode: spec_fields(model, mode, args.batch, args.tokens) for mode in MODES},
+            "runs": runs,
+            "summary": summarize(model, runs),
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory.json").write_text(json.dumps(document, indent=2) + "\n")
+    plot(document, args.out / "memory.png")
+    print_summaries(document)
+
+
+if __name__ == "__main__":
+    main()
