@@ -35,14 +35,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
-def variants(base: JobSpec, backprop_steps: int) -> dict[str, JobSpec]:
+def variants(base: JobSpec, backprop_steps: int, backprop_rounds: int | None) -> dict[str, JobSpec]:
     data = base.model_dump(mode="json")
-    backprop = {**data, "mode": "backprop", "local_steps": backprop_steps, "optimizer": {"name": "adamw", "lr": 0.005}}
+    backprop = {
+        **data,
+        "mode": "backprop",
+        "rounds": backprop_rounds or base.rounds,
+        "local_steps": backprop_steps,
+        "optimizer": {"name": "adamw", "lr": 0.005},
+    }
     return {
-        "backprop": parse_spec(backprop),
         "fwd": parse_spec(data),
         "fwd-no-variance-control": parse_spec(apply_overrides(data, ["fwd.variance_control=fixed"])),
         "fwd-no-discriminative": parse_spec(apply_overrides(data, ["fwd.discriminative=false"])),
+        "backprop": parse_spec(backprop),
     }
 
 
@@ -94,28 +100,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=None, help="override the example's rounds")
-    parser.add_argument("--backprop-steps", type=int, default=4, help="local steps per backprop task")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="spec override key=value")
-    parser.add_argument("--only", default="", help="comma-separated variants to run")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    overrides = list(args.overrides) + ([f"rounds={args.rounds}"] if args.rounds else [])
-    base = load_spec_file(str(ROOT / "examples" / "fwd-bbc.yaml"), overrides)
-    chosen = variants(base, args.backprop_steps)
-    if args.only:
-        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
-    cache_dir = Settings().cache_dir
-    results: dict[str, dict[str, Any]] = {}
-    for name, spec in chosen.items():
-        results[name] = run(spec, cache_dir)
-        print(
-            f"{name}: final {results[name]['final_accuracy']:.4f}, best {results[name]['best_accuracy']:.4f} "
-            f"in {results[name]['total_wall_s']:.0f}s",
-            flush=True,
-        )
+def save(results: dict[str, dict[str, Any]], specs: dict[str, Any]) -> dict[str, dict[str, float]]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
         name: {"final_accuracy": round(r["final_accuracy"], 4), "best_accuracy": round(r["best_accuracy"], 4)}
@@ -124,7 +109,7 @@ def main() -> None:
     report = {
         "summary": summary,
         "results": results,
-        "specs": {name: spec.model_dump(mode="json") for name, spec in chosen.items()},
+        "specs": specs,
         "machine": {
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -133,6 +118,42 @@ def main() -> None:
     }
     (RESULTS / "convergence.json").write_text(json.dumps(report, indent=2))
     plot(results, RESULTS / "convergence.png")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=None, help="override the example's rounds")
+    parser.add_argument("--backprop-steps", type=int, default=4, help="local steps per backprop task")
+    parser.add_argument(
+        "--backprop-rounds", type=int, default=None, help="rounds of the backprop reference (it converges sooner)"
+    )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="spec override key=value")
+    parser.add_argument("--only", default="", help="comma-separated variants to run (merged into an existing report)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    overrides = list(args.overrides) + ([f"rounds={args.rounds}"] if args.rounds else [])
+    base = load_spec_file(str(ROOT / "examples" / "fwd-bbc.yaml"), overrides)
+    chosen = variants(base, args.backprop_steps, args.backprop_rounds)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    cache_dir = Settings().cache_dir
+    results: dict[str, dict[str, Any]] = {}
+    specs = {name: spec.model_dump(mode="json") for name, spec in chosen.items()}
+    earlier = RESULTS / "convergence.json"
+    if args.only and earlier.is_file():
+        report = json.loads(earlier.read_text())
+        results.update(report["results"])
+        specs = {**report["specs"], **specs}
+    for name, spec in chosen.items():
+        results[name] = run(spec, cache_dir)
+        save(results, specs)  # a long run keeps what it has if it is stopped
+        print(
+            f"{name}: final {results[name]['final_accuracy']:.4f}, best {results[name]['best_accuracy']:.4f} "
+            f"in {results[name]['total_wall_s']:.0f}s",
+            flush=True,
+        )
+    summary = save(results, specs)
     print(json.dumps(summary))
 
 

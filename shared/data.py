@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import heapq
 import importlib.util
+import json
 import lzma
 import os
 import struct
@@ -34,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from shared.settings import Settings
 from shared.spec import JobSpec, PartitionSpec
 
 Split = Literal["train", "test"]
@@ -213,9 +215,34 @@ def _unpack_chunk(chunk: bytes, compressed: int) -> bytes:
 
 
 def _read_austen_lines() -> dict[str, list[str]]:
+    # rdata brings pandas and xarray with it (~80 MB resident in every worker that reads the
+    # novels, a tenth of a forward-gradient worker's peak), so the parsed lines are kept as JSON in
+    # the cache, keyed by the package's bytes, and only the first reader on a machine pays.
+    folder = _janeaustenr_dir()
+    digest = hashlib.sha256()
+    for part in ("Rdata.rdx", "Rdata.rdb"):
+        digest.update((folder / part).read_bytes())
+    cached = Settings().cache_dir / "data" / f"janeaustenr-{digest.hexdigest()[:16]}.json"
+    try:
+        novels: dict[str, list[str]] = json.loads(cached.read_text(encoding="utf-8"))
+        if set(novels) == set(_AUSTEN_NOVELS):
+            return novels
+    except (OSError, ValueError):
+        pass
+    novels = _parse_austen_lines(folder)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(novels), encoding="utf-8")
+        os.replace(partial, cached)  # readers never see half a file
+    except OSError:
+        pass  # a read-only cache only costs the parse next time
+    return novels
+
+
+def _parse_austen_lines(folder: Path) -> dict[str, list[str]]:
     # Installed R packages keep data sets in a lazy-load database (Rdata.rdx index + Rdata.rdb
     # chunks), not .rda files, so read_rda cannot open them; each chunk is one serialized object.
-    folder = _janeaustenr_dir()
     index = _parse_r(gzip.decompress((folder / "Rdata.rdx").read_bytes()))
     compressed = int(np.asarray(index["compressed"]).reshape(-1)[0])
     blob = (folder / "Rdata.rdb").read_bytes()

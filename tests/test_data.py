@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +55,24 @@ def test_jane_austen_is_six_novels_in_passages() -> None:
     assert words.min() >= 50 and words.max() <= 400 and 150 <= np.median(words) <= 250
     emma = [e for e in data.load("jane-austen", "train") if e.label == info.label_names.index("Emma")]
     assert emma[0].text.startswith("EMMA By Jane Austen")
+
+
+def test_jane_austen_lines_are_cached_so_readers_skip_rdata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PWFF_CACHE_DIR", str(tmp_path))
+    parsed = data._read_austen_lines()
+    (cached,) = (tmp_path / "data").glob("janeaustenr-*.json")
+
+    def no_parse(folder: Path) -> dict[str, list[str]]:
+        raise AssertionError("parsed again although the cache holds the lines")
+
+    monkeypatch.setattr(data, "_parse_austen_lines", no_parse)
+    assert data._read_austen_lines() == parsed
+    # A damaged cache file is parsed again and rewritten, never trusted.
+    cached.write_text('{"emma": ')
+    monkeypatch.undo()
+    monkeypatch.setenv("PWFF_CACHE_DIR", str(tmp_path))
+    assert data._read_austen_lines() == parsed
+    assert json.loads(cached.read_text()) == parsed
 
 
 def test_load_is_memoized_and_rejects_unknown_names() -> None:
