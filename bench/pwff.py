@@ -1,6 +1,6 @@
 """PWFF on tweets-sentiment: full LoRA FedAvg vs the `pwff` preset vs `fedsa`, and compute budgets.
 
-    .venv/bin/python bench/pwff.py [--rounds 8] [--budgets] [--set key=value ...]
+    .venv/bin/python bench/pwff.py [--rounds 8] [--budgets] [--deadline 4] [--only NAMES] [--set key=value ...]
 
 Ten clients with Dirichlet(0.1) label skew train MiniLM-L6 embedded, same seed and clients for
 every variant. For each: bytes uploaded, simulated wireless delay (the slowest device) and energy
@@ -51,7 +51,7 @@ BASE: dict[str, Any] = {
 }
 
 
-def variants(rounds: int, overrides: list[str], budgets: bool) -> dict[str, JobSpec]:
+def variants(rounds: int, overrides: list[str], budgets: bool, deadline_s: float = 4.0) -> dict[str, JobSpec]:
     base = apply_overrides({**BASE, "rounds": rounds}, overrides)
     every_round = {"eval_every": 1, "eval_examples_per_client": 96}
     specs = {
@@ -63,7 +63,9 @@ def variants(rounds: int, overrides: list[str], budgets: bool) -> dict[str, JobS
             {
                 **base,
                 "personalization": {"preset": "pwff", **every_round},
-                "budget": {**base["budget"], "kind": "deadline"},
+                # Below the slowest devices' ~9 s for a full task, above the fastest ones' ~1.5 s:
+                # stragglers get fewer local steps, everyone else is untouched.
+                "budget": {**base["budget"], "kind": "deadline", "device_deadline_s": deadline_s},
             }
         )
     return specs
@@ -134,32 +136,14 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--budgets", action="store_true", help="also run pwff with deadline budgets")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    specs = variants(args.rounds, args.overrides, args.budgets)
-    cache_dir = Settings().cache_dir
-    results: dict[str, dict[str, Any]] = {}
-    for name, spec in specs.items():
-        results[name] = run(spec, cache_dir)
-        r = results[name]
-        print(
-            f"{name}: global {r['global_acc']:.4f}, personalized {r['personalized_acc']:.4f}, "
-            f"{r['bytes_up_per_round']:,.0f} B/round, {r['delay_s_per_round']:.2f} s, {r['energy_j_per_round']:.1f} J "
-            f"({r['wall_s']:.0f}s)",
-            flush=True,
-        )
+def save(results: dict[str, dict[str, Any]], specs: dict[str, Any]) -> dict[str, dict[str, float]]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     keys = ("bytes_up_per_round", "delay_s_per_round", "energy_j_per_round", "global_acc", "personalized_acc")
     summary = {name: {k: round(float(r[k]), 4) for k in keys} for name, r in results.items()}
     report = {
         "summary": summary,
         "results": results,
-        "specs": {name: spec.model_dump(mode="json") for name, spec in specs.items()},
+        "specs": specs,
         "machine": {
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -168,6 +152,40 @@ def main() -> None:
     }
     (RESULTS / "pwff.json").write_text(json.dumps(report, indent=2, default=str))
     plot(results, RESULTS / "pwff.png")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--budgets", action="store_true", help="also run pwff with deadline budgets")
+    parser.add_argument("--deadline", type=float, default=4.0, help="device deadline (s) of the budgets variant")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--only", default="", help="comma-separated variants to run (merged into an existing report)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    specs = variants(args.rounds, args.overrides, args.budgets or "pwff+budgets" in args.only, args.deadline)
+    if args.only:
+        specs = {k: v for k, v in specs.items() if k in args.only.split(",")}
+    cache_dir = Settings().cache_dir
+    results: dict[str, dict[str, Any]] = {}
+    spec_dumps = {name: spec.model_dump(mode="json") for name, spec in specs.items()}
+    earlier = RESULTS / "pwff.json"
+    if args.only and earlier.is_file():
+        report = json.loads(earlier.read_text())
+        results.update(report["results"])
+        spec_dumps = {**report["specs"], **spec_dumps}
+    summary: dict[str, dict[str, float]] = {}
+    for name, spec in specs.items():
+        results[name] = run(spec, cache_dir)
+        summary = save(results, spec_dumps)  # a long run keeps what it has if it is stopped
+        r = results[name]
+        print(
+            f"{name}: global {r['global_acc']:.4f}, personalized {r['personalized_acc']:.4f}, "
+            f"{r['bytes_up_per_round']:,.0f} B/round, {r['delay_s_per_round']:.2f} s, {r['energy_j_per_round']:.1f} J "
+            f"({r['wall_s']:.0f}s)",
+            flush=True,
+        )
     print(json.dumps(summary))
 
 
