@@ -7,9 +7,12 @@ every variant. For each: bytes uploaded, simulated wireless delay (the slowest d
 per round, the global model's held-out accuracy, and the mean over clients of each client's own
 held-out accuracy (`personalized_acc`; its test examples are drawn like its training data).
 `--budgets` adds the `pwff` preset with deadline-aware compute budgets on the same heterogeneous
-devices, to show rounds ending sooner at the same accuracy.
+devices, to show rounds ending sooner at the same accuracy. BBC News, where the global model is
+already near its ceiling:
 
-Writes bench/results/pwff.json and .png; the last line on stdout is the summary:
+    .venv/bin/python bench/pwff.py --name pwff-bbc --only none,pwff --set dataset=bbc-news
+
+Writes bench/results/pwff.json (or NAME.json) and .png; the last line on stdout is the summary:
 {"none": {...}, "pwff": {...}, "fedsa": {...}} with bytes_up_per_round, delay_s_per_round,
 energy_j_per_round, global_acc and personalized_acc.
 """
@@ -106,7 +109,7 @@ def run(spec: JobSpec, cache_dir: Path) -> dict[str, Any]:
     }
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,13 +133,13 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         axis.bar(names, [results[n][key] for n in names])
         axis.set_title(title)
         axis.tick_params(axis="x", rotation=20)
-    figure.suptitle("tweets-sentiment, MiniLM-L6, 10 clients, Dirichlet(0.1)")
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def save(results: dict[str, dict[str, Any]], specs: dict[str, Any]) -> dict[str, dict[str, float]]:
+def save(results: dict[str, dict[str, Any]], specs: dict[str, Any], out: Path) -> dict[str, dict[str, float]]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     keys = ("bytes_up_per_round", "delay_s_per_round", "energy_j_per_round", "global_acc", "personalized_acc")
     summary = {name: {k: round(float(r[k]), 4) for k in keys} for name, r in results.items()}
@@ -150,8 +153,11 @@ def save(results: dict[str, dict[str, Any]], specs: dict[str, Any]) -> dict[str,
             "python": platform.python_version(),
         },
     }
-    (RESULTS / "pwff.json").write_text(json.dumps(report, indent=2, default=str))
-    plot(results, RESULTS / "pwff.png")
+    out.write_text(json.dumps(report, indent=2, default=str))
+    first = next(iter(specs.values()))
+    partition = first["partition"]
+    title = f"{first['dataset']}, {first['model']}, {first['num_clients']} clients, {partition['kind']}"
+    plot(results, out.with_suffix(".png"), title + (f"({partition['alpha']})" if partition.get("alpha") else ""))
     return summary
 
 
@@ -161,6 +167,7 @@ def main() -> None:
     parser.add_argument("--budgets", action="store_true", help="also run pwff with deadline budgets")
     parser.add_argument("--deadline", type=float, default=4.0, help="device deadline (s) of the budgets variant")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--name", default="pwff", help="report name: bench/results/NAME.json and .png")
     parser.add_argument("--only", default="", help="comma-separated variants to run (merged into an existing report)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -170,15 +177,15 @@ def main() -> None:
     cache_dir = Settings().cache_dir
     results: dict[str, dict[str, Any]] = {}
     spec_dumps = {name: spec.model_dump(mode="json") for name, spec in specs.items()}
-    earlier = RESULTS / "pwff.json"
-    if args.only and earlier.is_file():
-        report = json.loads(earlier.read_text())
+    out = RESULTS / f"{args.name}.json"
+    if args.only and out.is_file():
+        report = json.loads(out.read_text())
         results.update(report["results"])
         spec_dumps = {**report["specs"], **spec_dumps}
     summary: dict[str, dict[str, float]] = {}
     for name, spec in specs.items():
         results[name] = run(spec, cache_dir)
-        summary = save(results, spec_dumps)  # a long run keeps what it has if it is stopped
+        summary = save(results, spec_dumps, out)  # a long run keeps what it has if it is stopped
         r = results[name]
         print(
             f"{name}: global {r['global_acc']:.4f}, personalized {r['personalized_acc']:.4f}, "
