@@ -37,26 +37,92 @@ def _replace(folder: Path, archive: bytes) -> None:
 
 
 def plot_metrics(job: dict[str, Any], path: Path) -> None:
+    """Accuracy, loss and traffic per round; with personalization, every client's global vs personalized
+    accuracy; the simulated delay and energy of each round; for `fwd`, perturbations and variance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [m["round"] for m in job["metrics"]]
-    figure, (acc_ax, loss_ax, bytes_ax) = plt.subplots(1, 3, figsize=(14, 4))
-    acc_ax.plot(rounds, [m["accuracy"] for m in job["metrics"]], marker="o")
+    metrics = job["metrics"]
+    rounds = [m["round"] for m in metrics]
+    evaluated = [m for m in metrics if m.get("per_client")]
+    costed = [m for m in metrics if "delay_s" in m]
+    forward = [m for m in metrics if "perturbations" in m]
+    extra = sum(1 for panel in (evaluated, costed, forward) if panel)
+    figure, axes = plt.subplots(2 if extra else 1, 3, figsize=(14, 8 if extra else 4), squeeze=False)
+    acc_ax, loss_ax, bytes_ax = axes[0]
+    acc_ax.plot(rounds, [m["accuracy"] for m in metrics], marker="o")
     acc_ax.set(title="held-out accuracy (global model)", xlabel="round", ylabel="accuracy")
-    loss_ax.plot(rounds, [m["loss"] for m in job["metrics"]], marker="o", label="held-out")
-    trained = [(m["round"], m["train_loss"]) for m in job["metrics"] if "train_loss" in m]
+    loss_ax.plot(rounds, [m["loss"] for m in metrics], marker="o", label="held-out")
+    trained = [(m["round"], m["train_loss"]) for m in metrics if "train_loss" in m]
     if trained:
         loss_ax.plot(*zip(*trained, strict=True), marker="x", label="training (clients)")
     loss_ax.set(title="loss", xlabel="round")
     loss_ax.legend()
-    bytes_ax.bar(rounds, [m.get("bytes_up", 0) / 1e6 for m in job["metrics"]], label="up")
-    bytes_ax.plot(rounds, [m.get("bytes_down", 0) / 1e6 for m in job["metrics"]], "k.-", label="down")
+    bytes_ax.bar(rounds, [m.get("bytes_up", 0) / 1e6 for m in metrics], label="up")
+    bytes_ax.plot(rounds, [m.get("bytes_down", 0) / 1e6 for m in metrics], "k.-", label="down")
     bytes_ax.set(title="traffic per round", xlabel="round", ylabel="MB")
     bytes_ax.legend()
+    free = iter(axes[1] if extra else [])
+    if evaluated:
+        _plot_per_client(next(free), evaluated)
+    if costed:
+        _plot_device_costs(next(free), costed)
+    if forward:
+        _plot_forward(next(free), forward)
+    for unused in free:
+        unused.set_visible(False)
     figure.suptitle(f"{job['id']}: {job['spec']['model']} on {job['spec']['dataset']} ({job['state']})")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def _plot_per_client(axis: Any, evaluated: list[dict[str, Any]]) -> None:
+    rounds = [m["round"] for m in evaluated]
+    # Keys are ints in process and strings after a JSON round trip through the API.
+    clients = sorted({str(c) for m in evaluated for c in m["per_client"]}, key=int)
+    for client in clients:
+        points = [(m["round"], entry) for m in evaluated if (entry := _client_entry(m, client)) is not None]
+        xs = [r for r, _ in points]
+        axis.plot(xs, [e["personalized_accuracy"] for _, e in points], color="tab:orange", alpha=0.25)
+        axis.plot(xs, [e["global_accuracy"] for _, e in points], color="tab:blue", alpha=0.25)
+    axis.plot(
+        rounds,
+        [m["client_mean_personalized_accuracy"] for m in evaluated],
+        "o-",
+        color="tab:orange",
+        label="personalized (mean)",
+    )
+    axis.plot(
+        rounds, [m["client_mean_global_accuracy"] for m in evaluated], "o--", color="tab:blue", label="global (mean)"
+    )
+    axis.set(title="each client's held-out accuracy (thin: one client)", xlabel="round", ylabel="accuracy")
+    axis.legend(fontsize=8)
+
+
+def _client_entry(metrics: dict[str, Any], client: str) -> dict[str, Any] | None:
+    per_client = metrics["per_client"]
+    entry = per_client.get(client, per_client.get(int(client)))
+    return entry if isinstance(entry, dict) else None
+
+
+def _plot_device_costs(axis: Any, costed: list[dict[str, Any]]) -> None:
+    rounds = [m["round"] for m in costed]
+    axis.plot(rounds, [m["delay_s"] for m in costed], "o-", color="tab:red", label="delay (slowest device)")
+    axis.set(title="simulated wireless round cost", xlabel="round", ylabel="delay (s)")
+    energy = axis.twinx()
+    energy.plot(rounds, [m.get("energy_j", 0.0) for m in costed], "s--", color="tab:green", label="energy (all)")
+    energy.set_ylabel("energy (J)")
+    lines = axis.get_legend_handles_labels()[0] + energy.get_legend_handles_labels()[0]
+    axis.legend(lines, [line.get_label() for line in lines], fontsize=8)
+
+
+def _plot_forward(axis: Any, forward: list[dict[str, Any]]) -> None:
+    rounds = [m["round"] for m in forward]
+    axis.bar(rounds, [m["perturbations"] for m in forward], color="tab:purple", alpha=0.6)
+    axis.set(title="FwdLLM: perturbations and variance per step", xlabel="round", ylabel="perturbations")
+    variance = axis.twinx()
+    variance.plot(rounds, [m["variance"] for m in forward], "k.-")
+    variance.set_ylabel("normalized variance")
