@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from bench.reports import write_report
 from services.embedded import EmbeddedCluster
 from shared.settings import Settings
 from shared.spec import JobSpec, apply_overrides, load_spec_file, parse_spec
@@ -101,22 +99,11 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def save(results: dict[str, dict[str, Any]], specs: dict[str, Any]) -> dict[str, dict[str, float]]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
         name: {"final_accuracy": round(r["final_accuracy"], 4), "best_accuracy": round(r["best_accuracy"], 4)}
         for name, r in results.items()
     }
-    report = {
-        "summary": summary,
-        "results": results,
-        "specs": specs,
-        "machine": {
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-    }
-    (RESULTS / "convergence.json").write_text(json.dumps(report, indent=2))
+    write_report(RESULTS / "convergence.json", summary, results, specs)
     plot(results, RESULTS / "convergence.png")
     return summary
 

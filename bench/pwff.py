@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from bench.reports import write_report
 from services.embedded import EmbeddedCluster
 from shared.settings import Settings
 from shared.spec import JobSpec, apply_overrides, parse_spec
@@ -140,20 +138,9 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 
 
 def save(results: dict[str, dict[str, Any]], specs: dict[str, Any], out: Path) -> dict[str, dict[str, float]]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     keys = ("bytes_up_per_round", "delay_s_per_round", "energy_j_per_round", "global_acc", "personalized_acc")
     summary = {name: {k: round(float(r[k]), 4) for k in keys} for name, r in results.items()}
-    report = {
-        "summary": summary,
-        "results": results,
-        "specs": specs,
-        "machine": {
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-    }
-    out.write_text(json.dumps(report, indent=2, default=str))
+    write_report(out, summary, results, specs)
     first = next(iter(specs.values()))
     partition = first["partition"]
     title = f"{first['dataset']}, {first['model']}, {first['num_clients']} clients, {partition['kind']}"
