@@ -20,14 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.reports import write_report
 from services.embedded import EmbeddedCluster
 from shared.settings import Settings
 from shared.spec import JobSpec, apply_overrides, load_spec_file, parse_spec
+
+if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root is not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.reports import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
