@@ -11,6 +11,7 @@ devices, to show rounds ending sooner at the same accuracy. BBC News, where the 
 already near its ceiling:
 
     .venv/bin/python bench/pwff.py --name pwff-bbc --only none,pwff --set dataset=bbc-news
+    .venv/bin/python bench/pwff.py --name pwff-bbc --replot          # redraw the PNG from the JSON
 
 Writes bench/results/pwff.json (or NAME.json) and .png; the last line on stdout is the summary:
 {"none": {...}, "pwff": {...}, "fedsa": {...}} with bytes_up_per_round, delay_s_per_round,
@@ -127,13 +128,13 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     axes[0].set(title="mean per-client held-out accuracy", xlabel="round")
     axes[0].legend(fontsize=7)
     names = list(results)
-    for axis, key, title in (
+    for axis, key, panel_title in (
         (axes[1], "bytes_up_per_round", "bytes up per round"),
         (axes[2], "delay_s_per_round", "simulated delay per round (s)"),
         (axes[3], "energy_j_per_round", "simulated energy per round (J)"),
     ):
         axis.bar(names, [results[n][key] for n in names])
-        axis.set_title(title)
+        axis.set_title(panel_title)
         axis.tick_params(axis="x", rotation=20)
     figure.suptitle(title)
     figure.tight_layout()
@@ -160,15 +161,20 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--name", default="pwff", help="report name: bench/results/NAME.json and .png")
     parser.add_argument("--only", default="", help="comma-separated variants to run (merged into an existing report)")
+    parser.add_argument("--replot", action="store_true", help="run nothing: redraw NAME.png from NAME.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    out = RESULTS / f"{args.name}.json"
+    if args.replot:
+        report = json.loads(out.read_text())
+        print(json.dumps(save(report["results"], report["specs"], out)))
+        return
     specs = variants(args.rounds, args.overrides, args.budgets or "pwff+budgets" in args.only, args.deadline)
     if args.only:
         specs = {k: v for k, v in specs.items() if k in args.only.split(",")}
     cache_dir = Settings().cache_dir
     results: dict[str, dict[str, Any]] = {}
     spec_dumps = {name: spec.model_dump(mode="json") for name, spec in specs.items()}
-    out = RESULTS / f"{args.name}.json"
     if args.only and out.is_file():
         report = json.loads(out.read_text())
         results.update(report["results"])
