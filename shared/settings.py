@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     metrics_port: int = 0
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     torch_threads: int = 0
+    malloc_mmap_threshold: int = Field(
+        1024 * 1024,
+        ge=0,
+        le=32 * 1024 * 1024,
+        description="glibc serves blocks at least this large with mmap and unmaps them when freed (0: glibc default)",
+    )
     log_level: str = "INFO"
     update_ttl_s: int = Field(7 * 24 * 3600, description="how long an uploaded update may wait in the store")
     max_message_bytes: int = 64 * 1024
@@ -32,8 +38,10 @@ class Settings(BaseSettings):
 
 
 def configure_process(settings: Settings) -> None:
-    """Settings every service applies once at start: logging, offline hub, torch threads."""
+    """Settings every service applies once at start: logging, offline hub, allocator, torch threads."""
     import logging
+
+    from shared.allocator import set_mmap_threshold
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -43,6 +51,7 @@ def configure_process(settings: Settings) -> None:
     )
     for noisy in ("pika", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    set_mmap_threshold(settings.malloc_mmap_threshold)
     if settings.torch_threads > 0:
         import torch
 
