@@ -3,6 +3,9 @@
     .venv/bin/python bench/memory.py                                   # both models, batch 8 x 256 tokens
     .venv/bin/python bench/memory.py --models smollm2-135m --batch 8 --tokens 256 --repeat 1
     .venv/bin/python bench/memory.py --from-json bench/results/memory.json   # redraw the figure only
+    .venv/bin/python bench/memory.py --models smollm2-135m --batch 16 --repeat 1 --name memory-b16
+    .venv/bin/python bench/memory.py --name memory-batches \
+        --batches-from bench/results/memory.json,bench/results/memory-b16.json,bench/results/memory-b32.json
 
 Every (model, mode) runs in its own fresh process (`bench/memory.py --child MODEL MODE ...`),
 so no mode inherits another's allocator state; each is repeated `--repeat` times (interleaved
@@ -25,7 +28,10 @@ step. The child also reports its RSS after the imports, after the data, after th
 with every weight read once (the floor any step starts from), and the peak of the step alone
 (VmHWM reset through /proc/self/clear_refs just before it).
 
-Writes bench/results/memory.json and memory.png; prints one JSON summary line per model, the
+The child sets up its allocator as every service does (`shared.allocator`, from
+`PWFF_MALLOC_MMAP_THRESHOLD`, 1 MiB by default; 0 for glibc's own behaviour).
+
+Writes bench/results/memory.json and memory.png (or NAME.json and NAME.png); prints one JSON summary line per model, the
 SmolLM2 line last.
 """
 
@@ -170,6 +176,7 @@ def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]
 
     from services.worker.forward import forward_task
     from services.worker.trainer import train_backprop
+    from shared.allocator import set_mmap_threshold
     from shared.data import client_examples
     from shared.forward_grad import decode_seed_scalars
     from shared.models import (
@@ -186,8 +193,11 @@ def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]
     from shared.spec import parse_spec
 
     rss_imports = _rss_mb()
+    settings = Settings()
+    # What `configure_process` does in a worker after its imports (logging aside).
+    mmap_threshold = settings.malloc_mmap_threshold if set_mmap_threshold(settings.malloc_mmap_threshold) else None
     spec = parse_spec(spec_fields(model_name, mode, batch, tokens))
-    cache_dir = Settings().cache_dir
+    cache_dir = settings.cache_dir
     task = model_info(spec.model).task
     tokenizer = load_tokenizer(spec.model, cache_dir)
     # Examples that fill the whole window: every batch is exactly batch x tokens, in every mode.
@@ -254,6 +264,7 @@ def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "dtype": str(next(model.parameters()).dtype),
         "torch_threads": torch.get_num_threads(),
+        "malloc_mmap_threshold": mmap_threshold,
         **describe(model),
         **outcome,
     }
@@ -323,6 +334,15 @@ def summarize(model: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def step_ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """What the step alone adds above the floor with the model resident, and backprop's multiple of it."""
+    added = {mode: runs[mode]["step_peak_mb"] - runs[mode]["rss_model_resident_mb"] for mode in MODES}
+    return {
+        **{f"{mode}_step_mb": round(added[mode], 1) for mode in MODES},
+        **{f"{mode}_step_ratio": round(added["backprop"] / max(added[mode], 1.0), 1) for mode in ("fd", "jvp")},
+    }
+
+
 def plot(document: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -356,6 +376,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
             label = f"{peak:.0f} MB"
             if mode != "backprop":
                 label += f"\n{entry['summary'][f'{mode}_ratio']:.2f}x less"
+                label += f"\n(step alone {step_ratios(runs)[f'{mode}_step_ratio']:.0f}x)"
             ax.text(x, runs[mode]["peak_max_mb"], label, ha="center", va="bottom", fontsize=9)
         ax.axhline(runs["backprop"]["peak_mb"] / 5, color="black", lw=0.8, ls="--", label="backprop peak / 5")
         ax.set_xticks(xs, list(MODES))
@@ -370,6 +391,40 @@ def plot(document: dict[str, Any], path: Path) -> None:
         f"median of {repeats}, bars: min-max)",
         fontsize=10,
     )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_batches(documents: list[dict[str, Any]], path: Path) -> None:
+    """Peak and ratio against the batch size, one report per batch (same model and tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(
+        (doc["batch"], model, entry["runs"], entry["summary"])
+        for doc in documents
+        for model, entry in doc["models"].items()
+    )
+    models = sorted({model for _, model, _, _ in points})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for model in models:
+        rows = [(b, runs, summary) for b, m, runs, summary in points if m == model]
+        batches = [b for b, _, _ in rows]
+        for mode, marker in (("backprop", "s"), ("fd", "o"), ("jvp", "^")):
+            axes[0].plot(batches, [r[mode]["peak_mb"] for _, r, _ in rows], marker=marker, label=f"{model} {mode}")
+        for mode, marker in (("fd", "o"), ("jvp", "^")):
+            axes[1].plot(batches, [s[f"{mode}_ratio"] for _, _, s in rows], marker=marker, label=f"{model} {mode}")
+    axes[0].set(xlabel="batch (sequences)", ylabel="whole-process peak RSS (MB)", title="peak of one step")
+    axes[1].axhline(5, color="black", lw=0.8, ls="--", label="5x")
+    axes[1].set(xlabel="batch (sequences)", ylabel="backprop peak / forward peak", title="memory saved")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=8)
+    tokens = {doc["tokens"] for doc in documents}
+    fig.suptitle(f"One step at {'/'.join(map(str, sorted(tokens)))} tokens per sequence, each mode in a fresh process")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -421,7 +476,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3, help="fresh processes per (model, mode); median reported")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--name", default="memory", help="report name: OUT/NAME.json and OUT/NAME.png")
     parser.add_argument("--from-json", type=Path, default=None, help="run nothing: redraw the figure from this file")
+    parser.add_argument(
+        "--batches-from",
+        default="",
+        help="run nothing: comma-separated reports of different --batch, drawn as OUT/NAME.png against the batch",
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -431,10 +492,18 @@ def main(argv: list[str] | None = None) -> None:
         print(CHILD_MARK + json.dumps(result), flush=True)
         return
 
+    if args.batches_from:
+        documents = [json.loads(Path(p).read_text()) for p in args.batches_from.split(",") if p]
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot_batches(documents, args.out / f"{args.name}.png")
+        for doc in documents:
+            print(json.dumps({"batch": doc["batch"], **doc["models"]["smollm2-135m"]["summary"]}))
+        return
+
     if args.from_json is not None:
         loaded = json.loads(args.from_json.read_text())
         args.out.mkdir(parents=True, exist_ok=True)
-        plot(loaded, args.out / "memory.png")
+        plot(loaded, args.out / f"{args.name}.png")
         print_summaries(loaded)
         return
 
@@ -472,10 +541,11 @@ def main(argv: list[str] | None = None) -> None:
             "spec": {mode: spec_fields(model, mode, args.batch, args.tokens) for mode in MODES},
             "runs": runs,
             "summary": summarize(model, runs),
+            "step_alone": step_ratios(runs),
         }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.json").write_text(json.dumps(document, indent=2) + "\n")
-    plot(document, args.out / "memory.png")
+    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=2) + "\n")
+    plot(document, args.out / f"{args.name}.png")
     print_summaries(document)
 
 
