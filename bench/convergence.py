@@ -11,7 +11,13 @@ label skew, 4 per round, same seed, so the same clients in every round):
 - `fwd-no-variance-control`: a fixed number of perturbations per step (one wave);
 - `fwd-no-discriminative`: random directions instead of the best by |cosine|.
 
-Writes bench/results/convergence.json and .png (accuracy against rounds and against wall time)
+Where the round's client mix does not dominate the step (iid, every client every round):
+
+    .venv/bin/python bench/convergence.py --name convergence-iid --rounds 30 \
+        --only fwd,fwd-no-variance-control,fwd-no-discriminative --set partition.kind=iid \
+        --set clients_per_round=8 --set fwd.max_perturbations_per_step=2048
+
+Writes bench/results/convergence.json (or NAME.json) and .png (accuracy against rounds and against wall time)
 and prints, last, one JSON line with each variant's final and best accuracy.
 """
 
@@ -102,13 +108,13 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def save(results: dict[str, dict[str, Any]], specs: dict[str, Any]) -> dict[str, dict[str, float]]:
+def save(results: dict[str, dict[str, Any]], specs: dict[str, Any], name: str) -> dict[str, dict[str, float]]:
     summary = {
         name: {"final_accuracy": round(r["final_accuracy"], 4), "best_accuracy": round(r["best_accuracy"], 4)}
         for name, r in results.items()
     }
-    write_report(RESULTS / "convergence.json", summary, results, specs)
-    plot(results, RESULTS / "convergence.png")
+    write_report(RESULTS / f"{name}.json", summary, results, specs)
+    plot(results, RESULTS / f"{name}.png")
     return summary
 
 
@@ -121,6 +127,7 @@ def main() -> None:
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="spec override key=value")
     parser.add_argument("--only", default="", help="comma-separated variants to run (merged into an existing report)")
+    parser.add_argument("--name", default="convergence", help="report name: bench/results/NAME.json and .png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     overrides = list(args.overrides) + ([f"rounds={args.rounds}"] if args.rounds else [])
@@ -131,20 +138,20 @@ def main() -> None:
     cache_dir = Settings().cache_dir
     results: dict[str, dict[str, Any]] = {}
     specs = {name: spec.model_dump(mode="json") for name, spec in chosen.items()}
-    earlier = RESULTS / "convergence.json"
+    earlier = RESULTS / f"{args.name}.json"
     if args.only and earlier.is_file():
         report = json.loads(earlier.read_text())
         results.update(report["results"])
         specs = {**report["specs"], **specs}
     for name, spec in chosen.items():
         results[name] = run(spec, cache_dir)
-        save(results, specs)  # a long run keeps what it has if it is stopped
+        save(results, specs, args.name)  # a long run keeps what it has if it is stopped
         print(
             f"{name}: final {results[name]['final_accuracy']:.4f}, best {results[name]['best_accuracy']:.4f} "
             f"in {results[name]['total_wall_s']:.0f}s",
             flush=True,
         )
-    summary = save(results, specs)
+    summary = save(results, specs, args.name)
     print(json.dumps(summary))
 
 
