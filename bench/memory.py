@@ -497,7 +497,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         plot_batches(documents, args.out / f"{args.name}.png")
         for doc in documents:
-            print(json.dumps({"batch": doc["batch"], **doc["models"]["smollm2-135m"]["summary"]}))
+            for entry in doc["models"].values():
+                print(json.dumps({"batch": doc["batch"], **entry["summary"]}))
         return
 
     if args.from_json is not None:
