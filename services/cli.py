@@ -68,7 +68,9 @@ class _RoundBar:
 def run(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="job spec (YAML)")],
     set_: SetOption = None,
-    out: Annotated[Path, typer.Option("--out", help="results folder (default runs/<job-id>)")] = Path(""),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="results folder (default: runs/<job-id> in the working folder)")
+    ] = None,
     workers: Annotated[int, typer.Option(help="worker threads in this process")] = 1,
 ) -> None:
     """Run a job embedded: scheduler, aggregator and workers in this process."""
@@ -83,7 +85,7 @@ def run(
     with EmbeddedCluster(settings.cache_dir, workers=workers) as cluster, _progress() as progress:
         job_id = cluster.scheduler.submit(spec)
         job = cluster.wait(job_id, _RoundBar(progress, job_id, spec.rounds))
-        target = out if str(out) else Path("runs") / job_id
+        target = out if out is not None else Path("runs") / job_id
         write_results(
             target,
             job,

@@ -1,0 +1,89 @@
+"""`pwff run` end to end through the real typer app, in a throwaway working folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from services.cli import app
+from tests.conftest import TINY
+
+# The tiny-bert job of the embedded tests, cut to one round on two clients: seconds, not minutes.
+SPEC = {
+    **TINY,
+    "name": "cli",
+    "num_clients": 2,
+    "clients_per_round": 2,
+    "rounds": 1,
+    "local_steps": 1,
+    "max_length": 16,
+    "eval_max_examples": 16,
+}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working folder holding only the spec; the model cache the other tests share."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("PWFF_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps long lines at the terminal width
+    return folder
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["run", *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.output
+
+
+def _created(folder: Path) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*")}
+
+
+def test_run_writes_runs_job_id_by_default(workdir: Path) -> None:
+    code, stdout, output = _run("spec.yaml")
+    assert code == 0, output
+    job_id = stdout.strip().splitlines()[-1]
+    run_dir = workdir / "runs" / job_id
+    assert (run_dir / "global" / "adapter_config.json").is_file()
+    assert (run_dir / "global" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "metrics.json").is_file()
+    assert (run_dir / "metrics.png").is_file()
+    assert sorted(p.name for p in (run_dir / "clients").iterdir()) == ["0", "1"]
+    # Nothing but runs/<job-id>/ (and the spec that was there) in the working folder.
+    assert {p.name for p in workdir.iterdir()} == {"spec.yaml", "runs"}
+    assert [p.name for p in (workdir / "runs").iterdir()] == [job_id]
+    assert f"results in runs/{job_id}" in output
+
+
+def test_run_out_writes_there_instead(workdir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "elsewhere" / "results"
+    code, _, output = _run("spec.yaml", "--out", str(out))
+    assert code == 0, output
+    assert (out / "global" / "adapter_config.json").is_file()
+    assert (out / "metrics.json").is_file()
+    assert (out / "metrics.png").is_file()
+    assert _created(workdir) == {"spec.yaml"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["spec.yaml", "--set", "rounds=0"], "rounds"),
+        (["spec.yaml", "--set", "no_such_field=1"], "no_such_field"),
+        (["missing.yaml"], "cannot read spec missing.yaml"),
+    ],
+)
+def test_run_rejects_an_invalid_spec_with_exit_2(workdir: Path, args: list[str], message: str) -> None:
+    code, _, output = _run(*args)
+    assert code == 2
+    assert "invalid spec:" in output
+    assert message in output
+    assert _created(workdir) == {"spec.yaml"}
