@@ -6,7 +6,7 @@
 
 The same job spec runs twice, with the real MiniLM model, data, RabbitMQ and Redis:
 
-- distributed: `services.processes.ServiceCluster`, i.e. scheduler, aggregator and N workers
+- distributed: `tests.harness.ServiceCluster`, i.e. scheduler, aggregator and N workers
   (default 2) as separate `python -m services.<name>` processes over RabbitMQ and Redis, each
   worker limited to one torch thread (PWFF_TORCH_THREADS=1, set by ServiceCluster);
 - embedded: `services.embedded.EmbeddedCluster`, the same classes as threads of this process
@@ -54,6 +54,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from shared.spec import JobSpec, SpecError, load_spec_file
 from shared.store import Keys, Store
+
+if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root (tests/) is not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = REPO / "examples" / "quickstart.yaml"
@@ -289,8 +292,8 @@ def run_distributed(
     on_update: Callable[[dict[str, Any]], None],
     keep_logs: Path | None,
 ) -> ModeRun:
-    from services.processes import ServiceCluster
     from shared.store.redis import RedisStore
+    from tests.harness import ServiceCluster
 
     log_dir = Path(tempfile.mkdtemp(prefix="pwff-bench-logs-"))
     watch = CpuWatch()

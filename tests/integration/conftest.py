@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from services.processes import ServiceCluster
+from tests.harness import ServiceCluster
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,10 @@ import safetensors.torch
 import torch
 
 from services.embedded import EmbeddedCluster
-from services.processes import ServiceCluster
 from shared.bus import Queues
 from shared.bus.rabbitmq import RabbitBus
 from shared.spec import parse_spec
+from tests.harness import ServiceCluster
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.processes import ServiceCluster
+from tests.harness import ServiceCluster
 
 pytestmark = pytest.mark.integration
 
