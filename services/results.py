@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from shared.models import extract_archive
+
+log = logging.getLogger(__name__)
+
+# matplotlib is an optional extra: the services never plot, only `pwff run` / `pwff download` do.
+PLOTS_MISSING = "metrics.png skipped: matplotlib is not installed (pip install 'pwff[plots]')"
 
 
 def write_results(
@@ -26,8 +32,22 @@ def write_results(
         if blob is not None:
             _replace(out_dir / "clients" / str(client), blob)
     (out_dir / "metrics.json").write_text(json.dumps(job, indent=2, sort_keys=True))
-    plot_metrics(job, out_dir / "metrics.png")
+    if _have_matplotlib():
+        plot_metrics(job, out_dir / "metrics.png")
+    else:
+        (out_dir / "metrics.png").unlink(missing_ok=True)  # an older run's figure would not match metrics.json
+        log.warning(PLOTS_MISSING)
     return out_dir
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        if error.name != "matplotlib":
+            raise  # installed but broken: say so, don't pretend it is absent
+        return False
+    return True
 
 
 def _replace(folder: Path, archive: bytes) -> None:
