@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,72 @@ def test_run_rejects_an_invalid_spec_with_exit_2(workdir: Path, args: list[str],
     assert "invalid spec:" in output
     assert message in output
     assert _created(workdir) == {"spec.yaml"}
+
+
+# -- the HTTP commands, against the API over an in-process scheduler (its round loop not running) --
+
+TOKEN = "cli-test-token"
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`pwff submit/status/wait/download/jobs/cancel` talk to an in-process API instead of a URL."""
+    from fastapi.testclient import TestClient
+
+    from services import cli
+    from services.scheduler.api import create_app
+    from services.scheduler.core import Scheduler
+    from shared.bus.memory import MemoryBus
+    from shared.store.memory import MemoryStore
+
+    app_ = create_app(Scheduler(MemoryBus(), MemoryStore()), TOKEN)
+
+    def client(api: str, token: str) -> TestClient:
+        assert token == TOKEN
+        return TestClient(app_, headers={"Authorization": f"Bearer {token}"})
+
+    monkeypatch.setattr(cli, "_client", client)
+    monkeypatch.setenv("PWFF_API_TOKEN", TOKEN)
+    monkeypatch.setenv("COLUMNS", "200")
+    yield
+
+
+def _pwff(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.output
+
+
+def test_http_commands_as_the_readme_shows_them(api: None, workdir: Path) -> None:
+    code, stdout, output = _pwff("submit", "spec.yaml", "--set", "rounds=3")
+    assert code == 0, output
+    job_id = stdout.strip()
+    assert job_id.startswith("cli-")
+    code, stdout, _ = _pwff("jobs")
+    assert code == 0 and job_id in stdout and "queued" in stdout
+    code, stdout, _ = _pwff("status", job_id)
+    assert code == 0 and "queued (round 0/3)" in stdout
+    code, _, output = _pwff("cancel", job_id)
+    assert code == 0 and f"job {job_id} cancelled" in output
+    code, _, output = _pwff("cancel", job_id)
+    assert code == 1 and "409" in output
+    code, _, output = _pwff("wait", job_id)  # non-zero unless the job succeeded
+    assert code == 1 and "cancelled" in output
+    # A job that published nothing still downloads its metrics; one client's model is a 404.
+    code, _, output = _pwff("download", job_id, "-o", "out")
+    assert code == 0, output
+    assert json.loads((workdir / "out" / "metrics.json").read_text())["state"] == "cancelled"
+    assert not (workdir / "out" / "global").exists()
+    code, _, output = _pwff("download", job_id, "--client", "0", "-o", "c0")
+    assert code == 1 and "404" in output
+    code, _, output = _pwff("download", job_id)  # -o is required: no default folder
+    assert code == 2 and "--out" in output
+
+
+def test_http_commands_need_a_token_and_a_reachable_api(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PWFF_API_TOKEN", raising=False)
+    code, _, output = _pwff("jobs", "--api", "http://127.0.0.1:9")
+    assert code == 2 and "no API token" in output
+    code, _, output = _pwff("jobs", "--api", "http://127.0.0.1:9", "--token", "t")
+    assert code == 3 and "cannot reach the API" in output
