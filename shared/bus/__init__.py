@@ -6,7 +6,8 @@ prefetch 1, a dead-letter queue per queue) and `MemoryBus` for the embedded mode
 A handler returns normally to ack. It raises `InvalidMessage` for a message that can
 never succeed: the bus dead-letters it and goes on. Any other exception is treated as
 transient: the message is redelivered after a pause, and dead-lettered after
-`MAX_FAILURES` failures so a poison message cannot wedge a queue.
+`MAX_FAILURES` failures so a poison message cannot wedge a queue. Both buses take these
+rules from one `RetryPolicy` (shared.bus.policy), which their constructors accept.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from shared.bus.policy import DEFAULT_POLICY, RetryPolicy
+
 Handler = Callable[[bytes], None]
-MAX_FAILURES = 5
+MAX_FAILURES = DEFAULT_POLICY.max_failures
 
 
 @dataclass(frozen=True)
@@ -67,4 +70,4 @@ DeadLetterHook = Callable[[str, str], None]
 """Called with (queue, reason) whenever a message is dead-lettered; services count them."""
 
 
-__all__ = ["MAX_FAILURES", "Bus", "DeadLetterHook", "Handler", "Queues"]
+__all__ = ["DEFAULT_POLICY", "MAX_FAILURES", "Bus", "DeadLetterHook", "Handler", "Queues", "RetryPolicy"]

@@ -1,26 +1,61 @@
-"""In-process bus for the embedded mode: one FIFO per queue, same ack/dead-letter rules."""
+"""In-process bus for the embedded mode: one FIFO per queue, same ack/dead-letter rules as RabbitBus.
+
+A message is taken off its queue while its handler runs (so `depth` counts it out and no other
+consumer gets it) and is gone once the handler returns. A message to redeliver goes back to the
+head of its queue, as RabbitMQ requeues a nacked message at its original position.
+"""
 
 from __future__ import annotations
 
 import logging
-import queue as stdlib_queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
-from shared.bus import MAX_FAILURES, DeadLetterHook, Handler, Queues
-from shared.messages import InvalidMessage
+from shared.bus import DeadLetterHook, Handler, Queues
+from shared.bus.policy import DEFAULT_POLICY, Ack, DeadLetter, FailureTracker, Retry, RetryPolicy
 
 log = logging.getLogger(__name__)
 
 
+class _Fifo:
+    def __init__(self) -> None:
+        self._items: deque[bytes] = deque()
+        self._ready = threading.Condition()
+
+    def put(self, body: bytes) -> None:
+        with self._ready:
+            self._items.append(body)
+            self._ready.notify()
+
+    def put_front(self, body: bytes) -> None:
+        with self._ready:
+            self._items.appendleft(body)
+            self._ready.notify()
+
+    def get(self, timeout_s: float) -> bytes | None:
+        with self._ready:
+            if not self._items:
+                self._ready.wait(timeout_s)
+            return self._items.popleft() if self._items else None
+
+    def clear(self) -> None:
+        with self._ready:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        with self._ready:
+            return len(self._items)
+
+
 class MemoryBus:
-    def __init__(self, on_dead_letter: DeadLetterHook | None = None) -> None:
-        self._queues: dict[str, stdlib_queue.Queue[bytes]] = defaultdict(stdlib_queue.Queue)
+    def __init__(self, on_dead_letter: DeadLetterHook | None = None, policy: RetryPolicy = DEFAULT_POLICY) -> None:
+        self._queues: dict[str, _Fifo] = defaultdict(_Fifo)
         self._lock = threading.Lock()
         self._on_dead_letter = on_dead_letter
+        self.policy = policy
 
-    def _queue(self, name: str) -> stdlib_queue.Queue[bytes]:
+    def _queue(self, name: str) -> _Fifo:
         with self._lock:
             return self._queues[name]
 
@@ -29,27 +64,35 @@ class MemoryBus:
 
     def consume(self, queue: str, handler: Handler, stop: threading.Event) -> None:
         source = self._queue(queue)
-        failures: dict[bytes, int] = defaultdict(int)
+        tracker = FailureTracker(self.policy)
         while not stop.is_set():
-            try:
-                body = source.get(timeout=0.1)
-            except stdlib_queue.Empty:
+            body = source.get(timeout_s=0.1)
+            if body is None:
                 continue
+            error: Exception | None = None
             try:
                 handler(body)
-                failures.pop(body, None)
-            except InvalidMessage as error:
-                failures.pop(body, None)
-                self._dead_letter(queue, body, str(error))
-            except Exception as error:
-                failures[body] += 1
-                if failures[body] >= MAX_FAILURES:
-                    failures.pop(body, None)
-                    self._dead_letter(queue, body, f"failed {MAX_FAILURES} times: {error}")
-                else:
-                    log.exception("handler failed on %s; redelivering", queue)
-                    time.sleep(min(2.0, 0.1 * 2 ** failures[body]))
-                    source.put(body)
+            except Exception as raised:
+                error = raised
+            except BaseException:
+                source.put_front(body)  # the consumer dies with the message unacked: it is redelivered
+                raise
+            decision = tracker.decide(body, error)
+            if isinstance(decision, Ack):
+                continue
+            if isinstance(decision, DeadLetter):
+                self._dead_letter(queue, body, decision.reason)
+            elif isinstance(decision, Retry):
+                log.error(
+                    "handler failed on %s (failure %d of %d); redelivering in %.2fs",
+                    queue,
+                    decision.failures,
+                    self.policy.max_failures,
+                    decision.delay_s,
+                    exc_info=error,
+                )
+                time.sleep(decision.delay_s)
+                source.put_front(body)
 
     def _dead_letter(self, queue: str, body: bytes, reason: str) -> None:
         log.warning("dead-lettering a message from %s: %s", queue, reason)
@@ -58,15 +101,10 @@ class MemoryBus:
             self._on_dead_letter(queue, reason)
 
     def depth(self, queue: str) -> int:
-        return self._queue(queue).qsize()
+        return len(self._queue(queue))
 
     def purge(self, queue: str) -> None:
-        source = self._queue(queue)
-        while True:
-            try:
-                source.get_nowait()
-            except stdlib_queue.Empty:
-                return
+        self._queue(queue).clear()
 
     def ping(self) -> bool:
         return True

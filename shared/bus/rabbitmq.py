@@ -8,10 +8,8 @@ connection dropped; the ack (or reject) is sent only after the handler returns.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
-from collections import defaultdict
 from typing import Any
 
 import pika
@@ -19,8 +17,8 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from shared.bus import MAX_FAILURES, DeadLetterHook, Handler, Queues
-from shared.messages import InvalidMessage
+from shared.bus import DeadLetterHook, Handler, Queues
+from shared.bus.policy import DEFAULT_POLICY, Ack, DeadLetter, FailureTracker, Retry, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +32,18 @@ _CONNECTION_ERRORS = (
 
 
 class RabbitBus:
-    def __init__(self, url: str, on_dead_letter: DeadLetterHook | None = None, heartbeat_s: int = 30) -> None:
+    def __init__(
+        self,
+        url: str,
+        on_dead_letter: DeadLetterHook | None = None,
+        heartbeat_s: int = 30,
+        policy: RetryPolicy = DEFAULT_POLICY,
+    ) -> None:
         self._params = pika.URLParameters(url)
         self._params.heartbeat = heartbeat_s
         self._params.blocked_connection_timeout = 60
         self._on_dead_letter = on_dead_letter
+        self.policy = policy
         self._publish_lock = threading.Lock()
         self._publish_conn: pika.BlockingConnection | None = None
         self._publish_channel: BlockingChannel | None = None
@@ -92,7 +97,7 @@ class RabbitBus:
                 channel.basic_publish(
                     exchange="",
                     routing_key=queue,
-                    body=body,
+                    body=bytes(body),  # pika takes only bytes (or str); MemoryBus takes any bytes-like
                     properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent),
                     mandatory=True,
                 )
@@ -104,7 +109,7 @@ class RabbitBus:
 
     def consume(self, queue: str, handler: Handler, stop: threading.Event) -> None:
         backoff = 0.5
-        failures: dict[str, int] = defaultdict(int)
+        tracker = FailureTracker(self.policy)  # kept across reconnections
         while not stop.is_set():
             connection: pika.BlockingConnection | None = None
             try:
@@ -118,7 +123,7 @@ class RabbitBus:
                         break
                     if method is None:
                         continue
-                    self._handle(connection, channel, queue, method, body, handler, failures)
+                    self._handle(connection, channel, queue, method, body, handler, tracker)
                 try:
                     channel.cancel()
                 except Exception:
@@ -142,7 +147,7 @@ class RabbitBus:
         method: Any,
         body: bytes,
         handler: Handler,
-        failures: dict[str, int],
+        tracker: FailureTracker,
     ) -> None:
         outcome: dict[str, BaseException | None] = {"error": None}
 
@@ -160,23 +165,22 @@ class RabbitBus:
             connection.process_data_events(time_limit=0)
             thread.join(timeout=0.02)
         error = outcome["error"]
-        digest = hashlib.sha256(body).hexdigest()
-        if error is None:
-            failures.pop(digest, None)
+        decision = tracker.decide(body, error)
+        if isinstance(decision, Ack):
             channel.basic_ack(method.delivery_tag)
-            return
-        if isinstance(error, InvalidMessage):
-            failures.pop(digest, None)
-            self._dead_letter(channel, queue, method, str(error))
-            return
-        failures[digest] += 1
-        if failures[digest] >= MAX_FAILURES:
-            self._dead_letter(channel, queue, method, f"failed {MAX_FAILURES} times: {error}")
-            failures.pop(digest, None)
-            return
-        log.error("handler failed on %s (%s: %s); redelivering", queue, type(error).__name__, error)
-        connection.sleep(min(5.0, 0.2 * 2 ** failures[digest]))
-        channel.basic_nack(method.delivery_tag, requeue=True)
+        elif isinstance(decision, DeadLetter):
+            self._dead_letter(channel, queue, method, decision.reason)
+        elif isinstance(decision, Retry):
+            log.error(
+                "handler failed on %s (failure %d of %d); redelivering in %.2fs",
+                queue,
+                decision.failures,
+                self.policy.max_failures,
+                decision.delay_s,
+                exc_info=error,
+            )
+            connection.sleep(decision.delay_s)  # pumps heartbeats while it waits
+            channel.basic_nack(method.delivery_tag, requeue=True)
 
     def _dead_letter(self, channel: BlockingChannel, queue: str, method: Any, reason: str) -> None:
         log.warning("dead-lettering a message from %s: %s", queue, reason)

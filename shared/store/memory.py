@@ -1,12 +1,24 @@
-"""In-process store for the embedded mode: a dict behind a lock, with Redis's semantics."""
+"""In-process store for the embedded mode: a dict behind a lock, with Redis's semantics.
+
+As on Redis: a key holds one kind of value (bytes, set, hash or list) and an operation of another
+kind on it raises (`WrongType`, Redis's WRONGTYPE); an expired key is absent for every operation;
+a batch applies all its writes at once, and a failing write does not stop the others.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from shared.store import Batch
+
+_T = TypeVar("_T")
+
+
+class WrongType(TypeError):
+    """An operation against a key holding the wrong kind of value (Redis: WRONGTYPE)."""
 
 
 class MemoryStore:
@@ -22,13 +34,27 @@ class MemoryStore:
             self._expiry.pop(key, None)
         return self._data.get(key)
 
+    def _typed(self, key: str, kind: type[_T]) -> _T | None:
+        """The live value at `key` if any, which must be a `kind`."""
+        value = self._live(key)
+        if value is not None and not isinstance(value, kind):
+            raise WrongType(f"{key!r} holds a {type(value).__name__}, not a {kind.__name__}")
+        return value
+
+    def _container(self, key: str, kind: type[_T]) -> _T:
+        """The live `kind` at `key`, created empty if absent."""
+        value = self._typed(key, kind)
+        if value is None:
+            value = kind()
+            self._data[key] = value
+        return value
+
     def ping(self) -> bool:
         return True
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
-            value = self._live(key)
-            return value if isinstance(value, bytes) else None
+            return self._typed(key, bytes)
 
     def put(self, key: str, value: bytes, ttl_s: int | None = None) -> None:
         with self._lock:
@@ -57,47 +83,44 @@ class MemoryStore:
 
     def set_add(self, key: str, member: str) -> bool:
         with self._lock:
-            members = self._data.setdefault(key, set())
-            assert isinstance(members, set)
+            members = self._container(key, set)
             added = member not in members
             members.add(member)
             return added
 
     def set_members(self, key: str) -> set[str]:
         with self._lock:
-            members = self._live(key)
-            return set(members) if isinstance(members, set) else set()
+            return set(self._typed(key, set) or ())
 
     def hash_set(self, key: str, mapping: dict[str, str]) -> None:
         with self._lock:
-            current = self._data.setdefault(key, {})
-            assert isinstance(current, dict)
+            if not mapping:  # Redis has no empty hash: nothing to write, no key created
+                self._typed(key, dict)
+                return
+            current = self._container(key, dict)
             current.update({k: str(v) for k, v in mapping.items()})
 
     def hash_get(self, key: str, field: str) -> str | None:
         with self._lock:
-            current = self._live(key)
-            return current.get(field) if isinstance(current, dict) else None
+            current = self._typed(key, dict)
+            return current.get(field) if current is not None else None
 
     def hash_get_all(self, key: str) -> dict[str, str]:
         with self._lock:
-            current = self._live(key)
-            return dict(current) if isinstance(current, dict) else {}
+            return dict(self._typed(key, dict) or {})
 
     def list_append(self, key: str, value: bytes) -> None:
         with self._lock:
-            items = self._data.setdefault(key, [])
-            assert isinstance(items, list)
+            items = self._container(key, list)
             items.append(bytes(value))
 
     def list_range(self, key: str) -> list[bytes]:
         with self._lock:
-            items = self._live(key)
-            return list(items) if isinstance(items, list) else []
+            return list(self._typed(key, list) or ())
 
     def delete_prefix(self, prefix: str) -> int:
         with self._lock:
-            doomed = [k for k in self._data if k.startswith(prefix)]
+            doomed = [k for k in list(self._data) if k.startswith(prefix) and self._live(k) is not None]
             self.delete(*doomed)
             return len(doomed)
 
@@ -132,7 +155,14 @@ class _MemoryBatch:
         self._ops.append(lambda: self._store.set_add(key, member))
 
     def execute(self) -> None:
+        """Apply every queued write at once; like Redis EXEC, a failing one does not stop the rest."""
+        ops, self._ops = self._ops, []
+        first_error: Exception | None = None
         with self._store._lock:
-            for op in self._ops:
-                op()
-        self._ops.clear()
+            for op in ops:
+                try:
+                    op()
+                except Exception as error:
+                    first_error = first_error or error
+        if first_error is not None:
+            raise first_error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, cast
 
 import redis
@@ -11,6 +12,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from shared.store import Batch
+
+_GLOB_SPECIAL = re.compile(r"([\\*?\[\]])")
+
+
+def _literal_glob(text: str) -> str:
+    """`text` as a SCAN MATCH pattern that matches exactly itself (no wildcards, classes or escapes)."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
 
 
 class RedisStore:
@@ -57,7 +65,8 @@ class RedisStore:
         return {m.decode() for m in cast(set[bytes], self._client.smembers(key))}
 
     def hash_set(self, key: str, mapping: dict[str, str]) -> None:
-        self._client.hset(key, mapping=cast(Any, mapping))
+        if mapping:  # HSET needs at least one field; an empty mapping writes nothing
+            self._client.hset(key, mapping=cast(Any, mapping))
 
     def hash_get(self, key: str, field: str) -> str | None:
         value = cast(bytes | None, self._client.hget(key, field))
@@ -75,9 +84,8 @@ class RedisStore:
 
     def delete_prefix(self, prefix: str) -> int:
         count = 0
-        for key in self._client.scan_iter(match=prefix.replace("*", r"\*") + "*", count=500):
-            self._client.delete(key)
-            count += 1
+        for key in self._client.scan_iter(match=_literal_glob(prefix) + "*", count=500):
+            count += int(self._client.delete(key))  # 0 if it expired or went meanwhile
         return count
 
     def batch(self) -> Batch:
@@ -99,7 +107,8 @@ class _RedisBatch:
             self._pipe.delete(*keys)
 
     def hash_set(self, key: str, mapping: dict[str, str]) -> None:
-        self._pipe.hset(key, mapping=mapping)
+        if mapping:
+            self._pipe.hset(key, mapping=mapping)
 
     def list_append(self, key: str, value: bytes) -> None:
         self._pipe.rpush(key, value)
