@@ -18,8 +18,8 @@ Each child does what a worker does for one task, through the project's real code
   from `shared.models.initial_state` with `load_trainable_state`, as the worker does;
 - the data from `shared.data.client_examples(spec, 0)`, keeping the examples that fill the whole
   `--tokens` window, so every mode sees a batch of exactly `--batch` x `--tokens` tokens;
-- backprop: `services.worker.trainer.train_backprop(..., steps=1)` (AdamW);
-- fd / jvp: `services.worker.forward.forward_task(..., perturbations=1)` with one candidate and
+- backprop: `shared.modes.backprop.train_backprop(..., steps=1)` (AdamW);
+- fd / jvp: `shared.modes.fwd.forward_task(..., perturbations=1)` with one candidate and
   discriminative sampling off (no candidate scoring).
 
 The headline number is the whole-process peak resident set size (`ru_maxrss` of the child as the
@@ -174,20 +174,14 @@ def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from services.worker.forward import forward_task
-    from services.worker.trainer import train_backprop
+    from shared.adapters import build_peft_model
     from shared.allocator import set_mmap_threshold
+    from shared.catalog import model_info
     from shared.data import client_examples
     from shared.forward_grad import decode_seed_scalars
-    from shared.models import (
-        build_peft_model,
-        describe,
-        device,
-        initial_state,
-        load_tokenizer,
-        load_trainable_state,
-        model_info,
-    )
+    from shared.models import describe, device, initial_state, load_tokenizer, load_trainable_state
+    from shared.modes.backprop import train_backprop
+    from shared.modes.fwd import forward_task
     from shared.seeding import derive_seed
     from shared.settings import Settings
     from shared.spec import parse_spec

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.jobs import JobState
 from shared.spec import SpecError, load_spec_file
+from shared.state import JobState
 
 app = typer.Typer(help="Personalized federated fine-tuning of language models.", no_args_is_help=True)
 console = Console(stderr=True)

@@ -17,15 +17,17 @@ from services.aggregator.aggregator import Aggregator
 from services.scheduler.core import Scheduler
 from services.worker.worker import Worker
 from shared.bus.memory import MemoryBus
-from shared.jobs import JobState
 from shared.metrics import count_dead_letter
+from shared.state import JobState
 from shared.store.memory import MemoryStore
 
 
 class EmbeddedCluster:
-    def __init__(self, cache_dir: Path, workers: int = 1, namespace: str = "pwff") -> None:
+    def __init__(
+        self, cache_dir: Path, workers: int = 1, namespace: str = "pwff", store: MemoryStore | None = None
+    ) -> None:
         self.bus = MemoryBus(on_dead_letter=count_dead_letter)
-        self.store = MemoryStore()
+        self.store = store if store is not None else MemoryStore()
         self.scheduler = Scheduler(self.bus, self.store, namespace=namespace, tick_s=0.2)
         self.aggregator = Aggregator(self.bus, self.store, namespace=namespace, cache_dir=cache_dir)
         self.workers = [

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from shared.catalog import Task
 from shared.data import Example
 
-Task = Literal["classification", "causal-lm"]
+
+def minibatches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
+    """Endless shuffled minibatches: a fresh permutation each pass over the client's data."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(examples))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            if len(chunk) < min(batch_size, len(order)):
+                break  # keep batch shapes constant; the tail joins the next pass
+            yield [examples[i] for i in chunk]
 
 
 def collate(

@@ -35,13 +35,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from shared.catalog import AUSTEN_NOVELS as _AUSTEN_NOVELS
+from shared.catalog import DATASETS
+from shared.catalog import dataset_info as info
 from shared.settings import Settings
 from shared.spec import JobSpec, PartitionSpec
 
 Split = Literal["train", "test"]
-Task = Literal["classification", "causal-lm"]
-
-DATASETS: tuple[str, ...] = ("bbc-news", "tweets-sentiment", "jane-austen")
 
 TEST_FRACTION = 0.2
 # Passages near this length fit a few hundred tokens: long enough for language-model context,
@@ -60,48 +60,13 @@ class Example:
     label: int
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    task: Task
-    label_names: tuple[str, ...]
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-
 class DataUnavailable(RuntimeError):
     """A data set's package or file is missing; the message says how to install it."""
 
 
-_BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
-# Ordinal order, negative to positive: the usual convention of three-way sentiment models, and it
-# keeps "neutral" in the middle for anyone who reads the class index as a score.
-_TWEET_CLASSES = ("negative", "neutral", "positive")
-# R object name in janeaustenr -> title; indices follow the sorted titles.
-_AUSTEN_NOVELS = {
-    "emma": "Emma",
-    "mansfieldpark": "Mansfield Park",
-    "northangerabbey": "Northanger Abbey",
-    "persuasion": "Persuasion",
-    "prideprejudice": "Pride and Prejudice",
-    "sensesensibility": "Sense and Sensibility",
-}
-_AUSTEN_TITLES = tuple(sorted(_AUSTEN_NOVELS.values()))
-
-_INFO = {
-    "bbc-news": DatasetInfo("bbc-news", "classification", _BBC_CLASSES),
-    "tweets-sentiment": DatasetInfo("tweets-sentiment", "classification", _TWEET_CLASSES),
-    "jane-austen": DatasetInfo("jane-austen", "causal-lm", _AUSTEN_TITLES),
-}
-
-
-def info(name: str) -> DatasetInfo:
-    try:
-        return _INFO[name]
-    except KeyError:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}") from None
+_BBC_CLASSES = DATASETS["bbc-news"].label_names
+_TWEET_CLASSES = DATASETS["tweets-sentiment"].label_names
+_AUSTEN_TITLES = DATASETS["jane-austen"].label_names
 
 
 # --- reading the raw data -------------------------------------------------------------------------

@@ -181,26 +181,23 @@ class ForwardGradientEstimate:
         self.total = torch.zeros(dim, dtype=torch.float64)
         self.halves = [torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)]
         self.counts = [0, 0]
-        self.loss_sum = 0.0
 
     @property
     def count(self) -> int:
         return self.counts[0] + self.counts[1]
 
-    def add(self, g: float, v: torch.Tensor, half: int, loss: float = 0.0) -> None:
+    def add(self, g: float, v: torch.Tensor, half: int) -> None:
         term = v.to(torch.float64) * float(g)
         self.total += term
         self.halves[half] += term
         self.counts[half] += 1
-        self.loss_sum += loss
 
-    def add_dense(self, estimate_sum: torch.Tensor, count: int, half: int, loss_sum: float = 0.0) -> None:
+    def add_dense(self, estimate_sum: torch.Tensor, count: int, half: int) -> None:
         """A client that uploaded its dense sum of g_i v_i over `count` perturbations."""
         term = estimate_sum.to(torch.float64)
         self.total += term
         self.halves[half] += term
         self.counts[half] += count
-        self.loss_sum += loss_sum
 
     def mean(self) -> torch.Tensor:
         if not self.count:

@@ -1,4 +1,4 @@
-"""Model registry: frozen base models from installed packages, wrapped with PEFT LoRA.
+"""Base models: frozen weights from installed packages, and the trainable state the services exchange.
 
 Everything loads offline. SmolLM2 ships as a GGUF file; dequantizing it takes ~30 s,
 so it is converted once into the cache directory and loaded from there afterwards.
@@ -8,9 +8,9 @@ exchange; the frozen base never leaves the process that loaded it.
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import io
-import json
 import logging
 import math
 import os
@@ -19,12 +19,11 @@ import tarfile
 import tempfile
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -36,8 +35,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-
-from shared.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +49,6 @@ results depend on thread timing."""
 
 class ModelUnavailable(RuntimeError):
     """A model package is not installed; the message says how to install it."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    task: Literal["classification", "causal-lm"]
-    lora_targets: tuple[str, ...]
-    hub_id: str
-    """What a user would load as the base model elsewhere; written into adapter_config.json."""
-    num_params: int
-    """Parameters of the base model: what the scheduler's FLOP estimates scale with before loading it."""
-
-
-MODELS: dict[str, ModelInfo] = {
-    "minilm-l6": ModelInfo(
-        "minilm-l6", "classification", ("query", "value"), "sentence-transformers/all-MiniLM-L6-v2", 22_715_141
-    ),
-    "tiny-bert": ModelInfo("tiny-bert", "classification", ("query", "value"), "pwff/tiny-bert", 1_011_525),
-    "smollm2-135m": ModelInfo(
-        "smollm2-135m", "causal-lm", ("q_proj", "v_proj"), "HuggingFaceTB/SmolLM2-135M-Instruct", 134_515_008
-    ),
-    "tiny-llama": ModelInfo("tiny-llama", "causal-lm", ("q_proj", "v_proj"), "pwff/tiny-llama", 3_166_368),
-}
-
-
-def model_info(name: str) -> ModelInfo:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}") from None
 
 
 def _package_dir(package: str) -> Path:
@@ -194,64 +161,6 @@ def load_base_model(
     return model
 
 
-def lora_config(spec: JobSpec) -> LoraConfig:
-    info = model_info(spec.model)
-    classification = info.task == "classification"
-    targets: list[str] | str = list(spec.lora.target_modules or info.lora_targets)
-    rank_pattern: dict[str, int] = {}
-    if spec.personalization.preset == "pwff":
-        from shared.personalization import adapter_pattern
-
-        # One regex for peft (full match): the attention LoRA targets, plus the shared adapter.
-        adapter = adapter_pattern(spec)
-        targets = "|".join([*(rf".*\.{t}" for t in targets), adapter])
-        rank_pattern = {adapter: spec.personalization.adapter_r}
-    return LoraConfig(
-        r=spec.lora.r,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=targets,
-        rank_pattern=rank_pattern,
-        task_type="SEQ_CLS" if classification else "CAUSAL_LM",
-        modules_to_save=["classifier"] if classification and spec.lora.train_head else None,
-        base_model_name_or_path=info.hub_id,
-    )
-
-
-def attention_for(spec: JobSpec) -> str | None:
-    return "eager" if spec.mode == "fwd" and spec.fwd.estimator == "jvp" else None
-
-
-def peft_cache_key(spec: JobSpec) -> str:
-    """Specs with the same key can share one loaded PEFT model (only the trainable state differs)."""
-    from shared.data import info as dataset_info
-
-    return json.dumps(
-        {
-            "model": spec.model,
-            "labels": dataset_info(spec.dataset).num_labels,
-            "lora": spec.lora.model_dump(),
-            "preset": spec.personalization.preset,
-            "adapter_r": spec.personalization.adapter_r,
-            "attention": attention_for(spec),
-        },
-        sort_keys=True,
-    )
-
-
-def build_peft_model(spec: JobSpec, cache_dir: Path) -> PeftModel:
-    """Frozen base model + LoRA (and a trainable head for classifiers)."""
-    from shared.data import info as dataset_info
-
-    with GLOBAL_RNG_LOCK:
-        base = load_base_model(spec.model, dataset_info(spec.dataset).num_labels, cache_dir, attention_for(spec))
-        for param in base.parameters():
-            param.requires_grad_(False)
-        # peft writes the base's name into adapter_config.json: make it one a user can load elsewhere.
-        base.name_or_path = model_info(spec.model).hub_id
-        return get_peft_model(base, lora_config(spec))
-
-
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The exchanged state: every trainable parameter, detached float32 on the CPU."""
     return {
@@ -278,10 +187,14 @@ def peft_folder_archive(model: PeftModel) -> bytes:
         # The base's embeddings are frozen: no need for peft to check the hub for a resized vocabulary.
         model.save_pretrained(tmp, save_embedding_layers=False)
         buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        # mtime 0 in the gzip header and in every member: identical state gives identical bytes.
+        with (
+            gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as zipped,
+            tarfile.open(fileobj=zipped, mode="w") as archive,
+        ):
             for path in sorted(Path(tmp).iterdir()):
                 info = archive.gettarinfo(str(path), arcname=path.name)
-                info.mtime = 0  # identical state gives identical bytes
+                info.mtime = 0
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 with path.open("rb") as handle:
@@ -333,24 +246,3 @@ def initial_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
             value.normal_(0.0, 0.02, generator=generator)
         state[name] = value
     return state
-
-
-class ModelCache:
-    """Keeps the last loaded PEFT model: consecutive tasks of similar jobs reuse the frozen base."""
-
-    def __init__(self, cache_dir: Path) -> None:
-        self.cache_dir = cache_dir
-        self._key: str | None = None
-        self._model: PeftModel | None = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._lock = threading.Lock()
-
-    def get(self, spec: JobSpec) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-        key = peft_cache_key(spec)
-        with self._lock:
-            if self._key != key or self._model is None or self._tokenizer is None:
-                self._model = self._tokenizer = None  # free the previous model first
-                self._model = build_peft_model(spec, self.cache_dir).to(device())
-                self._tokenizer = load_tokenizer(spec.model, self.cache_dir)
-                self._key = key
-            return self._model, self._tokenizer

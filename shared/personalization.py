@@ -2,29 +2,84 @@
 
 Only global tensors are uploaded and averaged. A client's personal tensors are kept per
 client in the store, handed to whichever worker trains that client next, and never sent to
-the aggregator.
+the aggregator. A preset is a small class registered by name in `shared.registry.PRESETS`;
+the spec's `personalization.personal` glob patterns add to whatever the preset keeps personal.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from shared.catalog import model_info
+from shared.registry import PRESETS
 
-from shared.models import model_info
-from shared.spec import JobSpec
+if TYPE_CHECKING:
+    import torch
 
-# The pwff preset's shared adapter: a low-rank parallel adapter on each block's feed-forward
-# output projection (written as a LoRA so the whole model stays one PEFT folder).
+    from shared.spec import JobSpec
+
+
+class PersonalizationPreset(ABC):
+    """Which trainable tensors a client keeps to itself, and which adapter modules the preset adds."""
+
+    personalizes: ClassVar[bool] = True
+    """Whether clients end with models of their own (then they are evaluated every round by default)."""
+
+    @abstractmethod
+    def keeps_personal(self, spec: JobSpec, name: str) -> bool:
+        """Whether the trainable tensor `name` stays with its client (never uploaded nor averaged)."""
+
+    def extra_adapters(self, spec: JobSpec) -> dict[str, int]:
+        """Extra LoRA target modules the preset adds: a regex over module names (full match) -> rank."""
+        return {}
+
+
+class NoPersonalization(PersonalizationPreset):
+    """Everything global: plain FedAvg."""
+
+    personalizes = False
+
+    def keeps_personal(self, spec: JobSpec, name: str) -> bool:
+        return False
+
+
+# The shared adapter: a low-rank parallel adapter on each block's feed-forward output projection
+# (written as a LoRA so the whole model stays one PEFT folder).
 _ADAPTER_TARGETS = {
     "classification": r".*\.layer\.\d+\.output\.dense",
     "causal-lm": r".*\.down_proj",
 }
 
 
-def adapter_pattern(spec: JobSpec) -> str:
-    return _ADAPTER_TARGETS[model_info(spec.model).task]
+class PwffPreset(PersonalizationPreset):
+    """PWFF: the shared feed-forward adapter is aggregated; the attention LoRA stays personal."""
+
+    def keeps_personal(self, spec: JobSpec, name: str) -> bool:
+        return "lora_" in name and any(f".{target}." in name for target in attention_targets(spec))
+
+    def extra_adapters(self, spec: JobSpec) -> dict[str, int]:
+        return {_ADAPTER_TARGETS[model_info(spec.model).task]: spec.personalization.adapter_r}
+
+
+class FedSAPreset(PersonalizationPreset):
+    """FedSA-LoRA: LoRA A is global (general knowledge), LoRA B personal (client specifics)."""
+
+    def keeps_personal(self, spec: JobSpec, name: str) -> bool:
+        return "lora_B" in name
+
+
+class PersonalHead(PersonalizationPreset):
+    """The classifier head stays personal; the LoRA is averaged (FedPer-style)."""
+
+    def keeps_personal(self, spec: JobSpec, name: str) -> bool:
+        return "modules_to_save" in name
+
+
+def preset_of(spec: JobSpec) -> PersonalizationPreset:
+    return PRESETS[spec.personalization.preset]
 
 
 def attention_targets(spec: JobSpec) -> tuple[str, ...]:
@@ -32,16 +87,9 @@ def attention_targets(spec: JobSpec) -> tuple[str, ...]:
 
 
 def is_personal(spec: JobSpec, name: str) -> bool:
-    preset = spec.personalization.preset
     if any(fnmatch.fnmatchcase(name, pattern) for pattern in spec.personalization.personal):
         return True
-    if preset == "pwff":
-        return "lora_" in name and any(f".{target}." in name for target in attention_targets(spec))
-    if preset == "fedsa":
-        return "lora_B" in name
-    if preset == "head":
-        return "modules_to_save" in name
-    return False
+    return preset_of(spec).keeps_personal(spec, name)
 
 
 def personal_names(spec: JobSpec, names: Iterable[str]) -> set[str]:

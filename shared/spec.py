@@ -8,15 +8,52 @@ to travel with a task.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationError,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
+from shared.catalog import DATASETS, MODELS, dataset_info, model_info
+from shared.registry import MODES, PRESETS, STRATEGIES
 from shared.wireless import DevicesSpec
 
-MODEL_NAMES = ("minilm-l6", "smollm2-135m", "tiny-bert", "tiny-llama")
-DATASET_NAMES = ("bbc-news", "tweets-sentiment", "jane-austen")
+
+@dataclass(frozen=True)
+class OneOf:
+    """Annotated metadata: a string field whose allowed values are a registry's names (an enum in the schema)."""
+
+    registry: Mapping[str, object]
+    what: str
+
+    def check(self, value: str) -> str:
+        if value not in self.registry:
+            raise ValueError(f"unknown {self.what} {value!r}; known: {', '.join(self.registry)}")
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {**handler(schema), "enum": list(self.registry)}
+
+
+ModelName = Annotated[str, OneOf(MODELS, "model")]
+DatasetName = Annotated[str, OneOf(DATASETS, "data set")]
+ModeName = Annotated[str, OneOf(MODES, "training mode")]
+PresetName = Annotated[str, OneOf(PRESETS, "personalization preset")]
+StrategyName = Annotated[str, OneOf(STRATEGIES, "aggregation strategy")]
 
 
 class _Strict(BaseModel):
@@ -25,15 +62,19 @@ class _Strict(BaseModel):
 
 
 class PartitionSpec(_Strict):
-    kind: Literal["iid", "dirichlet", "natural"] = "dirichlet"
+    kind: Literal["iid", "dirichlet", "natural"] = Field(
+        "dirichlet",
+        description="iid: uniform shards; dirichlet: label skew drawn per client; natural: one natural group "
+        "(e.g. a novel) per client",
+    )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller means more label skew")
     min_examples: int = Field(8, ge=1, description="every client gets at least this many training examples")
 
 
 class LoraSpec(_Strict):
-    r: int = Field(8, ge=1, le=256)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: int = Field(8, ge=1, le=256, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] | None = Field(
         None, description="module names to adapt; default depends on the model (query/value, q_proj/v_proj)"
     )
@@ -41,16 +82,22 @@ class LoraSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0, le=10)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
+    """The client's local optimizer (backprop mode)."""
+
+    name: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer")
+    lr: float = Field(1e-3, gt=0, le=10, description="local learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled (AdamW) or L2 (SGD) weight decay")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (ignored by AdamW)")
 
 
 class AggregationSpec(_Strict):
-    strategy: Literal["fedavg"] = "fedavg"
+    """How the server merges the clients' updates into the global part."""
+
+    strategy: StrategyName = Field("fedavg", description="aggregation strategy (a registered class)")
     server_lr: float = Field(1.0, gt=0, le=10, description="step size applied to the averaged update")
-    weighting: Literal["samples", "uniform"] = "samples"
+    weighting: Literal["samples", "uniform"] = Field(
+        "samples", description="weigh each client by its number of examples, or all alike"
+    )
 
 
 class ForwardSpec(_Strict):
@@ -73,9 +120,11 @@ class ForwardSpec(_Strict):
         "seeds", description="seeds: (seed, g, loss) triples; dense: the client's summed estimate as a tensor"
     )
     lr: float = Field(0.01, gt=0, le=100, description="server SGD learning rate on the estimated gradient")
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    lr_min: float = Field(0.0, ge=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant lr, or cosine decay from lr to lr_min over the job's rounds"
+    )
+    lr_min: float = Field(0.0, ge=0, description="the cosine schedule's final learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="server SGD momentum on the gradient estimate")
 
 
 class PersonalizationSpec(_Strict):
@@ -88,7 +137,7 @@ class PersonalizationSpec(_Strict):
     names (e.g. "*.layer.5.*") to whatever the preset keeps personal.
     """
 
-    preset: Literal["none", "pwff", "fedsa", "head"] = "none"
+    preset: PresetName = Field("none", description="which tensors stay personal (a registered preset)")
     personal: list[str] = Field(default_factory=list, description="extra glob patterns of personal tensors")
     # Rank 4: the adapter reads the wide feed-forward activation (4x the hidden size), so at the
     # attention LoRA's rank 8 it would upload more than FedAvg of that LoRA; at 4 it uploads ~60%.
@@ -103,7 +152,8 @@ class PersonalizationSpec(_Strict):
     def evaluates_after(self, round_: int, rounds: int) -> bool:
         if round_ >= rounds:
             return True
-        every = self.eval_every or (1 if self.preset != "none" or self.personal else rounds)
+        personalized = PRESETS[self.preset].personalizes or bool(self.personal)
+        every = self.eval_every or (1 if personalized else rounds)
         return round_ % every == 0
 
     eval_examples_per_client: int = Field(64, ge=1, description="held-out examples per client evaluation")
@@ -123,33 +173,47 @@ class BudgetSpec(_Strict):
 
 
 class CompressionSpec(_Strict):
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    zstd_level: int = Field(3, ge=1, le=22)
+    """How updates are encoded on the wire."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="tensor dtype of uploads")
+    zstd_level: int = Field(3, ge=1, le=22, description="zstd compression level of uploads")
 
 
 class JobSpec(_Strict):
-    name: str = Field("job", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
-    model: Literal["minilm-l6", "smollm2-135m", "tiny-bert", "tiny-llama"] = "minilm-l6"
-    dataset: Literal["bbc-news", "tweets-sentiment", "jane-austen"] = "bbc-news"
-    mode: Literal["backprop", "fwd"] = Field(
-        "backprop", description="backprop: local AdamW/SGD steps; fwd: forward gradients (FwdLLM)"
+    """A federated fine-tuning job: what to train, on which data, how, for how long.
+
+    Besides each field's own constraints: clients_per_round <= num_clients; the model and the
+    data set have the same task (a sequence classifier on a classification set, a causal LM on a
+    text set); fwd.perturbations_per_task <= fwd.max_perturbations_per_step; partition `natural`
+    needs a data set with natural groups; devices.profiles, when given, lists num_clients profiles.
+    """
+
+    name: str = Field(
+        "job", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$", description="a label; job ids start with it"
     )
-    partition: PartitionSpec = PartitionSpec()
-    num_clients: int = Field(8, ge=1, le=10_000)
-    clients_per_round: int = Field(8, ge=1)
-    rounds: int = Field(5, ge=1, le=10_000)
-    local_steps: int = Field(10, ge=1, le=100_000)
-    batch_size: int = Field(16, ge=1, le=4096)
+    model: ModelName = Field("minilm-l6", description="frozen base model")
+    dataset: DatasetName = Field("bbc-news", description="data set the clients' shards are drawn from")
+    mode: ModeName = Field(
+        "backprop", description="training mode: backprop (local AdamW/SGD steps) or fwd (forward gradients, FwdLLM)"
+    )
+    partition: PartitionSpec = Field(PartitionSpec(), description="how the data set is split among the clients")
+    num_clients: int = Field(8, ge=1, le=10_000, description="clients in the federation")
+    clients_per_round: int = Field(8, ge=1, description="clients sampled each round")
+    rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
+    local_steps: int = Field(10, ge=1, le=100_000, description="backprop: local optimizer steps per task")
+    batch_size: int = Field(16, ge=1, le=4096, description="examples per local step")
     max_length: int = Field(128, ge=8, le=4096, description="tokens per example")
-    optimizer: OptimizerSpec = OptimizerSpec()
-    fwd: ForwardSpec = ForwardSpec()
-    lora: LoraSpec = LoraSpec()
-    aggregation: AggregationSpec = AggregationSpec()
-    personalization: PersonalizationSpec = PersonalizationSpec()
-    compression: CompressionSpec = CompressionSpec()
-    devices: DevicesSpec = DevicesSpec()
-    budget: BudgetSpec = BudgetSpec()
-    seed: int = Field(0, ge=0, lt=2**31)
+    optimizer: OptimizerSpec = Field(OptimizerSpec(), description="the client's local optimizer")
+    fwd: ForwardSpec = Field(ForwardSpec(), description="forward-gradient settings (mode fwd)")
+    lora: LoraSpec = Field(LoraSpec(), description="the LoRA adapter trained on the frozen base")
+    aggregation: AggregationSpec = Field(AggregationSpec(), description="server-side merging")
+    personalization: PersonalizationSpec = Field(
+        PersonalizationSpec(), description="global partial aggregation and per-client evaluation"
+    )
+    compression: CompressionSpec = Field(CompressionSpec(), description="update encoding")
+    devices: DevicesSpec = Field(DevicesSpec(), description="the simulated wireless device population")
+    budget: BudgetSpec = Field(BudgetSpec(), description="per-device compute budgets and client selection")
+    seed: int = Field(0, ge=0, lt=2**31, description="seeds shards, sampling, initial weights and perturbations")
     round_deadline_s: float = Field(900.0, gt=0, description="a round closes at this age if the quorum is in")
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of the round's clients needed at the deadline")
     eval_max_examples: int = Field(512, ge=1, description="cap on held-out examples evaluated per round")
@@ -158,14 +222,18 @@ class JobSpec(_Strict):
     def _consistent(self) -> JobSpec:
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
-        causal = self.model in ("smollm2-135m", "tiny-llama")
-        if causal != (self.dataset == "jane-austen"):
-            kind = "a causal LM" if causal else "a sequence classifier"
+        task = model_info(self.model).task
+        if task != dataset_info(self.dataset).task:
+            kind = "a causal LM" if task == "causal-lm" else "a sequence classifier"
             raise ValueError(f"model {self.model!r} is {kind} and cannot train on dataset {self.dataset!r}")
         if self.fwd.perturbations_per_task > self.fwd.max_perturbations_per_step:
             raise ValueError("fwd.perturbations_per_task exceeds fwd.max_perturbations_per_step")
-        if self.partition.kind == "natural" and self.dataset != "jane-austen":
+        if self.partition.kind == "natural" and not dataset_info(self.dataset).natural_groups:
             raise ValueError(f"partition 'natural' needs a data set with natural groups, not {self.dataset!r}")
+        if self.devices.profiles is not None and len(self.devices.profiles) != self.num_clients:
+            raise ValueError(
+                f"devices.profiles lists {len(self.devices.profiles)} profiles but num_clients is {self.num_clients}"
+            )
         return self
 
     @property

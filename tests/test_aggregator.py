@@ -19,7 +19,6 @@ from shared.bus import Queues
 from shared.bus.memory import MemoryBus
 from shared.codec import decode_tensors, encode_tensors
 from shared.forward_grad import ParamSpace, candidate_seed, direction, encode_seed_scalars
-from shared.jobs import JobState, read_state
 from shared.messages import (
     CloseRound,
     DropJob,
@@ -38,6 +37,7 @@ from shared.messages import (
     encode,
 )
 from shared.spec import JobSpec
+from shared.state import JobState, RoundStatus
 from shared.store import Keys
 from shared.store.memory import MemoryStore
 
@@ -513,7 +513,7 @@ def test_update_for_a_cancelled_job_is_late(make_world: Callable[..., World]) ->
     world.aggregator.handle(world.announce(world.clients[1]))
     assert received("late") == before + 1
     assert world.events() == []
-    assert read_state(world.store, world.keys, world.job_id) == JobState.CANCELLED
+    assert world.scheduler.jobs.state(world.job_id) == JobState.CANCELLED
 
 
 def test_late_update_never_deletes_a_key_it_does_not_own(make_world: Callable[..., World]) -> None:
@@ -677,7 +677,7 @@ def test_fwd_commit_applies_sgd_on_the_regenerated_estimate(make_world: Callable
     want = {k: start[k] - 0.1 * v for k, v in space.unflatten(mean).items()}
     got = world.global_state(1)
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
-    gradient = decode_tensors(world.store.get(world.keys.global_gradient(world.job_id, 1)) or b"")
+    gradient = decode_tensors(world.store.get(world.keys.artifact(world.job_id, "gradient", 1)) or b"")
     assert torch.allclose(space.flatten(gradient), mean, atol=1e-7)
 
 
@@ -690,7 +690,7 @@ def test_noisy_fwd_step_asks_for_more_work_until_the_cap(make_world: Callable[..
     assert isinstance(event, MoreWork) and event.wave == 1 and event.perturbations == 4 * len(world.clients)
     assert not world.store.exists(world.keys.round_committed(world.job_id, 1))
     # The scheduler turns it into a wave of tasks, bounded by the cap of 16 perturbations.
-    world.store.hash_set(world.keys.round_plan(world.job_id, 1), {"status": "closing"})
+    world.scheduler.jobs.update_plan(world.job_id, 1, status=RoundStatus.CLOSING)
     world.scheduler.handle_event(encode(event))
     tasks = [decode_task(body) for body in drain(world.bus, world.queues.tasks)]
     assert [t.wave for t in tasks] == [1] * ((16 - 4 * len(world.clients)) // 4)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +15,9 @@ from services.scheduler.api import create_app
 from services.scheduler.core import Scheduler
 from shared.bus import Queues
 from shared.bus.memory import MemoryBus
-from shared.jobs import JobState
 from shared.messages import DropJob, InitJob, decode_aggregator
+from shared.spec import load_spec_file
+from shared.state import JobState
 from shared.store import Keys
 from shared.store.memory import MemoryStore
 
@@ -265,3 +268,100 @@ def test_http_requests_are_counted_by_route_template(client: TestClient) -> None
     client.get("/v1/jobs/abc-123", headers=AUTH)
     client.get("/v1/jobs/xyz-456", headers=AUTH)
     assert REGISTRY.get_sample_value("pwff_http_requests_total", labels) == before + 2
+
+
+# -- the HTTP contract (see also tests/test_openapi.py) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"seed": False}, "seed"),
+        ({"rounds": "3"}, "rounds"),
+        ({"num_clients": True}, "num_clients"),
+        ({"lora": {"train_head": 1}}, "train_head"),
+        ({"optimizer": {"lr": "0.1"}}, "lr"),
+        ({"optimizer": {"lr": True}}, "lr"),
+        ({"name": 7}, "name"),
+    ],
+)
+def test_a_submitted_spec_is_not_coerced_from_other_json_types(
+    client: TestClient, scheduler: Scheduler, overrides: dict[str, Any], field: str
+) -> None:
+    # Regression: pydantic's lax mode took `false` for 0 and "3" for 3, which the schema forbids.
+    response = client.post("/v1/jobs", json={**SPEC, **overrides}, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert [error["loc"][-1] for error in response.json()["detail"]] == [field]
+    assert scheduler.list_jobs() == []
+
+
+def test_a_submitted_spec_takes_numbers_as_json_schema_does(client: TestClient) -> None:
+    # An integer where a float is expected is a number; an integral number is an integer.
+    job_id = _submit(client, rounds=3.0, optimizer={"lr": 1}, fwd={"perturbations_per_task": 4.0})
+    spec = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["spec"]
+    assert spec["rounds"] == 3 and spec["optimizer"]["lr"] == 1.0 and spec["fwd"]["perturbations_per_task"] == 4
+
+
+def test_spec_files_stay_lax(tmp_path: Path) -> None:
+    # YAML reads 1e-3 as a string: the strict reading is the HTTP edge's only.
+    path = tmp_path / "spec.yaml"
+    path.write_text("optimizer:\n  lr: 1e-3\nseed: '5'\n")
+    spec = load_spec_file(str(path), ["fwd.lr=2e-2"])
+    assert spec.optimizer.lr == 1e-3 and spec.seed == 5 and spec.fwd.lr == 2e-2
+
+
+def test_device_profiles_must_list_every_client(client: TestClient, scheduler: Scheduler) -> None:
+    # Such a spec used to be accepted and fail every round on the way (profiles_for raises).
+    profiles = [{"bandwidth_hz": 2e6}, {"tx_power_w": 0.1}]
+    response = client.post("/v1/jobs", json={**SPEC, "devices": {"profiles": profiles}}, headers=AUTH)
+    assert response.status_code == 422
+    assert "devices.profiles lists 2 profiles but num_clients is 4" in response.text
+    assert client.post("/v1/jobs", json={**SPEC, "devices": {"profiles": []}}, headers=AUTH).status_code == 422
+    _submit(client, devices={"profiles": [*profiles, *profiles]})
+    assert len(scheduler.list_jobs()) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("OPTIONS", "/v1/jobs", "GET, POST"),
+        ("PUT", "/v1/jobs", "GET, POST"),
+        ("PATCH", "/v1/jobs/some-job-123", "GET, DELETE"),
+        ("POST", "/v1/jobs/some-job-123/models/global", "GET"),
+        ("DELETE", "/healthz", "GET"),
+    ],
+)
+def test_405_allows_every_method_of_the_path(client: TestClient, method: str, path: str, allow: str) -> None:
+    # Regression: Starlette answered from the first route of the path (`Allow: POST` on /v1/jobs).
+    response = client.request(method, path, headers=AUTH)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allow
+
+
+def _chunks(size: int) -> Iterator[bytes]:
+    yield b'{"name": "'
+    for _ in range(size // 100):
+        yield b"x" * 100
+    yield b'"}'
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["declared", "streamed"])
+def test_a_body_over_the_limit_is_413(scheduler: Scheduler, streamed: bool) -> None:
+    client = TestClient(create_app(scheduler, TOKEN, max_body_bytes=1000))
+    headers = {**AUTH, "Content-Type": "application/json"}
+    body = _chunks(5000) if streamed else b"".join(_chunks(5000))
+    # Regression (streamed): a chunked body over the limit was answered 400, FastAPI's answer to
+    # any error raised while it reads a body.
+    response = client.post("/v1/jobs", content=body, headers=headers)
+    assert response.status_code == 413
+    assert response.json() == {"detail": "request body larger than 1000 bytes"}
+    assert scheduler.list_jobs() == []
+    under = client.post("/v1/jobs", content=_chunks(500), headers=headers)
+    assert under.status_code == 422 and "name" in under.text  # read whole, then validated
+    assert client.post("/v1/jobs", content=iter([b"{", b"}"]), headers=headers).status_code == 201
+
+
+def test_an_unreadable_body_is_400(client: TestClient) -> None:
+    response = client.post("/v1/jobs", content=b"\xff\n\xff", headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == {"detail": "There was an error parsing the body"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +18,18 @@ from prometheus_client import REGISTRY
 from services.embedded import EmbeddedCluster
 from services.scheduler.core import sample_clients
 from shared import data
+from shared.adapters import build_peft_model
 from shared.batches import collate
 from shared.bus import Queues
 from shared.codec import decode_tensors
 from shared.evaluation import evaluation_subset, predict
 from shared.models import (
-    build_peft_model,
     extract_archive,
     initial_state,
     load_base_model,
     load_tokenizer,
     load_trainable_state,
+    peft_folder_archive,
 )
 from shared.seeding import derive_seed
 from shared.spec import JobSpec
@@ -221,3 +223,11 @@ def test_sample_clients_depends_only_on_sampling_fields() -> None:
     spec = JobSpec(num_clients=8, clients_per_round=3, seed=5)
     renamed = JobSpec(num_clients=8, clients_per_round=3, seed=5, name="other", rounds=9, local_steps=1)
     assert [sample_clients(spec, r) for r in range(1, 10)] == [sample_clients(renamed, r) for r in range(1, 10)]
+
+
+def test_same_state_publishes_byte_identical_archives(spec: JobSpec, cache_dir: Path) -> None:
+    """The gzip header carries a timestamp unless told otherwise: archives of one state must not differ."""
+    model = build_peft_model(spec, cache_dir)
+    first = peft_folder_archive(model)
+    time.sleep(1.1)  # gzip stamps whole seconds
+    assert peft_folder_archive(model) == first

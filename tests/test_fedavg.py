@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from services.aggregator.fedavg import StreamingMean, apply_update
+from shared.aggregation import StreamingMean, apply_update
 
 SHAPES = {"lora_A": (8, 32), "lora_B": (32, 8), "head.weight": (5, 32), "head.bias": (5,)}
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.aggregator.rounds import RoundAccumulator
-from services.worker.forward import LossOf, _central_difference, _jvp, forward_task
 from shared import data
+from shared.adapters import build_peft_model
 from shared.codec import decode_tensors
 from shared.forward_grad import (
     ForwardGradientEstimate,
@@ -25,8 +24,12 @@ from shared.forward_grad import (
     select_directions,
     validate_upload,
 )
+from shared.forward_passes import LossOf
+from shared.forward_passes import central_difference as _central_difference
+from shared.forward_passes import jvp_derivative as _jvp
 from shared.messages import UpdateReady
-from shared.models import build_peft_model, initial_state, load_tokenizer, load_trainable_state, trainable_state
+from shared.models import initial_state, load_tokenizer, load_trainable_state, trainable_state
+from shared.modes.fwd import ForwardAccumulator, forward_task
 from shared.spec import JobSpec, parse_spec
 
 
@@ -202,9 +205,8 @@ def test_aggregator_regenerates_the_workers_directions(tiny: tuple[JobSpec, torc
         job_id="job-abc", round=2, client=1, attempt=0, key="k", num_samples=len(examples), train_loss=1.0,
         compute_s=0.1, upload_bytes=len(seeds_result.payload), perturbations=6,
     )  # fmt: skip
-    accumulator = RoundAccumulator(spec, start)
-    accumulator.decode(announce, seeds_result.payload, 10**8)()
-    assert accumulator.estimate is not None
+    accumulator = ForwardAccumulator(spec, start)
+    accumulator.merge(announce, accumulator.validate(announce, seeds_result.payload, 10**8))
     rebuilt = accumulator.estimate.total
     dense = ParamSpace.from_state(start).flatten(decode_tensors(dense_result.payload))
     # fp16 on the dense wire: compare at that precision.

@@ -13,11 +13,13 @@ from peft import PeftModel
 
 from services.embedded import EmbeddedCluster
 from shared import data
+from shared.adapters import build_peft_model
 from shared.codec import decode_tensors
 from shared.evaluation import evaluate, predict
-from shared.models import build_peft_model, load_base_model, load_tokenizer, load_trainable_state
+from shared.models import load_base_model, load_tokenizer, load_trainable_state
 from shared.personalization import is_personal, personal_names, split_state
 from shared.spec import JobSpec
+from shared.state.tensors import TensorRepository
 from shared.store import Keys
 from shared.store.memory import MemoryStore
 
@@ -92,11 +94,8 @@ def pwff_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobSpec, dict, R
             "personalization": {"preset": "pwff", "eval_examples_per_client": 16},
         }
     )
-    cluster = EmbeddedCluster(cache, workers=2)
     store = RecordingStore()
-    for component in (cluster.scheduler, cluster.aggregator, *cluster.workers):
-        component.store = store
-    cluster.store = store
+    cluster = EmbeddedCluster(cache, workers=2, store=store)
     with cluster:
         job_id = cluster.scheduler.submit(spec)
         job = cluster.wait(job_id)
@@ -117,11 +116,9 @@ def test_clients_keep_different_personal_tensors(pwff_run: tuple[JobSpec, dict, 
     keys = Keys()
     states = {}
     for client in range(spec.num_clients):
-        versions = [int(v) for v in store.set_members(keys.personal_rounds(job["id"], client))]
-        if versions:
-            blob = store.get(keys.personal_state(job["id"], client, max(versions)))
-            assert blob is not None
-            states[client] = decode_tensors(blob)
+        found = TensorRepository(store, keys).latest_personal(job["id"], client, before=(spec.rounds + 1, 0))
+        if found is not None:
+            states[client] = decode_tensors(found[1])
     assert len(states) >= 2, "at least two clients trained"
     first, second = list(states.values())[:2]
     assert set(first) == set(second) and personal_names(spec, first) == set(first)
@@ -159,9 +156,9 @@ def test_published_personalized_folder_loads_with_peft_and_predicts_like_the_sys
     system = build_peft_model(spec, cache)
     global_blob = store.get(keys.global_state(job["id"], spec.rounds))
     assert global_blob is not None
-    versions = [int(v) for v in store.set_members(keys.personal_rounds(job["id"], client))]
-    personal_blob = store.get(keys.personal_state(job["id"], client, max(versions)))
-    assert personal_blob is not None
+    found = TensorRepository(store, keys).latest_personal(job["id"], client, before=(spec.rounds + 1, 0))
+    assert found is not None
+    personal_blob = found[1]
     load_trainable_state(system, {**decode_tensors(global_blob), **decode_tensors(personal_blob)})
 
     assert predict(loaded, tokenizer, examples, spec.max_length) == predict(

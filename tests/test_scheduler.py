@@ -26,7 +26,6 @@ from services.aggregator.aggregator import Aggregator
 from services.scheduler.core import RESEND_AFTER_S, JobConflict, Scheduler
 from shared.bus import Queues
 from shared.bus.memory import MemoryBus
-from shared.jobs import JobNotFound
 from shared.messages import (
     AggregatorCommand,
     ClientEvaluated,
@@ -45,6 +44,7 @@ from shared.messages import (
     encode,
 )
 from shared.spec import JobSpec
+from shared.state import JobNotFound
 from shared.store.memory import MemoryStore
 from tests.test_aggregator import World
 

@@ -5,27 +5,27 @@ merged into a round is recorded in the store right after each merge, and a round
 committed in one transaction (new global state, round record, metrics, published
 model, cleanup). After a restart a round's running sum is rebuilt from the stored
 updates of the clients in that set, so nothing merged is lost or merged twice.
+What an update means (a delta, seed-scalar forward gradients, ...) is the job's training
+mode's business (`shared.modes`); this class validates identity, dedups and commits.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import msgpack
 import torch
 
-from services.aggregator.rounds import RoundAccumulator
+from services.aggregator.tally import OpenRound, RoundTally
 from shared import data
+from shared.adapters import ModelCache
 from shared.bus import Bus, Queues
-from shared.codec import CodecError, decode_tensors, encode_tensors
+from shared.catalog import model_info
+from shared.codec import decode_tensors, encode_tensors
 from shared.evaluation import evaluate, evaluation_subset
-from shared.forward_grad import UploadError
-from shared.jobs import JobNotFound, JobState, read_spec, read_state
 from shared.messages import (
     CloseRound,
     DropJob,
@@ -41,27 +41,14 @@ from shared.messages import (
     decode_aggregator,
     encode,
 )
-from shared.metrics import (
-    DEVICE_DELAY,
-    DEVICE_ENERGY,
-    FWD_COSINE,
-    FWD_PERTURBATIONS,
-    FWD_VARIANCE,
-    GLOBAL_ACCURACY,
-    GLOBAL_LOSS,
-    ROUNDS_COMMITTED,
-    UPDATES_RECEIVED,
-)
-from shared.models import (
-    ModelCache,
-    initial_state,
-    load_trainable_state,
-    model_info,
-    peft_folder_archive,
-)
+from shared.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, ROUNDS_COMMITTED, UPDATES_RECEIVED
+from shared.models import initial_state, load_trainable_state, peft_folder_archive
+from shared.modes import mode_of
+from shared.modes.base import State, UpdateRejected
 from shared.seeding import derive_seed
 from shared.spec import JobSpec
-from shared.store import Keys, Store
+from shared.state import JobNotFound, JobState, Repositories, RoundCommit, RoundRecord
+from shared.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +71,12 @@ class Aggregator:
         max_update_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         self.bus = bus
-        self.store = store
-        self.keys = Keys(namespace)
+        self.state = Repositories(store, namespace)
         self.queues = Queues(namespace)
         self.models = ModelCache(cache_dir)
         self.max_message_bytes = max_message_bytes
         self.max_update_bytes = max_update_bytes
-        self._rounds: dict[tuple[str, int], RoundAccumulator] = {}
+        self._rounds: dict[tuple[str, int], OpenRound] = {}
 
     def run(self, stop: threading.Event) -> None:
         log.info("aggregator consuming %s", self.queues.aggregate)
@@ -99,7 +85,7 @@ class Aggregator:
     def handle(self, body: bytes) -> None:
         message = decode_aggregator(body, self.max_message_bytes)
         try:
-            spec = read_spec(self.store, self.keys, message.job_id)
+            spec = self.state.jobs.spec(message.job_id)
         except JobNotFound:
             if isinstance(message, UpdateReady):
                 UPDATES_RECEIVED.labels(outcome="invalid").inc()
@@ -131,206 +117,151 @@ class Aggregator:
     # -- round 0 --------------------------------------------------------------------------
 
     def _init(self, job_id: str, spec: JobSpec) -> None:
-        committed = self.store.get(self.keys.round_committed(job_id, 0))
+        committed = self.state.rounds.committed(job_id, 0)
         if committed is not None:
-            record = msgpack.unpackb(committed)
-            self._emit(JobInitialized(job_id=job_id, metrics=record["metrics"]))
+            self._emit(JobInitialized(job_id=job_id, metrics=committed.metrics))
             return
         model, _ = self.models.get(spec)
         state = initial_state(model, derive_seed("init", spec.seed))
         began = time.perf_counter()
         metrics = self._evaluate(spec, state)
         metrics["eval_s"] = time.perf_counter() - began
-        record = {"round": 0, "clients": [], "metrics": metrics}
-        batch = self.store.batch()
-        batch.put(self.keys.global_state(job_id, 0), encode_tensors(state, _STATE_DTYPE))
-        batch.list_append(self.keys.metrics(job_id), msgpack.packb(record))
-        batch.put(self.keys.round_committed(job_id, 0), msgpack.packb(record))
-        batch.execute()
+        record = RoundRecord(round=0, metrics=metrics)
+        self.state.rounds.commit(job_id, RoundCommit(record=record, state=encode_tensors(state, _STATE_DTYPE)))
         log.info("job %s initialized: %s", job_id, _fmt(metrics))
         self._emit(JobInitialized(job_id=job_id, metrics=metrics))
 
     # -- merging --------------------------------------------------------------------------
 
     def _merge(self, announce: UpdateReady, spec: JobSpec) -> None:
-        keys, job_id, round_ = self.keys, announce.job_id, announce.round
+        job_id, round_ = announce.job_id, announce.round
         # Validate identity first: everything below trusts announce.key (it may even delete it).
-        expected_key = keys.update(job_id, round_, announce.client, announce.wave, announce.attempt)
+        expected_key = self.state.tensors.update_key(job_id, round_, announce.client, announce.wave, announce.attempt)
         if announce.key != expected_key:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"update key {announce.key!r} does not match its job, round, client and wave")
-        if (
-            self.store.exists(keys.round_committed(job_id, round_))
-            or read_state(self.store, keys, job_id) != JobState.RUNNING
-        ):
+        if self.state.rounds.is_committed(job_id, round_) or self.state.jobs.state(job_id) != JobState.RUNNING:
             UPDATES_RECEIVED.labels(outcome="late").inc()
-            self.store.delete(announce.key)
+            self.state.tensors.drop_update(announce.key)
             log.info("late update for %s round %d client %d dropped", job_id, round_, announce.client)
             return
-        member = f"{announce.client}:{announce.wave}"
-        merged = self.store.set_members(keys.round_merged(job_id, round_))
-        if member in merged:
+        merged = self.state.rounds.merged(job_id, round_)
+        if (announce.client, announce.wave) in merged:
             UPDATES_RECEIVED.labels(outcome="duplicate").inc()
             # Say it again: the first announcement may have died with a previous process.
             self._emit(UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=len(merged)))
             return
-        planned = self.store.hash_get(keys.round_plan(job_id, round_), "clients")
-        if planned is None or announce.client not in json.loads(planned):
+        planned = self.state.jobs.planned_clients(job_id, round_)
+        if planned is None or announce.client not in planned:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"client {announce.client} was not sampled in {job_id} round {round_}")
-        blob = self.store.get(announce.key)
+        blob = self.state.tensors.update(announce.key)
         try:
-            accumulator = self._accumulator(job_id, round_, spec)
+            open_round = self._open_round(job_id, round_, spec)
             if blob is None:
-                raise KeyError("no stored update under that key")
-            merge = accumulator.decode(announce, blob, self.max_update_bytes)
-        except (CodecError, UploadError, KeyError, MissingState) as error:
+                raise UpdateRejected("no stored update under that key")
+            update = open_round.accumulator.validate(announce, blob, self.max_update_bytes)
+        except (UpdateRejected, MissingState) as error:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"update {announce.key}: {error}") from None
-        merge()
-        self.store.set_add(keys.round_merged(job_id, round_), member)
+        _apply(open_round, announce, update)
+        self.state.rounds.add_merged(job_id, round_, announce.client, announce.wave)
         UPDATES_RECEIVED.labels(outcome="merged").inc()
-        self._emit(
-            UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=len(accumulator.merged))
-        )
+        count = len(open_round.tally.merged)
+        self._emit(UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=count))
 
-    def _global(self, job_id: str, round_: int) -> dict[str, torch.Tensor]:
-        blob = self.store.get(self.keys.global_state(job_id, round_))
+    def _global(self, job_id: str, round_: int) -> tuple[State, int]:
+        """The global state committed at `round_`, and its size on the wire."""
+        blob = self.state.tensors.global_state(job_id, round_)
         if blob is None:
             raise MissingState(f"global state of {job_id} round {round_} is missing")
-        return decode_tensors(blob, self.max_update_bytes)
+        return decode_tensors(blob, self.max_update_bytes), len(blob)
 
-    def _accumulator(self, job_id: str, round_: int, spec: JobSpec) -> RoundAccumulator:
+    def _open_round(self, job_id: str, round_: int, spec: JobSpec) -> OpenRound:
         """The round's running aggregate, rebuilt from the store if this process has not seen it."""
         key = (job_id, round_)
         if key not in self._rounds:
-            accumulator = RoundAccumulator(spec, self._global(job_id, round_ - 1))
-            members = self.store.set_members(self.keys.round_merged(job_id, round_))
-            for client, wave in sorted(tuple(int(x) for x in m.split(":")) for m in members):
-                raw = self.store.get(self.keys.update_meta(job_id, round_, client, wave))
+            start, _ = self._global(job_id, round_ - 1)
+            open_round = OpenRound(mode_of(spec).accumulator(spec, start), RoundTally(spec))
+            for client, wave in self.state.rounds.merged(job_id, round_):
+                raw = self.state.tensors.announcement(job_id, round_, client, wave)
                 if raw is None:
                     raise RuntimeError(f"merged update of client {client} in {job_id} round {round_} is gone")
-                announce = UpdateReady.model_validate(msgpack.unpackb(raw))
-                stored = self.store.get(announce.key)
+                announce = decode_aggregator(raw, self.max_message_bytes)
+                if not isinstance(announce, UpdateReady):
+                    raise RuntimeError(f"the stored announcement of client {client} in {job_id} is not an update")
+                stored = self.state.tensors.update(announce.key)
                 if stored is None:
                     raise RuntimeError(f"merged update {announce.key} is gone")
-                accumulator.decode(announce, stored, self.max_update_bytes)()
-            if accumulator.merged:
-                log.info("rebuilt %s round %d from %d stored updates", job_id, round_, len(accumulator.merged))
-            self._rounds[key] = accumulator
+                _apply(open_round, announce, open_round.accumulator.validate(announce, stored, self.max_update_bytes))
+            if open_round.tally.merged:
+                log.info("rebuilt %s round %d from %d stored updates", job_id, round_, len(open_round.tally.merged))
+            self._rounds[key] = open_round
         return self._rounds[key]
 
     # -- committing -----------------------------------------------------------------------
 
     def _close(self, close: CloseRound, spec: JobSpec) -> None:
-        keys, job_id, round_ = self.keys, close.job_id, close.round
-        committed = self.store.get(keys.round_committed(job_id, round_))
+        job_id, round_ = close.job_id, close.round
+        committed = self.state.rounds.committed(job_id, round_)
         if committed is not None:
-            record = msgpack.unpackb(committed)
             self._emit(
-                RoundCommitted(job_id=job_id, round=round_, clients=record["clients"], metrics=record["metrics"])
+                RoundCommitted(job_id=job_id, round=round_, clients=committed.clients, metrics=committed.metrics)
             )
             return
-        accumulator = self._accumulator(job_id, round_, spec)
-        if accumulator.estimate is not None and accumulator.merged:
-            self.store.list_append(
-                keys.round_variances(job_id, round_), msgpack.packb(accumulator.estimate.variance_ratio())
-            )
-        if accumulator.wants_more_work(close.force):
-            assert accumulator.estimate is not None
-            variance = accumulator.estimate.variance_ratio()
+        open_round = self._open_round(job_id, round_, spec)
+        more = open_round.accumulator.wants_more_work(close.force)
+        if more is not None:
             log.info(
-                "job %s round %d: variance %.3g above threshold after %d perturbations; asking for more",
+                "job %s round %d: variance %.3g after %d perturbations; asking for more",
                 job_id,
                 round_,
-                variance,
-                accumulator.estimate.count,
+                more.variance,
+                more.perturbations,
             )
+            wave = open_round.tally.next_wave()
             self._emit(
                 MoreWork(
-                    job_id=job_id,
-                    round=round_,
-                    wave=accumulator.next_wave(),
-                    variance=variance,
-                    perturbations=accumulator.estimate.count,
+                    job_id=job_id, round=round_, wave=wave, variance=more.variance, perturbations=more.perturbations
                 )
             )
             return
+        self._commit(job_id, round_, spec, open_round)
 
-        previous_blob = self.store.get(keys.global_state(job_id, round_ - 1))
-        if previous_blob is None:
-            raise RuntimeError(f"global state of round {round_ - 1} is missing")
-        previous = decode_tensors(previous_blob, self.max_update_bytes)
-        momentum_blob = self.store.get(keys.server_momentum(job_id, round_ - 1))
-        momentum = decode_tensors(momentum_blob, self.max_update_bytes) if momentum_blob else None
+    def _commit(self, job_id: str, round_: int, spec: JobSpec, open_round: OpenRound) -> None:
+        mode, tally = mode_of(spec), open_round.tally
+        previous, previous_bytes = self._global(job_id, round_ - 1)
         began = time.perf_counter()
-        step = accumulator.apply(previous, momentum, round_)
+        step = open_round.accumulator.commit(previous, lambda name: self._artifact(job_id, name, round_ - 1), round_)
         aggregate_s = time.perf_counter() - began
         began = time.perf_counter()
         metrics = self._evaluate(spec, step.state)
         metrics.update(step.figures)
-        metrics.update(
-            train_loss=accumulator.loss_weighted / (accumulator.weight or 1.0),
-            num_clients=float(len(accumulator.clients)),
-            updates=float(len(accumulator.merged)),
-            bytes_up=float(accumulator.upload_bytes),
-            bytes_down=float(len(previous_blob) * len(accumulator.merged)),
-            compute_s_max=accumulator.compute_s_max,
-            compute_s_sum=accumulator.compute_s_sum,
-            aggregate_s=aggregate_s,
-            eval_s=time.perf_counter() - began,
+        metrics.update(tally.figures(previous_bytes), aggregate_s=aggregate_s, eval_s=time.perf_counter() - began)
+        record = RoundRecord(round=round_, clients=tally.clients, metrics=metrics, extra=tally.extra())
+        commit = RoundCommit(
+            record=record,
+            state=encode_tensors(step.state, _STATE_DTYPE),
+            artifacts={name: encode_tensors(value, _STATE_DTYPE) for name, value in step.artifacts.items()},
+            archive=self._archive(spec, step.state),
+            merged=tally.merged,
+            prune=mode.artifacts,
         )
-        devices = accumulator.devices
-        if devices:
-            metrics.update(
-                delay_s=max(d["delay_s"] for d in devices.values()),  # the round waits for the slowest device
-                delay_s_mean=sum(d["delay_s"] for d in devices.values()) / len(devices),
-                energy_j=sum(d["energy_j"] for d in devices.values()),
-                upload_s_max=max(d["upload_s"] for d in devices.values()),
-            )
-            for figures in devices.values():
-                DEVICE_DELAY.observe(figures["delay_s"])
-                DEVICE_ENERGY.inc(figures["energy_j"])
-        clients = accumulator.clients
-        record = {
-            "round": round_,
-            "clients": clients,
-            "metrics": metrics,
-            "extra": {"devices": {str(c): d for c, d in sorted(devices.items())}},
-        }
-        archive = self._archive(spec, step.state)
-
-        batch = self.store.batch()
-        batch.put(keys.global_state(job_id, round_), encode_tensors(step.state, _STATE_DTYPE))
-        if step.gradient is not None:
-            batch.put(keys.global_gradient(job_id, round_), encode_tensors(step.gradient, _STATE_DTYPE))
-        if step.momentum is not None:
-            batch.put(keys.server_momentum(job_id, round_), encode_tensors(step.momentum, _STATE_DTYPE))
-        batch.put(keys.round_committed(job_id, round_), msgpack.packb(record))
-        batch.list_append(keys.metrics(job_id), msgpack.packb(record))
-        batch.put(keys.model_archive(job_id, "global"), archive)
-        for client, wave in accumulator.merged:
-            batch.delete(keys.update_meta(job_id, round_, client, wave))
-        if round_ >= 2:
-            batch.delete(
-                keys.global_state(job_id, round_ - 2),
-                keys.global_gradient(job_id, round_ - 2),
-                keys.server_momentum(job_id, round_ - 2),
-            )
-        batch.execute()
-        # Update payloads go after the commit: a crash here leaves garbage (with a TTL), never a gap.
-        self.store.delete_prefix(f"{keys.job_prefix(job_id)}round:{round_}:update:")
+        self.state.rounds.commit(job_id, commit)
         self._rounds.pop((job_id, round_), None)
 
         ROUNDS_COMMITTED.inc()
+        tally.observe_devices()
         GLOBAL_ACCURACY.labels(job=job_id).set(metrics["accuracy"])
         GLOBAL_LOSS.labels(job=job_id).set(metrics["loss"])
-        if "perturbations" in metrics:
-            FWD_PERTURBATIONS.observe(metrics["perturbations"])
-            FWD_VARIANCE.labels(job=job_id).set(metrics["variance"])
-            FWD_COSINE.labels(job=job_id).set(metrics["cosine"])
-        log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(clients), _fmt(metrics))
-        self._emit(RoundCommitted(job_id=job_id, round=round_, clients=clients, metrics=metrics))
+        if step.figures:
+            mode.observe(job_id, step.figures)
+        log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(tally.clients), _fmt(metrics))
+        self._emit(RoundCommitted(job_id=job_id, round=round_, clients=record.clients, metrics=metrics))
+
+    def _artifact(self, job_id: str, name: str, round_: int) -> State | None:
+        blob = self.state.tensors.artifact(job_id, name, round_)
+        return decode_tensors(blob, self.max_update_bytes) if blob is not None else None
 
     def _evaluate(self, spec: JobSpec, state: dict[str, torch.Tensor]) -> dict[str, float]:
         model, tokenizer = self.models.get(spec)
@@ -342,6 +273,11 @@ class Aggregator:
         model, _ = self.models.get(spec)
         load_trainable_state(model, state)
         return peft_folder_archive(model)
+
+
+def _apply(open_round: OpenRound, announce: UpdateReady, update: object) -> None:
+    open_round.accumulator.merge(announce, update)
+    open_round.tally.add(announce, open_round.accumulator.weight(announce))
 
 
 def _fmt(metrics: dict[str, float]) -> str:

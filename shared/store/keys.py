@@ -18,11 +18,11 @@ class Keys:
         return f"{self.namespace}:job:{job_id}:"
 
     def job(self, job_id: str) -> str:
-        """Hash: spec, state, round, timestamps, error (scheduler-owned)."""
+        """Hash: the fields of `JobMeta`, JSON-encoded (scheduler-owned)."""
         return f"{self.namespace}:job:{job_id}:meta"
 
     def round_plan(self, job_id: str, round_: int) -> str:
-        """Hash: clients, opened_at, deadline_at, status (scheduler-owned)."""
+        """Hash: the fields of `RoundPlan` (scheduler-owned)."""
         return f"{self.namespace}:job:{job_id}:round:{round_}:plan"
 
     def round_merged(self, job_id: str, round_: int) -> str:
@@ -40,17 +40,10 @@ class Keys:
         """The UpdateReady message a worker announced for this task (lets the aggregator rebuild)."""
         return f"{self.namespace}:job:{job_id}:round:{round_}:announce:{client}:{wave}"
 
-    def round_variances(self, job_id: str, round_: int) -> str:
-        """fwd: list of the step's variance after each wave (msgpack floats)."""
-        return f"{self.namespace}:job:{job_id}:round:{round_}:variances"
-
-    def global_gradient(self, job_id: str, round_: int) -> str:
-        """fwd: the gradient estimate applied at `round_` (codec bytes); guides discriminative sampling."""
-        return f"{self.namespace}:job:{job_id}:gradient:{round_}"
-
-    def server_momentum(self, job_id: str, round_: int) -> str:
-        """fwd: the server optimizer's momentum buffer after `round_`."""
-        return f"{self.namespace}:job:{job_id}:momentum:{round_}"
+    def artifact(self, job_id: str, name: str, round_: int) -> str:
+        """Tensors a training mode commits beside the global state at `round_` (codec bytes, float32),
+        e.g. fwd's "gradient" (guides discriminative sampling) and "momentum" (the server optimizer's)."""
+        return f"{self.namespace}:job:{job_id}:{name}:{round_}"
 
     def global_state(self, job_id: str, round_: int) -> str:
         """Global trainable state committed at `round_` (codec bytes, float32); round 0 is the init."""
@@ -64,12 +57,13 @@ class Keys:
         """A published PEFT folder as a tar.gz: which is 'global' or 'client-<id>'."""
         return f"{self.namespace}:job:{job_id}:model:{which}"
 
-    def personal_state(self, job_id: str, client: int, round_: int) -> str:
-        """A client's personal tensors after training in `round_` (codec bytes). Never read by the aggregator."""
-        return f"{self.namespace}:job:{job_id}:client:{client}:personal:{round_}"
+    def personal_state(self, job_id: str, client: int, round_: int, wave: int) -> str:
+        """A client's personal tensors after its task of (`round_`, `wave`) (codec bytes). Never read by the
+        aggregator."""
+        return f"{self.namespace}:job:{job_id}:client:{client}:personal:{round_}:{wave}"
 
     def personal_rounds(self, job_id: str, client: int) -> str:
-        """Set of rounds for which `personal_state` exists, so a worker finds the latest before its own."""
+        """Set of "round:wave" for which `personal_state` exists, so a worker finds the latest before its own."""
         return f"{self.namespace}:job:{job_id}:client:{client}:personal-rounds"
 
     def client_metrics(self, job_id: str, round_: int) -> str:

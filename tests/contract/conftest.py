@@ -3,7 +3,7 @@
 The in-process twins (MemoryStore, MemoryBus) always run. The real ones (RedisStore, RabbitBus) are
 `integration` params that talk to the brokers at `Settings().redis_url` / `Settings().rabbitmq_url`
 (PWFF_REDIS_URL, PWFF_RABBITMQ_URL, else the local defaults), the same settings the services and
-`services.processes.ServiceCluster` use. When a broker is down those params fail, never skip: a
+`tests.harness.ServiceCluster` use. When a broker is down those params fail, never skip: a
 green run means both twins were checked. Deselect them with `-m "not integration"`.
 
 Each test gets its own key namespace / queue names and leaves nothing behind.

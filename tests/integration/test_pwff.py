@@ -50,7 +50,7 @@ def test_pwff_job_hands_each_clients_personal_state_to_the_next_worker(cluster: 
         assert runs[0][2] == "initial", f"client {client} started from someone's personal state"
         for (previous_round, previous_worker, _), (_, worker, personal) in itertools.pairwise(runs):
             # Every later task starts from the state this client's previous task left behind.
-            assert personal == f"v{previous_round * 10_000}", (client, runs)
+            assert personal == f"v{previous_round}.0", (client, runs)
             handoffs += worker != previous_worker
     assert handoffs > 0, "no client moved between workers; nothing was tested"
 

@@ -1,4 +1,4 @@
-"""Backprop-free local work (FwdLLM): directional derivatives from forward passes only.
+"""Forward passes for forward gradients (FwdLLM): losses and directional derivatives, no autograd graph.
 
 `fd` perturbs the parameters in place by +-h v and runs two inferences under
 `torch.no_grad()`; `jvp` gets the exact directional derivative in one pass with
@@ -11,23 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from services.worker.trainer import minibatches
-from shared.batches import Task, collate
-from shared.codec import encode_tensors
-from shared.data import Example
-from shared.forward_grad import ParamSpace, candidate_seed, direction, encode_seed_scalars, select_directions
-from shared.models import parameter_count
-from shared.personalization import is_personal
-from shared.seeding import derive_seed
-from shared.spec import JobSpec
-from shared.wireless import fwd_perturbation_flops
+from shared.catalog import Task
+from shared.forward_grad import ParamSpace
 
 LOGIT_CHUNK_TOKENS = 512
 """Tokens whose losses one cross-entropy reduction sums (this fixes the loss's summation order)."""
@@ -35,24 +24,6 @@ LOGIT_BLOCK_TOKENS = 128
 """Tokens whose logits (49k floats each, 25 MB for 128) exist at once: a chunk is computed in blocks.
 The loss does not change with it (see `_chunk_loss_sum`; checked bit for bit for 32 to 256 on
 CPU/MKL, SmolLM2); 128 keeps the loss's peak below a decoder layer's in both estimators."""
-
-
-@dataclass(frozen=True)
-class ForwardResult:
-    payload: bytes
-    loss: float
-    perturbations: int
-    cosine: float
-    flops: float
-    """Compute spent: two forward passes' worth per perturbation (wireless cost model)."""
-    local_step: dict[str, torch.Tensor]
-    """This client's own gradient estimate per perturbed tensor (mean of g_i v_i): it moves the
-    client's personal tensors locally, which never leave it."""
-
-
-def candidate_count(spec: JobSpec, perturbations: int) -> int:
-    """How many candidate seeds a task may choose from (the aggregator checks uploads against it)."""
-    return perturbations * (spec.fwd.candidates if spec.fwd.discriminative else 1)
 
 
 class LossOf(torch.nn.Module):
@@ -146,66 +117,13 @@ def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
     )
 
 
-def forward_task(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: list[Example],
-    spec: JobSpec,
-    task: Task,
-    *,
-    round_: int,
-    client: int,
-    wave: int,
-    perturbations: int,
-    reference: torch.Tensor | None,
-) -> ForwardResult:
-    device = next(model.parameters()).device
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    space = ParamSpace.from_state(params, spec.fwd.perturb)
-    batch_seed = derive_seed("fwd-batch", spec.seed, round_, client, wave)
-    batch = collate(tokenizer, next(minibatches(examples, spec.batch_size, batch_seed)), task, spec.max_length, device)
-
-    seeds = [candidate_seed(spec.seed, round_, client, wave, i) for i in range(candidate_count(spec, perturbations))]
-    usable_reference = reference if spec.fwd.discriminative else None
-    chosen, cosines = select_directions(seeds, space.dim, usable_reference, perturbations)
-
-    model.eval()  # the same network for every pass: no dropout
-    loss_module = HeadLossOf(model, batch) if HeadLossOf.applies(model, task, space) else LossOf(model, task)
-    grads: list[float] = []
-    losses: list[float] = []
-    dense = torch.zeros(space.dim, dtype=torch.float32)
-    estimate = _jvp if spec.fwd.estimator == "jvp" else _central_difference
-    for position in chosen:
-        v = direction(seeds[position], space.dim)
-        g, loss = estimate(loss_module, batch, params, space, v.to(device), spec.fwd.h)
-        grads.append(g)
-        losses.append(loss)
-        dense += g * v
-
-    if spec.fwd.upload == "dense":
-        # Only the global part goes up; personal tensors stay on the client.
-        shared = {name: t for name, t in space.unflatten(dense).items() if not is_personal(spec, name)}
-        payload = encode_tensors(shared, spec.compression.dtype, spec.compression.zstd_level)
-    else:
-        payload = encode_seed_scalars(chosen, grads, losses)
-    tokens = int(batch["attention_mask"].sum())
-    return ForwardResult(
-        payload=payload,
-        loss=float(np.mean(losses)),
-        perturbations=len(chosen),
-        cosine=float(np.mean(np.abs(cosines))) if cosines else 0.0,
-        flops=float(fwd_perturbation_flops(parameter_count(model), tokens) * len(chosen)),
-        local_step={name: t.clone() for name, t in space.unflatten(dense / max(1, len(chosen))).items()},
-    )
-
-
-def _autocast(device: torch.device) -> Any:
+def autocast_for(device: torch.device) -> Any:
     # Half precision where it is fast and the point is throughput; full precision on the CPU.
     return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
 
 
 @torch.no_grad()
-def _central_difference(
+def central_difference(
     loss_module: LossOf,
     batch: dict[str, torch.Tensor],
     params: Mapping[str, torch.nn.Parameter],
@@ -219,11 +137,11 @@ def _central_difference(
     try:
         for name in space.names:
             params[name].add_(pieces[name], alpha=h)
-        with _autocast(device):
+        with autocast_for(device):
             plus = float(loss_module(batch))
         for name in space.names:
             params[name].add_(pieces[name], alpha=-2 * h)
-        with _autocast(device):
+        with autocast_for(device):
             minus = float(loss_module(batch))
     finally:
         for name in space.names:  # restore exactly, not by adding h v back (no drift)
@@ -231,7 +149,7 @@ def _central_difference(
     return (plus - minus) / (2 * h), (plus + minus) / 2
 
 
-def _jvp(
+def jvp_derivative(
     loss_module: LossOf,
     batch: dict[str, torch.Tensor],
     params: Mapping[str, torch.nn.Parameter],

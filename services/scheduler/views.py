@@ -1,0 +1,135 @@
+"""What the API returns about jobs: typed, so /openapi.json documents the whole contract."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from shared.spec import JobSpec
+from shared.state import JobState
+
+# A figure that is not a finite number (the loss of a model that diverged) is JSON null.
+Figure = float | None
+
+
+class ClientFigures(BaseModel):
+    """One client's held-out figures after a round: the global model vs its personalized model.
+
+    A figure that is not a finite number (a diverged model) is null.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    global_accuracy: Figure = Field(description="the global model's accuracy on the client's held-out examples")
+    global_loss: Figure = Field(description="the global model's loss on the client's held-out examples")
+    personalized_accuracy: Figure = Field(
+        description="the client's personalized model (global part + its personal part), held-out accuracy"
+    )
+    personalized_loss: Figure = Field(description="the client's personalized model, held-out loss")
+    examples: float = Field(description="held-out examples the figures are computed on")
+
+
+class RoundView(BaseModel):
+    """One committed round: its clients and every figure the aggregator and the mode reported.
+
+    Besides the fields below a round carries the figures its training mode adds (fwd:
+    perturbations, variance, waves, cosine, lr, gradient_norm) and the simulated device costs
+    (delay_s, delay_s_mean, energy_j, upload_s_max, devices). A figure that is not a finite
+    number (the loss of a model that diverged) is null; an optional one a round did not report
+    is absent.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    round: int = Field(description="0 is the initial state")
+    clients: list[int] = Field(description="clients whose updates were merged")
+    accuracy: Figure = Field(description="global model, held-out accuracy")
+    loss: Figure = Field(description="global model, held-out loss")
+    train_loss: float | None = Field(None, description="mean training loss of the merged updates")
+    bytes_up: float | None = Field(None, description="bytes uploaded by the round's tasks")
+    bytes_down: float | None = Field(None, description="bytes of global state fetched by the round's tasks")
+    duration_s: float | None = Field(None, description="wall time from opening to commit")
+    per_client: dict[int, ClientFigures] | None = Field(None, description="client-side evaluations")
+    client_mean_global_accuracy: float | None = Field(
+        None, description="mean over per_client of global_accuracy (present with per_client)"
+    )
+    client_mean_personalized_accuracy: float | None = Field(
+        None, description="mean over per_client of personalized_accuracy (present with per_client)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An optional figure a round did not report is absent, not null (round 0 has no train_loss).
+        return {
+            key: value for key, value in handler(self).items() if value is not None or key in _REQUIRED_ROUND_FIELDS
+        }
+
+
+_REQUIRED_ROUND_FIELDS = frozenset(name for name, field in RoundView.model_fields.items() if field.is_required())
+
+
+class JobSummary(BaseModel):
+    """A job as GET /v1/jobs lists it."""
+
+    id: str = Field(description="the job id: the spec's name, slugged, and a random suffix")
+    name: str = Field(description="the spec's name")
+    state: JobState = Field(description="queued, running, then succeeded, failed or cancelled")
+    round: int = Field(description="the round in progress (0 until round 1 opens)")
+    created_at: float = Field(description="Unix time")
+
+
+class JobView(JobSummary):
+    """A job with its spec and every committed round's figures."""
+
+    rounds: int = Field(description="rounds the job runs")
+    updated_at: float = Field(description="Unix time")
+    error: str | None = Field(description="why the job failed, or what it noticed on the way")
+    spec: JobSpec = Field(description="the submitted spec with every default filled in")
+    metrics: list[RoundView] = Field(description="committed rounds, round 0 first")
+
+
+class JobCreated(BaseModel):
+    """The answer to a submitted job."""
+
+    id: str = Field(description="the new job's id")
+
+
+class ErrorBody(BaseModel):
+    """An error the API answers with (400, 401, 404, 409, 413)."""
+
+    detail: str = Field(description="what is wrong, in a sentence")
+
+
+class FieldError(BaseModel):
+    """One reason a request did not validate."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="the error's kind, e.g. missing, int_type, extra_forbidden, json_invalid")
+    loc: list[str | int] = Field(
+        description="where: 'body' and the path to the field (empty past 'body' for rules between fields)"
+    )
+    msg: str = Field(description="what is wrong, in a sentence")
+    input: Any = Field(None, description="the offending value")
+    ctx: dict[str, Any] | None = Field(None, description="the constraint the value broke, e.g. {'ge': 1}")
+
+
+class ValidationErrors(BaseModel):
+    """A request that does not validate (422): not JSON, or a spec that breaks its schema or a rule between fields."""
+
+    detail: list[FieldError] = Field(description="every error found")
+
+
+class Health(BaseModel):
+    """The process answers (liveness)."""
+
+    status: Literal["ok"] = Field(description="always ok")
+
+
+class Readiness(BaseModel):
+    """Whether the API can serve: the broker and the store both answer."""
+
+    ready: bool = Field(description="broker and store both answer")
+    broker: bool = Field(description="the message broker answers a ping")
+    store: bool = Field(description="the store answers a ping")
