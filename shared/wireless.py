@@ -335,15 +335,27 @@ class DevicePopulation(_Strict):
     equally likely); fading is Rayleigh (|h|^2 exponential with mean 1, floored at `fading_floor`) or
     none (|h|^2 = 1). `heterogeneity` shrinks every range around its centre (arithmetic centre for
     uniform ranges, geometric for log-uniform ones): 1 uses the full ranges, 0 makes all devices
-    identical up to fading.
+    identical up to fading. Each `*_min` must not exceed its `*_max`.
     """
 
-    bandwidth_hz_min: float = Field(5e5, gt=0, le=1e10, allow_inf_nan=False)
-    bandwidth_hz_max: float = Field(2e6, gt=0, le=1e10, allow_inf_nan=False)
-    tx_power_w_min: float = Field(0.1, gt=0, le=100, allow_inf_nan=False)
-    tx_power_w_max: float = Field(0.2, gt=0, le=100, allow_inf_nan=False)
-    path_loss_db_min: float = Field(100.0, ge=0, le=250, allow_inf_nan=False)
-    path_loss_db_max: float = Field(130.0, ge=0, le=250, allow_inf_nan=False)
+    bandwidth_hz_min: float = Field(
+        5e5, gt=0, le=1e10, allow_inf_nan=False, description="smallest uplink bandwidth drawn, Hz (uniform)"
+    )
+    bandwidth_hz_max: float = Field(
+        2e6, gt=0, le=1e10, allow_inf_nan=False, description="largest uplink bandwidth drawn, Hz (>= the min)"
+    )
+    tx_power_w_min: float = Field(
+        0.1, gt=0, le=100, allow_inf_nan=False, description="smallest transmit power drawn, W (uniform)"
+    )
+    tx_power_w_max: float = Field(
+        0.2, gt=0, le=100, allow_inf_nan=False, description="largest transmit power drawn, W (>= the min)"
+    )
+    path_loss_db_min: float = Field(
+        100.0, ge=0, le=250, allow_inf_nan=False, description="smallest path loss drawn, dB (uniform in dB)"
+    )
+    path_loss_db_max: float = Field(
+        130.0, ge=0, le=250, allow_inf_nan=False, description="largest path loss drawn, dB (>= the min)"
+    )
     fading: Literal["rayleigh", "none"] = Field("rayleigh", description="small-scale fading model")
     fading_floor: float = Field(
         1e-3,
@@ -353,11 +365,25 @@ class DevicePopulation(_Strict):
         description="smallest |h|^2 drawn (-30 dB): a deeper fade than this is treated as this one, "
         "which keeps delays finite; such a device still misses any realistic deadline",
     )
-    noise_psd_dbm_hz: float = Field(-174.0, ge=-250, le=0, allow_inf_nan=False)
-    flops_per_s_min: float = Field(5e10, gt=0, allow_inf_nan=False)
-    flops_per_s_max: float = Field(1e12, gt=0, allow_inf_nan=False)
-    joules_per_flop_min: float = Field(1e-11, gt=0, allow_inf_nan=False)
-    joules_per_flop_max: float = Field(1e-10, gt=0, allow_inf_nan=False)
+    noise_psd_dbm_hz: float = Field(
+        -174.0,
+        ge=-250,
+        le=0,
+        allow_inf_nan=False,
+        description="noise power spectral density N0 of every device, dBm/Hz",
+    )
+    flops_per_s_min: float = Field(
+        5e10, gt=0, allow_inf_nan=False, description="slowest sustained compute speed drawn, FLOP/s (log-uniform)"
+    )
+    flops_per_s_max: float = Field(
+        1e12, gt=0, allow_inf_nan=False, description="fastest sustained compute speed drawn, FLOP/s (>= the min)"
+    )
+    joules_per_flop_min: float = Field(
+        1e-11, gt=0, allow_inf_nan=False, description="smallest energy per FLOP drawn, J/FLOP (uniform)"
+    )
+    joules_per_flop_max: float = Field(
+        1e-10, gt=0, allow_inf_nan=False, description="largest energy per FLOP drawn, J/FLOP (>= the min)"
+    )
     heterogeneity: float = Field(1.0, ge=0, le=1, description="0: identical devices; 1: the full ranges")
 
     @model_validator(mode="after")
@@ -410,9 +436,14 @@ class DevicesSpec(_Strict):
     """The devices of a job: an explicit profile per client, or a population to draw them from."""
 
     profiles: list[DeviceProfile] | None = Field(
-        None, description="one profile per client, in client order; overrides the population"
+        None,
+        min_length=1,
+        max_length=10_000,
+        description="one profile per client, in client order (exactly num_clients of them); overrides the population",
     )
-    population: DevicePopulation = DevicePopulation()
+    population: DevicePopulation = Field(
+        DevicePopulation(), description="the distribution each client's device is drawn from (without profiles)"
+    )
 
     def profiles_for(self, num_clients: int, seed: int) -> list[DeviceProfile]:
         """Client i's profile at index i: the explicit list (which must have exactly num_clients entries),
