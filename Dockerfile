@@ -40,8 +40,7 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     PWFF_CACHE_DIR=/var/cache/pwff \
-    HF_HOME=/var/cache/pwff/huggingface \
-    MPLCONFIGDIR=/tmp/matplotlib
+    HF_HOME=/var/cache/pwff/huggingface
 
 # Run from a directory without sources so the installed package is what gets imported.
 WORKDIR /home/pwff
