@@ -27,6 +27,15 @@ each), path loss 100 to 130 dB (the 3GPP macro-cell model 128.1 + 37.6 log10(d /
 dB at 50 m and 125 dB at 800 m), Rayleigh fading, sustained mobile compute 5e10 to 1e12 FLOP/s (phone
 CPUs to phone GPUs/NPUs at realistic training utilization, well below their multi-TFLOP/s peaks) and
 1e-11 to 1e-10 J/FLOP (a few watts at those throughputs).
+
+A second population, `preset: cellular-edge` (see `POPULATION_PRESETS`), puts the same devices at
+the edge of a cellular IoT cell, where the uplink is the bottleneck: 180 kHz to 1.08 MHz (one
+LTE resource block, NB-IoT's whole carrier, up to the six blocks of an LTE-M narrowband),
+14 to 23 dBm (UE power classes 6 to 3), path loss 125 to 145 dB (the macro-cell model at 0.8 to
+2.8 km; legacy LTE's coverage ends near 144 dB of coupling loss), and a base-station receiver
+noise figure of 5 dB on top of thermal noise. Shannon's formula then gives ~10 kbit/s to
+~2.7 Mbit/s (median ~0.3 Mbit/s) before fading, the range NB-IoT and LTE-M uplinks quote
+(tens of kbit/s to 1 Mbit/s). The README cites the sources.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -327,6 +336,24 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float, heterogeneity: 
     return min(max(value, lo), hi)
 
 
+POPULATION_PRESETS: dict[str, dict[str, float]] = {
+    # The field defaults below: a share of an LTE/5G broadband carrier, as wireless-FL papers simulate.
+    "default": {},
+    # The uplink-bound edge of a cellular IoT cell; compute and energy per FLOP as in "default", so
+    # the two populations differ only in their uplinks.
+    "cellular-edge": {
+        "bandwidth_hz_min": 1.8e5,  # 1 LTE PRB (12 x 15 kHz): NB-IoT's carrier
+        "bandwidth_hz_max": 1.08e6,  # 6 PRBs: an LTE-M (Cat-M1) narrowband
+        "tx_power_w_min": 0.025,  # 14 dBm: UE power class 6 (NB-IoT, Rel-14)
+        "tx_power_w_max": 0.2,  # 23 dBm: UE power class 3
+        "path_loss_db_min": 125.0,  # 128.1 + 37.6 log10(0.8 km)
+        "path_loss_db_max": 145.0,  # 2.8 km; beyond legacy LTE's 144 dB coupling-loss target
+        "noise_psd_dbm_hz": -169.0,  # -174 dBm/Hz thermal + 5 dB base-station noise figure
+    },
+}
+"""Named device populations: each is the field values it changes from the defaults."""
+
+
 class DevicePopulation(_Strict):
     """A seeded distribution of devices.
 
@@ -335,8 +362,16 @@ class DevicePopulation(_Strict):
     equally likely); fading is Rayleigh (|h|^2 exponential with mean 1, floored at `fading_floor`) or
     none (|h|^2 = 1). `heterogeneity` shrinks every range around its centre (arithmetic centre for
     uniform ranges, geometric for log-uniform ones): 1 uses the full ranges, 0 makes all devices
-    identical up to fading. Each `*_min` must not exceed its `*_max`.
+    identical up to fading. Each `*_min` must not exceed its `*_max`. `preset` names a population
+    of `POPULATION_PRESETS` whose values replace the defaults; fields given explicitly still win.
     """
+
+    preset: Literal["default", "cellular-edge"] = Field(
+        "default",
+        description="default: a share of an LTE/5G broadband carrier (the defaults below); cellular-edge: the "
+        "uplink-bound edge of a cellular IoT cell (180 kHz-1.08 MHz, 14-23 dBm, 125-145 dB, N0 -169 dBm/Hz), whose "
+        "values replace the defaults of the fields not given",
+    )
 
     bandwidth_hz_min: float = Field(
         5e5, gt=0, le=1e10, allow_inf_nan=False, description="smallest uplink bandwidth drawn, Hz (uniform)"
@@ -385,6 +420,15 @@ class DevicePopulation(_Strict):
         1e-10, gt=0, allow_inf_nan=False, description="largest energy per FLOP drawn, J/FLOP (>= the min)"
     )
     heterogeneity: float = Field(1.0, ge=0, le=1, description="0: identical devices; 1: the full ranges")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_values(cls, data: Any) -> Any:
+        # An unknown or mistyped preset is left to the field's own validation, which names it.
+        preset = data.get("preset", "default") if isinstance(data, dict) else None
+        if isinstance(preset, str) and POPULATION_PRESETS.get(preset):
+            return {**POPULATION_PRESETS[preset], **data}
+        return data
 
     @model_validator(mode="after")
     def _ordered(self) -> DevicePopulation:
