@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -11,8 +12,10 @@ from transformers import PreTrainedTokenizerBase
 from shared.catalog import Task
 from shared.data import Example
 
+T = TypeVar("T")
 
-def minibatches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
+
+def minibatches(examples: Sequence[T], batch_size: int, seed: int) -> Iterator[list[T]]:
     """Endless shuffled minibatches: a fresh permutation each pass over the client's data."""
     rng = np.random.default_rng(seed)
     while True:

@@ -10,12 +10,13 @@ E[(grad . v) v] = grad, so the mean of g_i v_i estimates the gradient.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 import torch
+import zstandard
 
 from shared.seeding import derive_seed
 
@@ -224,3 +225,157 @@ class ForwardGradientEstimate:
 def half_of(client: int, index: int) -> int:
     """Which half a perturbation counts in; fixed by its identity, so arrival order does not matter."""
     return (client + index) % 2
+
+
+# -- local zeroth-order steps: a client's trajectory as seeds and scalars -------------------
+
+TRAJECTORY_VERSION = 2
+MAX_TRAJECTORY_STEPS = 100_000
+
+
+def local_seed(job_seed: int, round_: int, client: int, wave: int, step: int, index: int) -> int:
+    """The seed of candidate direction `index` of local step `step` (disjoint from FedSGD's seeds)."""
+    return derive_seed("perturb-local", job_seed, round_, client, wave, step, index)
+
+
+TRAJECTORY_MAGIC = b"PWZ2"
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass(frozen=True)
+class TrajectoryStep:
+    indices: np.ndarray  # uint32: candidate indices within the step
+    grads: np.ndarray  # float16: directional derivative along each (the client applied these values)
+    lr: float
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def as_wire_scalar(g: float) -> float:
+    """A directional derivative as it travels (float16): the client steps with exactly this value."""
+    return float(np.float16(max(-FLOAT16_MAX, min(FLOAT16_MAX, g))))
+
+
+def encode_trajectory(steps: Sequence[TrajectoryStep], losses: Sequence[float]) -> bytes:
+    """Per step: candidate indices (delta-friendly uint32, compressed away when contiguous), g in float16, lr."""
+    packed = msgpack.packb(
+        {
+            "v": TRAJECTORY_VERSION,
+            "steps": [
+                {
+                    "idx": np.asarray(step.indices, dtype="<u4").tobytes(),
+                    "g": np.asarray(step.grads, dtype="<f2").tobytes(),
+                    "lr": float(step.lr),
+                }
+                for step in steps
+            ],
+            "loss": np.asarray(list(losses), dtype="<f4").tobytes(),
+        },
+        use_bin_type=True,
+    )
+    return TRAJECTORY_MAGIC + zstandard.ZstdCompressor(level=19).compress(packed)
+
+
+def decode_trajectory(blob: bytes, max_steps: int, max_per_step: int, candidates_per_step: int) -> list[TrajectoryStep]:
+    """A client's local steps, checked completely: counts, indices, finiteness (raises UploadError)."""
+    limit = 8 * (max_steps * max_per_step + max_steps) + 1024
+    if not blob.startswith(TRAJECTORY_MAGIC):
+        raise UploadError("not a trajectory upload of a known version")
+    try:
+        packed = zstandard.ZstdDecompressor().decompress(blob[len(TRAJECTORY_MAGIC) :], max_output_size=limit)
+    except zstandard.ZstdError as error:
+        raise UploadError(f"zstd: {error}") from None
+    if len(packed) > limit:
+        raise UploadError(f"trajectory of {len(packed)} bytes is too large")
+    try:
+        data = msgpack.unpackb(packed, raw=False, strict_map_key=True)
+    except Exception as error:  # msgpack raises several types for garbage
+        raise UploadError(f"not a msgpack map: {error}") from None
+    if not isinstance(data, dict) or data.get("v") != TRAJECTORY_VERSION or not isinstance(data.get("steps"), list):
+        raise UploadError("not a trajectory upload of a known version")
+    raw_steps = data["steps"]
+    if not 1 <= len(raw_steps) <= max_steps:
+        raise UploadError(f"{len(raw_steps)} local steps is outside 1..{max_steps}")
+    return [_decode_step(number, raw, max_per_step, candidates_per_step) for number, raw in enumerate(raw_steps)]
+
+
+def _decode_step(number: int, raw: object, max_per_step: int, candidates_per_step: int) -> TrajectoryStep:
+    try:
+        assert isinstance(raw, dict)
+        indices = np.frombuffer(raw["idx"], dtype="<u4")
+        grads = np.frombuffer(raw["g"], dtype="<f2")
+        lr = float(raw["lr"])
+    except (AssertionError, KeyError, TypeError, ValueError) as error:
+        raise UploadError(f"step {number}: malformed: {error}") from None
+    if len(indices) != len(grads) or not 1 <= len(indices) <= max_per_step:
+        raise UploadError(f"step {number}: {len(indices)} indices and {len(grads)} g (1..{max_per_step} allowed)")
+    if not (np.isfinite(grads).all() and math.isfinite(lr)) or lr < 0:
+        raise UploadError(f"step {number}: NaN, infinite or negative values")
+    if int(indices.max()) >= candidates_per_step:
+        raise UploadError(f"step {number}: unknown seed {int(indices.max())} (of {candidates_per_step})")
+    if len(np.unique(indices)) != len(indices):
+        raise UploadError(f"step {number}: the same seed appears twice")
+    return TrajectoryStep(indices, grads, lr)
+
+
+def replay_trajectory(
+    steps: Sequence[TrajectoryStep],
+    seed_of: Callable[[int, int], int],
+    dim: int,
+    momentum: float,
+) -> torch.Tensor:
+    """The model delta a client applied, rebuilt from its seeds and scalars in float64.
+
+    Step k moved the perturbed parameters by -lr_k m_k, where m_k = momentum m_(k-1) + mean_i g_i v_i
+    and v_i is regenerated from `seed_of(k, index)`: no data and no model run on the server.
+    """
+    delta = torch.zeros(dim, dtype=torch.float64)
+    buffer = torch.zeros(dim, dtype=torch.float64)
+    for number, step in enumerate(steps):
+        estimate = torch.zeros(dim, dtype=torch.float64)
+        for index, g in zip(step.indices.tolist(), step.grads.tolist(), strict=True):
+            estimate += direction(seed_of(number, index), dim).to(torch.float64) * float(g)
+        buffer = momentum * buffer + estimate / len(step)
+        delta -= step.lr * buffer
+    return delta
+
+
+# -- local steps drawn from a seed pool: one coefficient per pool seed (FedKSeed) ---------
+
+POOL_MAGIC = b"PWP1"
+
+
+def pool_seed(job_seed: int, round_: int, client: int, wave: int, index: int) -> int:
+    return derive_seed("perturb-pool", job_seed, round_, client, wave, index)
+
+
+def pool_directions(seeds: Sequence[int], dim: int) -> torch.Tensor:
+    return torch.stack([direction(seed, dim) for seed in seeds])
+
+
+def encode_pool(coefficients: np.ndarray) -> bytes:
+    """Two bytes per pool seed; the task's loss travels in its announcement."""
+    packed = msgpack.packb({"v": 1, "c": np.asarray(coefficients, dtype="<f2").tobytes()}, use_bin_type=True)
+    return POOL_MAGIC + packed
+
+
+def decode_pool(blob: bytes, pool_size: int) -> np.ndarray:
+    """The float16 coefficients of a pool upload, checked (raises UploadError)."""
+    if not blob.startswith(POOL_MAGIC) or len(blob) > 2 * pool_size + 64:
+        raise UploadError("not a seed-pool upload of a known version and size")
+    try:
+        data = msgpack.unpackb(blob[len(POOL_MAGIC) :], raw=False, strict_map_key=True)
+        coefficients = np.frombuffer(data["c"], dtype="<f2")
+    except Exception as error:  # msgpack raises several types for garbage
+        raise UploadError(f"malformed pool upload: {error}") from None
+    if len(coefficients) != pool_size:
+        raise UploadError(f"{len(coefficients)} coefficients for a pool of {pool_size}")
+    if not np.isfinite(coefficients).all():
+        raise UploadError("NaN or infinite coefficients")
+    return coefficients
+
+
+def replay_pool(coefficients: np.ndarray, directions: torch.Tensor) -> torch.Tensor:
+    """The client's delta: the pool directions weighted by their coefficients, in float64."""
+    return torch.from_numpy(coefficients.astype(np.float64)) @ directions.to(torch.float64)

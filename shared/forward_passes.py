@@ -50,14 +50,23 @@ class HeadLossOf(LossOf):
     The loss is the same as `LossOf`'s (eval mode: dropout is the identity).
     """
 
-    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], features: torch.Tensor | None = None
+    ) -> None:
         super().__init__(model, "classification")
+        base: Any = model.get_base_model()  # type: ignore[operator]
+        self.features = self.encode(model, batch) if features is None else features
+        self.classifier = base.classifier
+
+    @staticmethod
+    def encode(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's input for a batch: what the frozen encoder (and pooler) make of it."""
         base: Any = model.get_base_model()  # type: ignore[operator]
         encoder = getattr(base, base.base_model_prefix)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
-            self.features = base.dropout(encoder(**inputs)[1])
-        self.classifier = base.classifier
+            features: torch.Tensor = base.dropout(encoder(**inputs)[1])
+        return features
 
     @staticmethod
     def applies(model: torch.nn.Module, task: Task, space: ParamSpace) -> bool:
@@ -72,6 +81,47 @@ class HeadLossOf(LossOf):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.classifier(self.features)
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+
+class PoolerHeadLossOf(LossOf):
+    """The loss when only the pooler's LoRA and the classifier head are perturbed.
+
+    The encoder's output at the first token (what the pooler reads) does not depend on them, so
+    it is computed once (and may be cached across steps); each pass runs the pooler and the head.
+    """
+
+    def __init__(self, model: torch.nn.Module, first_token: torch.Tensor) -> None:
+        super().__init__(model, "classification")
+        base: Any = model.get_base_model()  # type: ignore[operator]
+        self.first_token = first_token
+        self.pooler = getattr(base, base.base_model_prefix).pooler
+        self.dropout = base.dropout
+        self.classifier = base.classifier
+
+    @staticmethod
+    def encode(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoder's last hidden state at the first token, for a batch."""
+        base: Any = model.get_base_model()  # type: ignore[operator]
+        encoder = getattr(base, base.base_model_prefix)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            hidden: torch.Tensor = encoder(**inputs)[0][:, :1]
+        return hidden
+
+    @staticmethod
+    def applies(model: torch.nn.Module, task: Task, space: ParamSpace) -> bool:
+        base: Any = model.get_base_model() if hasattr(model, "get_base_model") else None  # type: ignore[operator]
+        encoder = getattr(base, getattr(base, "base_model_prefix", ""), None) if base is not None else None
+        return (
+            task == "classification"
+            and getattr(encoder, "pooler", None) is not None
+            and hasattr(base, "classifier")
+            and all("modules_to_save" in name or ".pooler." in name for name in space.names)
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.classifier(self.dropout(self.pooler(self.first_token)))
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
 
 
@@ -167,3 +217,40 @@ def jvp_derivative(
 
     loss, derivative = torch.func.jvp(loss_at, (primals,), (tangents,))  # type: ignore[misc]
     return float(derivative), float(loss)
+
+
+@torch.no_grad()
+def batched_central_difference(
+    loss_module: HeadLossOf,
+    batch: dict[str, torch.Tensor],
+    params: Mapping[str, torch.nn.Parameter],
+    space: ParamSpace,
+    directions: torch.Tensor,
+    h: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Central differences of the head's loss along many directions (rows) at once.
+
+    The head is one linear layer over cached features, so the logits of every perturbed head
+    are one batched product: thousands of directions cost about as much as a few tiny passes.
+    Returns (g, loss at the point) per direction, in float64.
+    """
+    weight_name = next(name for name in space.names if name.endswith("weight"))
+    bias_name = next(name for name in space.names if name.endswith("bias"))
+    features = loss_module.features.float()
+    labels = batch["labels"]
+    weight, bias = params[weight_name].detach().float(), params[bias_name].detach().float()
+    pieces = [space.unflatten(row) for row in directions]
+    d_weight = torch.stack([piece[weight_name] for piece in pieces]).to(weight)
+    d_bias = torch.stack([piece[bias_name] for piece in pieces]).to(bias)
+
+    def losses(sign: float) -> torch.Tensor:
+        logits = (
+            torch.einsum("bh,pch->pbc", features, weight + sign * h * d_weight) + (bias + sign * h * d_bias)[:, None]
+        )
+        per_example = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.repeat(len(directions)), reduction="none"
+        )
+        return per_example.view(len(directions), -1).mean(dim=1).double()
+
+    plus, minus = losses(1.0), losses(-1.0)
+    return (plus - minus) / (2 * h), (plus + minus) / 2

@@ -79,6 +79,13 @@ class LoraSpec(_Strict):
         None, description="module names to adapt; default depends on the model (query/value, q_proj/v_proj)"
     )
     train_head: bool = Field(True, description="train the classifier head too (sequence classification only)")
+    full: bool = Field(
+        False,
+        description="full fine-tuning instead of a LoRA: every base weight (and the head) is trained, uploaded as "
+        "a delta and averaged; r, alpha, dropout, target_modules and train_head are then unused. Needs "
+        "mode backprop and a preset that keeps no LoRA tensor personal (none, head), and a model whose float32 "
+        "weights fit the 512 MiB bound on a stored state (minilm-l6, tiny models)",
+    )
 
 
 class OptimizerSpec(_Strict):
@@ -116,15 +123,37 @@ class ForwardSpec(_Strict):
     )
     variance_threshold: float = Field(0.5, gt=0, description="normalized split-half variance that ends a step")
     max_perturbations_per_step: int = Field(1024, ge=1, description="cap on perturbations per step (all waves)")
-    upload: Literal["seeds", "dense"] = Field(
-        "seeds", description="seeds: (seed, g, loss) triples; dense: the client's summed estimate as a tensor"
+    upload: Literal["seeds", "dense", "pool"] = Field(
+        "seeds",
+        description="seeds: (seed, g, loss) triples (fedsgd) or the per-step trajectory (local); dense: the "
+        "client's summed estimate (fedsgd) or delta (local) as tensors; pool (local only): directions are drawn "
+        "from a pool of `seed_pool` seeds and the client uploads one float16 coefficient per pool seed, whatever "
+        "the number of local steps and perturbations (FedKSeed)",
     )
+    seed_pool: int = Field(1000, ge=1, le=100_000, description="pool upload: seeds in a task's pool")
     lr: float = Field(0.01, gt=0, le=100, description="server SGD learning rate on the estimated gradient")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="constant lr, or cosine decay from lr to lr_min over the job's rounds"
     )
     lr_min: float = Field(0.0, ge=0, description="the cosine schedule's final learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="server SGD momentum on the gradient estimate")
+    regime: Literal["fedsgd", "local"] = Field(
+        "fedsgd",
+        description="fedsgd: a round is one global step estimated from every client's perturbations (FwdLLM); "
+        "local: each task runs local_steps zeroth-order steps on its client and uploads its trajectory "
+        "(seed indices and directional derivatives per step), which the aggregator replays into a delta",
+    )
+    perturbations_per_local_step: int = Field(
+        64, ge=1, le=4096, description="local: directions each local step evaluates (at least)"
+    )
+    max_perturbations_per_local_step: int = Field(
+        256, ge=1, le=16_384, description="local: cap on directions per local step under adaptive variance control"
+    )
+    local_lr: float = Field(0.1, gt=0, le=100, description="local: the client's SGD learning rate")
+    local_momentum: float = Field(0.9, ge=0, lt=1, description="local: the client's SGD momentum")
+    discriminative_every: int = Field(
+        1, ge=1, le=1000, description="apply discriminative sampling on every n-th step only (FwdLLM's code: 2)"
+    )
 
 
 class PersonalizationSpec(_Strict):
@@ -173,10 +202,37 @@ class BudgetSpec(_Strict):
 
 
 class CompressionSpec(_Strict):
-    """How updates are encoded on the wire."""
+    """How updates, and the per-round downloads, are encoded on the wire (`shared.codec`).
 
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description="tensor dtype of uploads")
+    An upload is the client's delta, optionally sparsified (`topk`: the largest entries of each
+    tensor by magnitude, with a bitmap of where they are), then either cast to `dtype` or quantized
+    block-wise (`quantize`: int8 or 4-bit, one bfloat16 scale per `block_size` values, unbiased
+    stochastic rounding seeded from the job seed, round, client and wave), then zstd. With
+    `error_feedback` each client keeps what its codec dropped and adds it to its next update.
+    Workers keep the global state between tasks and download each round's committed delta,
+    encoded as `download` says (a lossy one carries the server's own residual into the next round).
+    """
+
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="tensor dtype of uploads (of the kept values, with top-k) when not quantized"
+    )
     zstd_level: int = Field(3, ge=1, le=22, description="zstd compression level of uploads")
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none", description="block-wise quantization of uploads: int8 or 4-bit values with one scale per block"
+    )
+    block_size: int = Field(64, ge=8, le=65536, description="values per quantization block (one bfloat16 scale each)")
+    rounding: Literal["stochastic", "nearest"] = Field(
+        "stochastic", description="quantization rounding: stochastic (unbiased, seeded) or round-to-nearest"
+    )
+    topk: float | None = Field(
+        None, gt=0, le=1, description="top-k sparsification: the fraction of each tensor's entries uploaded"
+    )
+    error_feedback: bool = Field(
+        False, description="each client adds what its codec did not send last time to its next update"
+    )
+    download: Literal["float32", "float16", "bfloat16", "int8", "int4"] = Field(
+        "float32", description="encoding of the per-round committed delta that workers download"
+    )
 
 
 class JobSpec(_Strict):
@@ -184,7 +240,9 @@ class JobSpec(_Strict):
 
     Besides each field's own constraints: clients_per_round <= num_clients; the model and the
     data set have the same task (a sequence classifier on a classification set, a causal LM on a
-    text set); fwd.perturbations_per_task <= fwd.max_perturbations_per_step; partition `natural`
+    text set); fwd.perturbations_per_task <= fwd.max_perturbations_per_step;
+    fwd.perturbations_per_local_step <= fwd.max_perturbations_per_local_step; fwd.upload `pool` needs
+    fwd.regime `local`; partition `natural`
     needs a data set with natural groups; devices.profiles, when given, lists num_clients profiles.
     """
 
@@ -228,8 +286,14 @@ class JobSpec(_Strict):
             raise ValueError(f"model {self.model!r} is {kind} and cannot train on dataset {self.dataset!r}")
         if self.fwd.perturbations_per_task > self.fwd.max_perturbations_per_step:
             raise ValueError("fwd.perturbations_per_task exceeds fwd.max_perturbations_per_step")
+        if self.fwd.upload == "pool" and self.fwd.regime != "local":
+            raise ValueError("fwd.upload 'pool' needs fwd.regime 'local'")
+        if self.fwd.perturbations_per_local_step > self.fwd.max_perturbations_per_local_step:
+            raise ValueError("fwd.perturbations_per_local_step exceeds fwd.max_perturbations_per_local_step")
         if self.partition.kind == "natural" and not dataset_info(self.dataset).natural_groups:
             raise ValueError(f"partition 'natural' needs a data set with natural groups, not {self.dataset!r}")
+        if self.lora.full:
+            _check_full_finetuning(self)
         if self.devices.profiles is not None and len(self.devices.profiles) != self.num_clients:
             raise ValueError(
                 f"devices.profiles lists {len(self.devices.profiles)} profiles but num_clients is {self.num_clients}"
@@ -244,6 +308,27 @@ class JobSpec(_Strict):
     def quorum_count_of(self, expected: int) -> int:
         """The quorum when `expected` updates were asked for (fwd rounds may ask for more waves)."""
         return max(1, math.ceil(self.quorum * expected - 1e-9))
+
+
+FULL_FINETUNING_MAX_STATE_BYTES = 512 * 1024 * 1024
+"""The bound a worker and the aggregator put on a decoded state (PWFF_MAX_UPDATE_BYTES, and the
+worker's own default when it reads the global state): a full fine-tuning job stores every weight."""
+
+
+def _check_full_finetuning(spec: JobSpec) -> None:
+    if spec.mode != "backprop":
+        raise ValueError(f"lora.full trains every base weight with backprop; mode {spec.mode!r} is not supported")
+    if PRESETS[spec.personalization.preset].needs_lora:
+        raise ValueError(
+            f"lora.full trains no LoRA, so personalization.preset {spec.personalization.preset!r} "
+            "has nothing to keep personal; use none or head"
+        )
+    state_bytes = 4 * model_info(spec.model).num_params
+    if state_bytes > FULL_FINETUNING_MAX_STATE_BYTES:
+        raise ValueError(
+            f"lora.full: the float32 weights of {spec.model!r} ({state_bytes / 2**20:.0f} MiB) exceed the "
+            f"{FULL_FINETUNING_MAX_STATE_BYTES // 2**20} MiB bound on a stored state"
+        )
 
 
 class SpecError(ValueError):

@@ -23,11 +23,13 @@ from services.scheduler.api import create_app
 from services.scheduler.core import Scheduler
 from shared.bus.memory import MemoryBus
 from shared.catalog import DATASETS, dataset_info, model_info
-from shared.spec import JobSpec
+from shared.registry import PRESETS
+from shared.spec import FULL_FINETUNING_MAX_STATE_BYTES, JobSpec
 from shared.state.records import RoundRecord
 from shared.state.rounds import RoundCommit
 from shared.store import Keys
 from shared.store.memory import MemoryStore
+from shared.wireless import DevicePopulation
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -77,10 +79,12 @@ def consistent(body: Any) -> Any:
         spec["num_clients"] = len(devices["profiles"])
     if "population" in devices:
         population = devices["population"] = dict(devices["population"])
+        # A preset replaces the defaults of the fields it names: order against those.
+        preset_defaults = DevicePopulation.model_validate({"preset": population.get("preset", "default")})
         for name in ("bandwidth_hz", "tx_power_w", "path_loss_db", "flops_per_s", "joules_per_flop"):
             low, high = f"{name}_min", f"{name}_max"
-            floor = population.get(low, getattr(defaults.devices.population, low))
-            ceiling = population.get(high, getattr(defaults.devices.population, high))
+            floor = population.get(low, getattr(preset_defaults, low))
+            ceiling = population.get(high, getattr(preset_defaults, high))
             if floor > ceiling:
                 population[low], population[high] = ceiling, floor
     num_clients: int = spec.get("num_clients", defaults.num_clients)
@@ -96,10 +100,24 @@ def consistent(body: Any) -> Any:
         spec["dataset"] = grouped[0] if natural and grouped else names[0]
         if natural and not grouped:
             spec["partition"] = {**partition, "kind": "iid"}
+    lora: dict[str, Any] = spec.get("lora") or {}
+    if lora.get("full"):  # full fine-tuning: backprop, a preset without LoRA tensors, a model that fits
+        if 4 * model_info(spec.get("model", defaults.model)).num_params > FULL_FINETUNING_MAX_STATE_BYTES:
+            spec["lora"] = {**lora, "full": False}
+        else:
+            spec["mode"] = "backprop"
+            personalization = spec["personalization"] = dict(spec.get("personalization") or {})
+            if PRESETS[personalization.get("preset", defaults.personalization.preset)].needs_lora:
+                personalization["preset"] = "none"
     fwd: dict[str, Any] = spec.get("fwd") or {}
     per_task = fwd.get("perturbations_per_task", defaults.fwd.perturbations_per_task)
     if fwd.get("max_perturbations_per_step", defaults.fwd.max_perturbations_per_step) < per_task:
         fwd["max_perturbations_per_step"] = per_task
+    per_local_step = fwd.get("perturbations_per_local_step", defaults.fwd.perturbations_per_local_step)
+    if fwd.get("max_perturbations_per_local_step", defaults.fwd.max_perturbations_per_local_step) < per_local_step:
+        fwd["max_perturbations_per_local_step"] = per_local_step
+    if fwd.get("upload", defaults.fwd.upload) == "pool":
+        fwd["regime"] = "local"
     return spec
 
 
@@ -114,7 +132,8 @@ def consistent(body: Any) -> Any:
     database=None,
 )
 def test_every_operation_keeps_its_documented_contract(case: schemathesis.Case) -> None:
-    if case.meta is not None and case.meta.generation.mode is GenerationMode.POSITIVE and case.method == "POST":
+    positive = case.meta is not None and case.meta.generation.mode is GenerationMode.POSITIVE
+    if positive and case.method == "POST" and case.path == "/v1/jobs":
         case.body = consistent(case.body)
     response = case.call_and_validate()
     # CONFIG's headers carry the token: a 401 is only for the requests that leave it out or spoil it.
@@ -132,6 +151,8 @@ def test_the_property_test_covers_every_operation() -> None:
         ("DELETE", "/v1/jobs/{job_id}"),
         ("GET", "/v1/jobs/{job_id}/models/global"),
         ("GET", "/v1/jobs/{job_id}/models/clients/{client}"),
+        ("POST", "/v1/jobs/{job_id}/adapt"),
+        ("GET", "/v1/jobs/{job_id}/adaptations/{adaptation_id}/model"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
     }
@@ -237,7 +258,13 @@ def _reachable(root: str) -> dict[str, dict[str, Any]]:
     return seen
 
 
-@pytest.mark.parametrize("root", ["JobSpec", "JobView", "JobCreated", "ErrorBody", "ValidationErrors", "Readiness"])
+@pytest.mark.parametrize(
+    "root",
+    [
+        *("JobSpec", "JobView", "JobCreated", "ErrorBody", "ValidationErrors", "Readiness"),
+        *("AdaptRequest", "AdaptationView"),
+    ],
+)
 def test_every_field_has_a_description(root: str) -> None:
     reachable = _reachable(root)
     if root == "JobSpec":
@@ -260,6 +287,8 @@ ERRORS = {
     ("delete", "/v1/jobs/{job_id}"): {"401", "404", "409"},
     ("get", "/v1/jobs/{job_id}/models/global"): {"401", "404"},
     ("get", "/v1/jobs/{job_id}/models/clients/{client}"): {"401", "404", "422"},
+    ("post", "/v1/jobs/{job_id}/adapt"): {"400", "401", "404", "409", "413", "422"},
+    ("get", "/v1/jobs/{job_id}/adaptations/{adaptation_id}/model"): {"401", "404", "422"},
     ("get", "/readyz"): {"503"},
 }
 

@@ -10,10 +10,14 @@ next round's tasks can prefer directions aligned with it (discriminative samplin
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,21 +27,41 @@ from shared.batches import collate, minibatches
 from shared.catalog import Task, model_info
 from shared.codec import check_matches, decode_tensors, encode_tensors
 from shared.forward_grad import (
+    FLOAT16_MAX,
     ForwardGradientEstimate,
     ParamSpace,
     SeedScalars,
+    TrajectoryStep,
     UploadError,
+    as_wire_scalar,
     candidate_seed,
+    decode_pool,
     decode_seed_scalars,
+    decode_trajectory,
     direction,
+    encode_pool,
     encode_seed_scalars,
+    encode_trajectory,
     half_of,
+    local_seed,
+    pool_directions,
+    pool_seed,
+    replay_pool,
+    replay_trajectory,
     select_directions,
     validate_upload,
 )
-from shared.forward_passes import HeadLossOf, LossOf, central_difference, jvp_derivative
+from shared.forward_passes import (
+    HeadLossOf,
+    LossOf,
+    PoolerHeadLossOf,
+    batched_central_difference,
+    central_difference,
+    jvp_derivative,
+)
 from shared.metrics import FWD_COSINE, FWD_PERTURBATIONS, FWD_VARIANCE
-from shared.models import parameter_count
+from shared.models import parameter_count, trainable_state
+from shared.modes.backprop import DeltaAccumulator
 from shared.modes.base import LocalContext, LocalResult, MoreWork, RoundAccumulator, State, Step, TrainingMode
 from shared.personalization import is_personal
 from shared.seeding import derive_seed
@@ -59,15 +83,20 @@ class ForwardMode(TrainingMode):
     artifacts = (GRADIENT, MOMENTUM)
 
     def unit_flops(self, spec: JobSpec, params: int, tokens: int) -> float:
-        return float(fwd_perturbation_flops(params, tokens))
+        per_unit = spec.fwd.perturbations_per_local_step if _local(spec) else 1
+        return float(fwd_perturbation_flops(params, tokens)) * per_unit
 
     def full_budget(self, spec: JobSpec) -> int:
-        return spec.fwd.perturbations_per_task
+        return spec.local_steps if _local(spec) else spec.fwd.perturbations_per_task
 
     def task_fields(self, spec: JobSpec, budget: int) -> dict[str, int]:
+        if _local(spec):
+            return {"local_steps": budget, "perturbations": spec.fwd.perturbations_per_local_step}
         return {"local_steps": spec.local_steps, "perturbations": budget}
 
     def wave_tasks(self, spec: JobSpec, clients: int, work_so_far: int) -> int:
+        if _local(spec):
+            return 0  # variance control works within each local step
         per_task = spec.fwd.perturbations_per_task
         return max(0, min(clients, (spec.fwd.max_perturbations_per_step - work_so_far) // per_task))
 
@@ -76,6 +105,8 @@ class ForwardMode(TrainingMode):
         return "eager" if spec.fwd.estimator == "jvp" else None
 
     def run_local(self, context: LocalContext) -> LocalResult:
+        if _local(context.spec):
+            return run_local_steps(context)
         spec, task = context.spec, context.task
         result = forward_task(
             context.model,
@@ -104,13 +135,19 @@ class ForwardMode(TrainingMode):
             cosine=min(1.0, result.cosine),
         )
 
-    def accumulator(self, spec: JobSpec, start_state: State) -> ForwardAccumulator:
+    def accumulator(self, spec: JobSpec, start_state: State) -> RoundAccumulator[Any]:
+        if _local(spec):
+            return TrajectoryAccumulator(spec, start_state)
         return ForwardAccumulator(spec, start_state)
 
     def observe(self, job_id: str, figures: Mapping[str, float]) -> None:
         FWD_PERTURBATIONS.observe(figures["perturbations"])
         FWD_VARIANCE.labels(job=job_id).set(figures["variance"])
         FWD_COSINE.labels(job=job_id).set(figures["cosine"])
+
+
+def _local(spec: JobSpec) -> bool:
+    return spec.fwd.regime == "local"
 
 
 def _reference_gradient(context: LocalContext) -> torch.Tensor | None:
@@ -297,3 +334,381 @@ def fwd_learning_rate(spec: JobSpec, round_: int) -> float:
         return fwd.lr
     progress = (round_ - 1) / (spec.rounds - 1)
     return fwd.lr_min + 0.5 * (fwd.lr - fwd.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+# -- local zeroth-order steps (regime "local") ---------------------------------------------
+
+
+def candidates_per_local_step(spec: JobSpec) -> int:
+    """The candidate index space of one local step (the aggregator checks uploads against it)."""
+    fwd = spec.fwd
+    return fwd.max_perturbations_per_local_step * (fwd.candidates if fwd.discriminative else 1)
+
+
+@dataclass(frozen=True)
+class LocalSteps:
+    steps: list[TrajectoryStep]
+    losses: list[float]
+    cosine: float
+    flops: float
+    coefficients: np.ndarray | None = None
+    """Pool upload: the float16 coefficient of each pool seed (the client's delta is their sum)."""
+
+    @property
+    def perturbations(self) -> int:
+        return sum(len(step) for step in self.steps)
+
+
+class _LocalRun:
+    """What the local steps of one task share: parameters, the perturbed space, minibatches, cached features."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: list[Example],
+        spec: JobSpec,
+        task: Task,
+        seeds: tuple[int, int, int],
+    ) -> None:
+        round_, client, wave = seeds
+        self.model, self.tokenizer, self.examples, self.spec, self.task = model, tokenizer, examples, spec, task
+        self.device = next(model.parameters()).device
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.space = ParamSpace.from_state(self.params, spec.fwd.perturb)
+        self.flops = 0.0
+        self.cached: _ShardFeatures | None = None
+        self.post_encoder: type[HeadLossOf] | type[PoolerHeadLossOf] | None = None
+        if HeadLossOf.applies(model, task, self.space):
+            self.post_encoder = HeadLossOf
+        elif PoolerHeadLossOf.applies(model, task, self.space):
+            self.post_encoder = PoolerHeadLossOf
+        if self.post_encoder is not None:
+            self.cached, encoded = _ShardFeatures.of(
+                model, tokenizer, examples, spec, client, self.space, self.post_encoder
+            )
+            self.flops += 2.0 * parameter_count(model) * encoded  # one forward over the shard, unless cached
+        self.pass_params = sum(math.prod(shape) for shape in self.space.shapes)
+        if self.post_encoder is PoolerHeadLossOf:
+            self.pass_params += sum(p.numel() for p in _pooler(model).parameters())
+        seed = derive_seed("fwd-local-batch", spec.seed, round_, client, wave)
+        self.positions = minibatches(range(len(examples)), spec.batch_size, seed)
+        model.eval()  # the same network for every pass: no dropout
+
+    def next_batch(self) -> tuple[dict[str, torch.Tensor], LossOf, float]:
+        """The next minibatch, the loss module over it, and the FLOPs of one pass."""
+        chosen = next(self.positions)
+        if self.cached is not None:
+            batch = {"labels": torch.tensor([self.examples[i].label for i in chosen], device=self.device)}
+            features = self.cached.features[chosen]
+            module: LossOf = (
+                HeadLossOf(self.model, batch, features=features)
+                if self.post_encoder is HeadLossOf
+                else PoolerHeadLossOf(self.model, features)
+            )
+            return batch, module, 2.0 * self.pass_params * len(chosen)
+        batch = collate(
+            self.tokenizer, [self.examples[i] for i in chosen], self.task, self.spec.max_length, self.device
+        )
+        tokens = int(batch["attention_mask"].sum())
+        return batch, LossOf(self.model, self.task), fwd_perturbation_flops(parameter_count(self.model), tokens) / 2
+
+    def move(self, vector: torch.Tensor) -> None:
+        with torch.no_grad():
+            for name, piece in self.space.unflatten(vector).items():
+                self.params[name].add_(piece.to(self.device, self.params[name].dtype))
+
+
+def forward_local_steps(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    spec: JobSpec,
+    task: Task,
+    *,
+    round_: int,
+    client: int,
+    wave: int,
+    steps: int,
+) -> LocalSteps:
+    """`steps` zeroth-order SGD steps (with momentum) on the perturbed parameters, in place.
+
+    Each step estimates the gradient on its own minibatch from directions regenerated from seeds;
+    under adaptive variance control it keeps sampling directions until the split-half variance
+    of the step's estimate is under the threshold or the step's cap is reached. Discriminative
+    sampling prefers directions aligned with the client's previous local step.
+    """
+    if spec.fwd.upload == "pool":
+        return _pool_local_steps(
+            _LocalRun(model, tokenizer, examples, spec, task, (round_, client, wave)), steps, (round_, client, wave)
+        )
+    fwd = spec.fwd
+    run = _LocalRun(model, tokenizer, examples, spec, task, (round_, client, wave))
+    buffer = torch.zeros(run.space.dim, dtype=torch.float32)
+    reference: torch.Tensor | None = None
+    record: list[TrajectoryStep] = []
+    losses: list[float] = []
+    cosines: list[float] = []
+    for number in range(steps):
+        batch, loss_module, pass_flops = run.next_batch()
+        steered = fwd.discriminative and number % fwd.discriminative_every == fwd.discriminative_every - 1
+        step = _one_local_step(
+            loss_module,
+            batch,
+            run.params,
+            run.space,
+            spec,
+            functools.partial(local_seed, spec.seed, round_, client, wave, number),
+            reference if steered else None,
+        )
+        buffer = fwd.local_momentum * buffer + step.estimate
+        run.move(buffer * -fwd.local_lr)
+        record.append(TrajectoryStep(step.indices, step.grads, fwd.local_lr))
+        losses.append(step.loss)
+        cosines.extend(step.cosines)
+        run.flops += 2 * pass_flops * len(step.indices)  # two passes per direction
+        reference = step.estimate
+    return LocalSteps(record, losses, float(np.mean(np.abs(cosines))) if cosines else 0.0, float(run.flops))
+
+
+def _pool_local_steps(run: _LocalRun, steps: int, seeds: tuple[int, int, int]) -> LocalSteps:
+    """Local steps whose directions all come from the task's pool of `fwd.seed_pool` seeds.
+
+    The trajectory's delta is a weighted sum of the pool's directions, so the client uploads one
+    coefficient per pool seed (float16) and ends at exactly the point the aggregator rebuilds.
+    """
+    spec, fwd = run.spec, run.spec.fwd
+    round_, client, wave = seeds
+    directions = pool_directions(
+        [pool_seed(spec.seed, round_, client, wave, i) for i in range(fwd.seed_pool)], run.space.dim
+    )
+    start = run.space.flatten({name: p.detach().cpu() for name, p in run.params.items() if name in run.space.names})
+    per_step = min(fwd.perturbations_per_local_step, fwd.seed_pool)
+    batched = run.post_encoder is HeadLossOf and fwd.estimator == "fd"
+    estimate_fn = jvp_derivative if fwd.estimator == "jvp" else central_difference
+    buffer = torch.zeros(run.space.dim, dtype=torch.float32)
+    weights: list[np.ndarray] = []  # per step: each pool direction's share of that step's estimate
+    losses: list[float] = []
+    for number in range(steps):
+        batch, loss_module, pass_flops = run.next_batch()
+        rng = np.random.default_rng(derive_seed("pool-pick", spec.seed, round_, client, wave, number))
+        chosen = (
+            np.arange(fwd.seed_pool)
+            if per_step == fwd.seed_pool
+            else rng.choice(fwd.seed_pool, per_step, replace=False)
+        )
+        rows = directions[torch.from_numpy(chosen)]
+        if batched:
+            grads, point = batched_central_difference(loss_module, batch, run.params, run.space, rows, fwd.h)  # type: ignore[arg-type]
+        else:
+            pairs = [estimate_fn(loss_module, batch, run.params, run.space, row.to(run.device), fwd.h) for row in rows]
+            grads = torch.tensor([g for g, _ in pairs], dtype=torch.float64)
+            point = torch.tensor([loss for _, loss in pairs], dtype=torch.float64)
+        share = np.zeros(fwd.seed_pool)
+        share[chosen] = grads.numpy() / len(chosen)
+        weights.append(share)
+        buffer = fwd.local_momentum * buffer + (torch.from_numpy(share) @ directions.double()).float()
+        run.move(buffer * -fwd.local_lr)
+        losses.append(float(point.mean()))
+        run.flops += 2 * pass_flops * len(chosen)
+    # Step j's estimate moves the point by -lr (1 + mu + ... + mu^(K-1-j)) through the momentum buffer.
+    mu = fwd.local_momentum
+    total = sum(-fwd.local_lr * sum(mu**k for k in range(steps - j)) * w for j, w in enumerate(weights))
+    coefficients = np.clip(total, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+    end = start.double() + replay_pool(coefficients, directions)
+    run.move(
+        end.float() - run.space.flatten({n: p.detach().cpu() for n, p in run.params.items() if n in run.space.names})
+    )
+    return LocalSteps([], losses, 0.0, float(run.flops), coefficients=coefficients)
+
+
+@dataclass(frozen=True)
+class _StepEstimate:
+    indices: np.ndarray
+    grads: np.ndarray
+    estimate: torch.Tensor
+    loss: float
+    cosines: list[float]
+
+
+def _one_local_step(
+    loss_module: LossOf,
+    batch: dict[str, torch.Tensor],
+    params: Mapping[str, torch.nn.Parameter],
+    space: ParamSpace,
+    spec: JobSpec,
+    seed_of: Callable[[int], int],
+    reference: torch.Tensor | None,
+) -> _StepEstimate:
+    fwd = spec.fwd
+    per_chunk = fwd.perturbations_per_local_step
+    spread = fwd.candidates if fwd.discriminative else 1
+    estimate_fn = jvp_derivative if fwd.estimator == "jvp" else central_difference
+    device = next(iter(params.values())).device
+    running = ForwardGradientEstimate(space.dim)
+    indices: list[int] = []
+    grads: list[float] = []
+    losses: list[float] = []
+    cosines: list[float] = []
+    for chunk in range(fwd.max_perturbations_per_local_step // per_chunk):
+        offset = chunk * per_chunk * spread
+        seeds = [seed_of(offset + i) for i in range(per_chunk * spread)]
+        chosen, chunk_cosines = select_directions(seeds, space.dim, reference, per_chunk)
+        cosines.extend(chunk_cosines if reference is not None else [])
+        for position in chosen:
+            v = direction(seeds[position], space.dim)
+            g, loss = estimate_fn(loss_module, batch, params, space, v.to(device), fwd.h)
+            g = as_wire_scalar(g)  # step with the value that travels, so the replay is exact
+            running.add(g, v, half_of(0, offset + position))
+            indices.append(offset + position)
+            grads.append(g)
+            losses.append(loss)
+        if fwd.variance_control != "adaptive" or running.variance_ratio() <= fwd.variance_threshold:
+            break
+    return _StepEstimate(
+        indices=np.asarray(indices, dtype=np.uint32),
+        grads=np.asarray(grads, dtype=np.float16),
+        estimate=running.mean(),
+        loss=float(np.mean(losses)),
+        cosines=cosines,
+    )
+
+
+def run_local_steps(context: LocalContext) -> LocalResult:
+    spec, task = context.spec, context.task
+    result = forward_local_steps(
+        context.model,
+        context.tokenizer,
+        context.examples,
+        spec,
+        model_info(spec.model).task,
+        round_=task.round,
+        client=task.client,
+        wave=task.wave,
+        steps=task.local_steps,
+    )
+    after = trainable_state(context.model)
+    if spec.fwd.upload == "dense":
+        delta = {
+            name: after[name] - value for name, value in context.start_state.items() if not is_personal(spec, name)
+        }
+        payload = encode_tensors(delta, spec.compression.dtype, spec.compression.zstd_level)
+    elif result.coefficients is not None:
+        payload = encode_pool(result.coefficients)
+    else:
+        payload = encode_trajectory(result.steps, result.losses)
+    return LocalResult(
+        payload=payload,
+        loss=float(np.mean(result.losses)),
+        flops=result.flops,
+        personal={name: value for name, value in after.items() if is_personal(spec, name)},
+        perturbations=result.perturbations,
+        cosine=min(1.0, result.cosine),
+    )
+
+
+class TrajectoryAccumulator(DeltaAccumulator):
+    """Local-regime uploads: each client's trajectory replayed into its delta, then merged like backprop's."""
+
+    def __init__(self, spec: JobSpec, start_state: State) -> None:
+        super().__init__(spec, start_state)
+        self.space = ParamSpace.from_state(start_state, spec.fwd.perturb)
+
+    def _validate(self, announce: UpdateReady, blob: bytes, max_bytes: int) -> State:
+        spec = self.spec
+        if spec.fwd.upload == "dense":
+            return super()._validate(announce, blob, max_bytes)
+        if spec.fwd.upload == "pool":
+            coefficients = decode_pool(blob, spec.fwd.seed_pool)
+            seeds = [
+                pool_seed(spec.seed, announce.round, announce.client, announce.wave, i)
+                for i in range(spec.fwd.seed_pool)
+            ]
+            return self._shared(replay_pool(coefficients, pool_directions(seeds, self.space.dim)))
+        steps = decode_trajectory(
+            blob,
+            max_steps=spec.local_steps,
+            max_per_step=spec.fwd.max_perturbations_per_local_step,
+            candidates_per_step=candidates_per_local_step(spec),
+        )
+        if sum(len(step) for step in steps) != announce.perturbations:
+            raise UploadError(
+                f"the trajectory holds {sum(len(s) for s in steps)} perturbations, not {announce.perturbations}"
+            )
+        if any(step.lr != spec.fwd.local_lr for step in steps):
+            raise UploadError(f"a step's learning rate is not the job's ({spec.fwd.local_lr})")
+
+        def seed_of(step: int, index: int) -> int:
+            return local_seed(spec.seed, announce.round, announce.client, announce.wave, step, index)
+
+        return self._shared(replay_trajectory(steps, seed_of, self.space.dim, spec.fwd.local_momentum))
+
+    def _shared(self, delta: torch.Tensor) -> State:
+        """The replayed delta over the global part (zero for shared tensors that are not perturbed)."""
+        moved = self.space.unflatten(delta)
+        return {
+            name: moved[name].to(torch.float32) if name in moved else torch.zeros_like(value)
+            for name, value in self.shared_state.items()
+        }
+
+
+def _pooler(model: torch.nn.Module) -> torch.nn.Module:
+    base: Any = model.get_base_model()  # type: ignore[operator]
+    pooler: torch.nn.Module = getattr(base, base.base_model_prefix).pooler
+    return pooler
+
+
+class _ShardFeatures:
+    """The frozen encoder's output for every example of a client's shard, computed once per worker.
+
+    When only the head (or the pooler's LoRA and the head) is perturbed, what they read from the
+    encoder never changes: not between perturbations, not between local steps, not between rounds
+    (the tensors the encoder itself reads are not trained).
+    The key includes a digest of those tensors, so a job that does train them never reads stale
+    features.
+    """
+
+    _cache: ClassVar[OrderedDict[tuple[str, int, str], _ShardFeatures]] = OrderedDict()
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    LIMIT: ClassVar[int] = 4096
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.features = features
+
+    @classmethod
+    def of(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: list[Example],
+        spec: JobSpec,
+        client: int,
+        space: ParamSpace,
+        kind: type[HeadLossOf] | type[PoolerHeadLossOf],
+    ) -> tuple[_ShardFeatures, int]:
+        """The shard's features, and how many tokens were encoded to get them (0 when cached)."""
+        digest = hashlib.sha256()
+        for name, param in sorted(model.named_parameters()):
+            if param.requires_grad and name not in space.names:
+                digest.update(param.detach().cpu().numpy().tobytes())
+        shard = spec.model_dump_json(
+            include={"model", "dataset", "partition", "num_clients", "seed", "max_length", "lora"}
+        )
+        key = (f"{kind.__name__}:{shard}", client, digest.hexdigest())
+        with cls._lock:
+            if key in cls._cache:
+                cls._cache.move_to_end(key)
+                return cls._cache[key], 0
+        device = next(model.parameters()).device
+        chunks, tokens = [], 0
+        for start in range(0, len(examples), spec.batch_size):
+            chunk = examples[start : start + spec.batch_size]
+            batch = collate(tokenizer, chunk, "classification", spec.max_length, device)
+            tokens += int(batch["attention_mask"].sum())
+            chunks.append(kind.encode(model, batch))
+        entry = cls(torch.cat(chunks))
+        with cls._lock:
+            cls._cache[key] = entry
+            while len(cls._cache) > cls.LIMIT:
+                cls._cache.popitem(last=False)
+        return entry, tokens
