@@ -7,6 +7,13 @@ model, cleanup). After a restart a round's running sum is rebuilt from the store
 updates of the clients in that set, so nothing merged is lost or merged twice.
 What an update means (a delta, seed-scalar forward gradients, ...) is the job's training
 mode's business (`shared.modes`); this class validates identity, dedups and commits.
+
+With every round it also commits the round's delta for downloads (`compression.download`):
+workers keep the previous state and apply it, so the committed state is defined as the
+previous one plus the decoded delta (`shared.codec.apply_delta`), computed the same way here
+and in every worker. A lossy download codec carries what it left out into the next round's
+delta (server-side error feedback). The model is loaded and warmed when a job is initialized,
+so no round's evaluation pays for that.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from shared import data
 from shared.adapters import ModelCache
 from shared.bus import Bus, Queues
 from shared.catalog import model_info
-from shared.codec import decode_tensors, encode_tensors
+from shared.codec import Codec, apply_delta, decode_tensors, encode_tensors, encode_update, state_digest
 from shared.evaluation import evaluate, evaluation_subset
 from shared.messages import (
     CloseRound,
@@ -48,6 +55,7 @@ from shared.modes.base import State, UpdateRejected
 from shared.seeding import derive_seed
 from shared.spec import JobSpec
 from shared.state import JobNotFound, JobState, Repositories, RoundCommit, RoundRecord
+from shared.state.tensors import DOWNLOAD_DELTA, DOWNLOAD_RESIDUAL
 from shared.store import Store
 
 log = logging.getLogger(__name__)
@@ -121,11 +129,15 @@ class Aggregator:
         if committed is not None:
             self._emit(JobInitialized(job_id=job_id, metrics=committed.metrics))
             return
+        began = time.perf_counter()
         model, _ = self.models.get(spec)
         state = initial_state(model, derive_seed("init", spec.seed))
+        self._warm(spec, state)
+        warm_s = time.perf_counter() - began
         began = time.perf_counter()
         metrics = self._evaluate(spec, state)
         metrics["eval_s"] = time.perf_counter() - began
+        log.info("job %s: model loaded and warmed in %.2fs", job_id, warm_s)
         record = RoundRecord(round=0, metrics=metrics)
         self.state.rounds.commit(job_id, RoundCommit(record=record, state=encode_tensors(state, _STATE_DTYPE)))
         log.info("job %s initialized: %s", job_id, _fmt(metrics))
@@ -233,19 +245,32 @@ class Aggregator:
         previous, previous_bytes = self._global(job_id, round_ - 1)
         began = time.perf_counter()
         step = open_round.accumulator.commit(previous, lambda name: self._artifact(job_id, name, round_ - 1), round_)
+        state, downloads = self._downloadable(job_id, round_, spec, previous, step.state)
         aggregate_s = time.perf_counter() - began
         began = time.perf_counter()
-        metrics = self._evaluate(spec, step.state)
+        metrics = self._evaluate(spec, state)
         metrics.update(step.figures)
-        metrics.update(tally.figures(previous_bytes), aggregate_s=aggregate_s, eval_s=time.perf_counter() - began)
+        # What each task of this round downloaded on top of the previous round's state: that round's delta
+        # (the whole initial state in round 1).
+        previous_delta = self.state.tensors.download_delta(job_id, round_ - 1)
+        bytes_down = len(previous_delta) if previous_delta is not None else previous_bytes
+        metrics.update(
+            tally.figures(bytes_down),
+            aggregate_s=aggregate_s,
+            eval_s=time.perf_counter() - began,
+            download_delta_bytes=float(len(downloads[DOWNLOAD_DELTA])),
+        )
         record = RoundRecord(round=round_, clients=tally.clients, metrics=metrics, extra=tally.extra())
         commit = RoundCommit(
             record=record,
-            state=encode_tensors(step.state, _STATE_DTYPE),
-            artifacts={name: encode_tensors(value, _STATE_DTYPE) for name, value in step.artifacts.items()},
-            archive=self._archive(spec, step.state),
+            state=encode_tensors(state, _STATE_DTYPE),
+            artifacts={
+                **{name: encode_tensors(value, _STATE_DTYPE) for name, value in step.artifacts.items()},
+                **downloads,
+            },
+            archive=self._archive(spec, state),
             merged=tally.merged,
-            prune=mode.artifacts,
+            prune=(*mode.artifacts, DOWNLOAD_DELTA, DOWNLOAD_RESIDUAL),
         )
         self.state.rounds.commit(job_id, commit)
         self._rounds.pop((job_id, round_), None)
@@ -258,6 +283,41 @@ class Aggregator:
             mode.observe(job_id, step.figures)
         log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(tally.clients), _fmt(metrics))
         self._emit(RoundCommitted(job_id=job_id, round=round_, clients=record.clients, metrics=metrics))
+
+    def _downloadable(
+        self, job_id: str, round_: int, spec: JobSpec, previous: State, target: State
+    ) -> tuple[State, dict[str, bytes]]:
+        """The state to commit and the artifacts workers download instead of it.
+
+        The committed state is `previous` plus the decoded delta, exactly what a worker holding
+        `previous` rebuilds. A lossy codec's residual (target - committed) joins the next round's delta.
+        """
+        codec = Codec.for_downloads(spec.compression)
+        carried = None if codec.lossless else self._artifact(job_id, DOWNLOAD_RESIDUAL, round_ - 1)
+        delta = {name: value - previous[name] for name, value in target.items()}
+        if carried is not None:
+            for name, value in carried.items():
+                if name in delta:
+                    delta[name] += value
+        encoded = encode_update(
+            delta,
+            codec,
+            seed=derive_seed("download", spec.seed, round_),
+            meta={"round": round_, "base": state_digest(previous)},
+        )
+        state = apply_delta(previous, encoded.decoded)
+        artifacts = {DOWNLOAD_DELTA: encoded.blob}
+        if not codec.lossless:
+            residual = {name: delta[name] - encoded.decoded[name] for name in delta}
+            artifacts[DOWNLOAD_RESIDUAL] = encode_tensors(residual, _STATE_DTYPE)
+        return state, artifacts
+
+    def _warm(self, spec: JobSpec, state: State) -> None:
+        """Load the held-out set and run the model once, so the first evaluation costs what later ones do."""
+        model, tokenizer = self.models.get(spec)
+        load_trainable_state(model, state)
+        examples = evaluation_subset(data.load(spec.dataset, "test"), spec.eval_max_examples)
+        evaluate(model, tokenizer, examples[:32], model_info(spec.model).task, spec.max_length)
 
     def _artifact(self, job_id: str, name: str, round_: int) -> State | None:
         blob = self.state.tensors.artifact(job_id, name, round_)

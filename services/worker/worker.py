@@ -1,11 +1,15 @@
 """One task at a time: fetch the global state, train this client, store the update, announce it.
 
 The worker keeps nothing between tasks that Redis cannot rebuild: the loaded base model
-is a cache, and the trainable state is overwritten from the store at every task. The
-bus acks a task only after `handle` returns, i.e. after the update is stored and
-announced; a worker killed mid-task leaves the task to be redelivered to another.
-How a client trains is its job's training mode (`shared.modes`); this class only moves
-state in and out.
+is a cache, and the trainable state is overwritten at every task. The global state is
+cached too, keyed by (job, round): a worker downloads a job's state once and then only
+each round's committed delta (`TensorRepository.download_delta`), checked against a
+fingerprint of the state it applies to; anything missing or mismatched falls back to
+the whole state. The bus acks a task only after `handle` returns, i.e. after the update
+is stored and announced; a worker killed mid-task leaves the task to be redelivered to
+another. How a client trains is its job's training mode (`shared.modes`); this class only
+moves state in and out, including a client's error-feedback residual (client-side codec
+state, stored apart from its personal tensors).
 """
 
 from __future__ import annotations
@@ -13,15 +17,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from prometheus_client import Counter
 
 from shared import data
 from shared.adapters import ModelCache
 from shared.bus import Bus, Queues
 from shared.catalog import model_info
-from shared.codec import CodecError, decode_tensors, encode_tensors
+from shared.codec import (
+    RESIDUAL_PREFIX,
+    CodecError,
+    apply_delta,
+    decode_tensors,
+    decode_update,
+    encode_tensors,
+    split_residual,
+    state_digest,
+)
 from shared.evaluation import evaluate
 from shared.messages import (
     ClientEvaluated,
@@ -43,6 +59,30 @@ from shared.store import Store
 
 log = logging.getLogger(__name__)
 
+# Defined here, not in shared.metrics, because only workers move client-side codec state (error-feedback
+# residuals): on a real device it would never leave the client, so it is not counted as a download.
+CLIENT_STATE_BYTES = Counter(
+    "pwff_client_state_bytes_total",
+    "Bytes of client-side codec state (error-feedback residuals) a worker read or wrote in the store",
+    ["direction"],
+)
+
+_CACHED_JOBS = 4
+
+
+@dataclass
+class _Cached:
+    """A job's global state as committed at `round` (never modified in place: tasks read it)."""
+
+    round: int
+    state: State
+    digest: str | None = None
+
+    def fingerprint(self) -> str:
+        if self.digest is None:
+            self.digest = state_digest(self.state)
+        return self.digest
+
 
 class Worker:
     def __init__(
@@ -63,6 +103,7 @@ class Worker:
         self.name = name
         self.models = ModelCache(cache_dir)
         self._specs: dict[str, JobSpec] = {}
+        self._states: OrderedDict[str, _Cached] = OrderedDict()
 
     def run(self, stop: threading.Event) -> None:
         log.info("%s consuming %s", self.name, self.queues.tasks)
@@ -98,17 +139,13 @@ class Worker:
             # A redelivered task whose update is already stored: announce again, never train twice.
             self.bus.publish(self.queues.aggregate, announced)
             return "duplicate"
-        start_blob = self.state.tensors.global_state(job_id, task.round - 1)
-        if start_blob is None:
+        start_state = self._global_state(job_id, task.round - 1)
+        if start_state is None:
             log.info("no global state for %s round %d: stale task", job_id, task.round - 1)
             return "stale"
-        DOWNLOAD_BYTES.inc(len(start_blob))
-        try:
-            start_state = decode_tensors(start_blob)
-        except CodecError as error:
-            raise RuntimeError(f"global state of {job_id} is corrupt: {error}") from error
         version = (task.round, task.wave)
         personal_from, personal = self._personal_state(job_id, task.client, before=version)
+        residual_from, residual = self._residual(job_id, task.client, before=version)
         log.info(
             "%s starting %s round %d client %d wave %d (personal state: %s)",
             self.name,
@@ -125,13 +162,19 @@ class Worker:
             tokenizer=tokenizer,
             examples=data.client_examples(spec, task.client),
             start_state=start_state,
-            personal=personal,
+            # The mode sees the client's residual beside its personal tensors (RESIDUAL_PREFIX names).
+            personal={**personal, **{RESIDUAL_PREFIX + name: value for name, value in residual.items()}},
             artifact=lambda name, round_: self._artifact(job_id, name, round_),
         )
         result = mode_of(spec).run_local(context)
-        if result.personal:
-            blob = encode_tensors(result.personal, "float32", spec.compression.zstd_level)
+        personal_after, residual_after = split_residual(result.personal)
+        if personal_after:
+            blob = encode_tensors(personal_after, "float32", spec.compression.zstd_level)
             self.state.tensors.put_personal(job_id, task.client, version, blob)
+        if residual_after:
+            blob = encode_tensors(residual_after, "float32", spec.compression.zstd_level)
+            CLIENT_STATE_BYTES.labels(direction="write").inc(len(blob))
+            self.state.tensors.put_residual(job_id, task.client, version, blob, read=residual_from)
         compute_s = time.perf_counter() - began
         TASK_DURATION.observe(compute_s)
         self._upload(task, result, num_samples=len(context.examples), compute_s=compute_s)
@@ -177,10 +220,9 @@ class Worker:
         """Global vs personalized model on this client's held-out data; publish the personalized one."""
         if self.state.jobs.state(task.job_id) != JobState.RUNNING:
             return "stale"
-        blob = self.state.tensors.global_state(task.job_id, task.round)
-        if blob is None:
+        global_state = self._global_state(task.job_id, task.round)
+        if global_state is None:
             return "stale"  # the job moved on and the state was pruned
-        global_state = decode_tensors(blob)
         _, personal = self._personal_state(task.job_id, task.client, before=(task.round + 1, 0))
         model, tokenizer = self.models.get(spec)
         examples = data.client_test_examples(spec, task.client, spec.personalization.eval_examples_per_client)
@@ -207,6 +249,62 @@ class Worker:
         return "evaluated"
 
     # -- state kept in the store between tasks ----------------------------------------------
+
+    def _global_state(self, job_id: str, round_: int) -> State | None:
+        """The global state committed at `round_`: cached, caught up with the rounds' deltas, or downloaded."""
+        cached = self._states.get(job_id)
+        if cached is not None and cached.round == round_:
+            self._states.move_to_end(job_id)
+            return cached.state
+        if cached is not None and cached.round < round_:
+            caught_up = self._catch_up(job_id, cached, round_)
+            if caught_up is not None:
+                return caught_up
+        blob = self.state.tensors.global_state(job_id, round_)
+        if blob is None:
+            return None
+        DOWNLOAD_BYTES.inc(len(blob))
+        try:
+            state = decode_tensors(blob)
+        except CodecError as error:
+            raise RuntimeError(f"global state of {job_id} round {round_} is corrupt: {error}") from error
+        self._remember(job_id, _Cached(round_, state))
+        return state
+
+    def _catch_up(self, job_id: str, cached: _Cached, round_: int) -> State | None:
+        """Apply the committed deltas after `cached.round` up to `round_`; None if one is gone or does not fit."""
+        current = cached
+        for step in range(cached.round + 1, round_ + 1):
+            blob = self.state.tensors.download_delta(job_id, step)
+            if blob is None:
+                return None
+            DOWNLOAD_BYTES.inc(len(blob))
+            try:
+                update = decode_update(blob, expected=current.state)
+            except CodecError as error:
+                log.warning("delta of %s round %d is unusable (%s): downloading the state", job_id, step, error)
+                return None
+            if update.meta.get("base") != current.fingerprint():
+                log.warning("delta of %s round %d does not apply to the cached state: downloading it", job_id, step)
+                return None
+            current = _Cached(step, apply_delta(current.state, update.tensors))
+        self._remember(job_id, current)
+        return current.state
+
+    def _remember(self, job_id: str, cached: _Cached) -> None:
+        self._states[job_id] = cached
+        self._states.move_to_end(job_id)
+        while len(self._states) > _CACHED_JOBS:
+            self._states.popitem(last=False)
+
+    def _residual(self, job_id: str, client: int, before: PersonalVersion) -> tuple[PersonalVersion | None, State]:
+        """The client's error-feedback residual as its last task left it: (version, residual)."""
+        found = self.state.tensors.latest_residual(job_id, client, before)
+        if found is None:
+            return None, {}
+        version, blob = found
+        CLIENT_STATE_BYTES.labels(direction="read").inc(len(blob))
+        return version, decode_tensors(blob)
 
     def _personal_state(self, job_id: str, client: int, before: PersonalVersion) -> tuple[str, State]:
         """The client's personal tensors as it left them last time (before `before`): (version, state)."""
