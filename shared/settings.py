@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import sys
 from pathlib import Path
 
 from pydantic import Field
@@ -24,7 +27,9 @@ class Settings(BaseSettings):
     api_port: int = 8080
     metrics_port: int = 0
     cache_dir: Path = Field(default_factory=_default_cache_dir)
-    torch_threads: int = 0
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads (0: the CPUs this process may use, see `available_cpus`)"
+    )
     malloc_mmap_threshold: int = Field(
         1024 * 1024,
         ge=0,
@@ -35,6 +40,94 @@ class Settings(BaseSettings):
     update_ttl_s: int = Field(7 * 24 * 3600, description="how long an uploaded update may wait in the store")
     max_message_bytes: int = 64 * 1024
     max_update_bytes: int = 512 * 1024 * 1024
+
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def _cgroup_dirs(mount: Path, path: str) -> list[Path]:
+    """The process's cgroup directory under `mount` and its ancestors up to the mount itself.
+
+    Without a cgroup namespace the path may not exist under the mount (a container sees its own cgroup
+    mounted as the root): then only the mount's own files count.
+    """
+    relative = Path(path.strip("/") or ".")
+    dirs = []
+    while True:
+        candidate = mount / relative
+        if candidate.is_dir():
+            dirs.append(candidate)
+        if relative == Path("."):
+            break
+        relative = relative.parent
+    return dirs
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit(root: Path = _CGROUP_ROOT, proc_cgroup: Path = _PROC_CGROUP) -> float | None:
+    """CPUs the cgroup CPU quota allows (quota / period, as a container's CPU limit sets it), the tightest
+    over the process's cgroup and its ancestors, cgroup v2 or v1; None when there is no quota."""
+    lines = (_read(proc_cgroup) or "").splitlines()
+    limits: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2: "0::/path", cpu.max = "<quota|max> <period>"
+            for directory in _cgroup_dirs(root, path):
+                fields = (_read(directory / "cpu.max") or "").split()
+                if len(fields) == 2 and fields[0] != "max":
+                    try:
+                        quota, period = int(fields[0]), int(fields[1])
+                    except ValueError:
+                        continue
+                    if quota > 0 and period > 0:
+                        limits.append(quota / period)
+        elif "cpu" in controllers.split(","):  # cgroup v1: cpu.cfs_quota_us (-1: none) / cpu.cfs_period_us
+            mounts = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+            mount = next((m for m in mounts if m.is_dir()), None)
+            for directory in _cgroup_dirs(mount, path) if mount is not None else []:
+                try:
+                    quota = int(_read(directory / "cpu.cfs_quota_us") or "-1")
+                    period = int(_read(directory / "cpu.cfs_period_us") or "0")
+                except ValueError:
+                    continue
+                if quota > 0 and period > 0:
+                    limits.append(quota / period)
+    return min(limits) if limits else None
+
+
+def available_cpus(root: Path = _CGROUP_ROOT, proc_cgroup: Path = _PROC_CGROUP) -> float:
+    """The CPUs this process may actually use: its CPU affinity, capped by the cgroup CPU quota."""
+    try:
+        affinity = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        affinity = float(os.cpu_count() or 1)
+    quota = cgroup_cpu_limit(root, proc_cgroup)
+    return min(affinity, quota) if quota is not None else affinity
+
+
+def torch_threads_for(requested: int, cpus: float) -> int:
+    """Intra-op threads: `requested` (0: one per usable CPU, a fractional quota rounded down), never more
+    threads than there are CPUs to run them (which only makes them wait on each other), at least one."""
+    usable = max(1, math.floor(cpus + 1e-9))
+    if requested <= 0:
+        return usable
+    ceiling = max(1, math.ceil(cpus - 1e-9))
+    if requested > ceiling:
+        logging.getLogger(__name__).warning(
+            "PWFF_TORCH_THREADS=%d but only %.2f CPUs are available: using %d threads", requested, cpus, ceiling
+        )
+        return ceiling
+    return requested
 
 
 def configure_process(settings: Settings) -> None:
@@ -52,7 +145,18 @@ def configure_process(settings: Settings) -> None:
     for noisy in ("pika", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     set_mmap_threshold(settings.malloc_mmap_threshold)
-    if settings.torch_threads > 0:
-        import torch
+    cpus = available_cpus()
+    threads = torch_threads_for(settings.torch_threads or _omp_threads(), cpus)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+        logging.getLogger(__name__).info("torch uses %d intra-op threads (%.2f CPUs available)", threads, cpus)
+    else:  # a process without tensors (the scheduler) need not import torch for this; whatever imports it later
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
-        torch.set_num_threads(settings.torch_threads)
+
+def _omp_threads() -> int:
+    """An explicit OMP_NUM_THREADS counts as a request, as it would for torch itself (0: none)."""
+    try:
+        return max(0, int(os.environ.get("OMP_NUM_THREADS", "0")))
+    except ValueError:
+        return 0
