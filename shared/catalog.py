@@ -21,6 +21,16 @@ class ModelInfo:
     """What a user would load as the base model elsewhere; written into adapter_config.json."""
     num_params: int
     """Parameters of the base model: what the scheduler's FLOP estimates scale with before loading it."""
+    backprop_mb_per_token: float = 0.0
+    """Peak memory of one backprop step (LoRA, AdamW) above the loaded model, per token of the batch:
+    measured by bench/memory.py (step alone, batch 8 x 256)."""
+    forward_mb_per_token: float = 0.0
+    """The same for one forward-gradient (fd) step."""
+
+    def step_memory_mb(self, tokens: int, backprop: bool) -> float:
+        """Memory a local step needs: runtime and float32 weights, plus the step's own peak."""
+        per_token = self.backprop_mb_per_token if backprop else self.forward_mb_per_token
+        return 400.0 + 4 * self.num_params / 1e6 + per_token * tokens
 
 
 @dataclass(frozen=True)
@@ -40,13 +50,26 @@ MODELS: dict[str, ModelInfo] = {
     info.name: info
     for info in (
         ModelInfo(
-            "minilm-l6", "classification", ("query", "value"), "sentence-transformers/all-MiniLM-L6-v2", 22_715_141
+            "minilm-l6",
+            "classification",
+            ("query", "value"),
+            "sentence-transformers/all-MiniLM-L6-v2",
+            22_715_141,
+            backprop_mb_per_token=680 / 2048,
+            forward_mb_per_token=45 / 2048,
         ),
         ModelInfo(
-            "smollm2-135m", "causal-lm", ("q_proj", "v_proj"), "HuggingFaceTB/SmolLM2-135M-Instruct", 134_515_008
+            "smollm2-135m",
+            "causal-lm",
+            ("q_proj", "v_proj"),
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            134_515_008,
+            backprop_mb_per_token=3032 / 2048,
+            forward_mb_per_token=68 / 2048,
         ),
-        ModelInfo("tiny-bert", "classification", ("query", "value"), "pwff/tiny-bert", 1_011_525),
-        ModelInfo("tiny-llama", "causal-lm", ("q_proj", "v_proj"), "pwff/tiny-llama", 3_166_368),
+        # Tiny test models: figures in the same proportion as MiniLM's, so memory rules can be tested.
+        ModelInfo("tiny-bert", "classification", ("query", "value"), "pwff/tiny-bert", 1_011_525, 2.0, 0.1),
+        ModelInfo("tiny-llama", "causal-lm", ("q_proj", "v_proj"), "pwff/tiny-llama", 3_166_368, 2.0, 0.1),
     )
 }
 

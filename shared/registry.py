@@ -55,6 +55,7 @@ MODES: Registry[TrainingMode] = Registry(
     {
         "backprop": "shared.modes.backprop:BackpropMode",
         "fwd": "shared.modes.fwd:ForwardMode",
+        "auto": "shared.modes.auto:AutoMode",
     },
 )
 PRESETS: Registry[PersonalizationPreset] = Registry(

@@ -82,6 +82,14 @@ class DeviceProfile(_Strict):
     joules_per_flop: float = Field(
         3e-11, gt=0, allow_inf_nan=False, description="energy per FLOP e of local training, J/FLOP"
     )
+    memory_mb: float = Field(
+        8192.0,
+        gt=0,
+        le=10_000_000,
+        allow_inf_nan=False,
+        description="memory local training may use, MB: `mode: auto` trains a client with forward gradients "
+        "when a backprop step of the job's model and batch does not fit",
+    )
 
 
 # --- formulas -------------------------------------------------------------------------------------
@@ -421,6 +429,13 @@ class DevicePopulation(_Strict):
     )
     heterogeneity: float = Field(1.0, ge=0, le=1, description="0: identical devices; 1: the full ranges")
 
+    memory_mb_min: float = Field(
+        8192.0, gt=0, le=10_000_000, allow_inf_nan=False, description="smallest device memory, MB (log-uniform)"
+    )
+    memory_mb_max: float = Field(
+        8192.0, gt=0, le=10_000_000, allow_inf_nan=False, description="largest device memory, MB (log-uniform)"
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _preset_values(cls, data: Any) -> Any:
@@ -432,7 +447,7 @@ class DevicePopulation(_Strict):
 
     @model_validator(mode="after")
     def _ordered(self) -> DevicePopulation:
-        for name in ("bandwidth_hz", "tx_power_w", "path_loss_db", "flops_per_s", "joules_per_flop"):
+        for name in ("bandwidth_hz", "tx_power_w", "path_loss_db", "flops_per_s", "joules_per_flop", "memory_mb"):
             lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             if lo > hi:
                 raise ValueError(f"{name}_min ({lo}) exceeds {name}_max ({hi})")
@@ -466,7 +481,12 @@ class DevicePopulation(_Strict):
                     joules_per_flop=_uniform(rng, self.joules_per_flop_min, self.joules_per_flop_max, h),
                 )
             )
-        return profiles
+        # Memory from a generator of its own, so adding it left every other draw as it was.
+        memory = np.random.Generator(np.random.PCG64(derive_seed("device-memory", seed)))
+        return [
+            profile.model_copy(update={"memory_mb": _log_uniform(memory, self.memory_mb_min, self.memory_mb_max, h)})
+            for profile in profiles
+        ]
 
     def refade(self, profile: DeviceProfile, seed: int, client_id: int, round_index: int) -> DeviceProfile:
         """`profile` with a fresh small-scale fading draw for one round (block fading: |h|^2 is constant
