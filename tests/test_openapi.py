@@ -81,7 +81,7 @@ def consistent(body: Any) -> Any:
         population = devices["population"] = dict(devices["population"])
         # A preset replaces the defaults of the fields it names: order against those.
         preset_defaults = DevicePopulation.model_validate({"preset": population.get("preset", "default")})
-        for name in ("bandwidth_hz", "tx_power_w", "path_loss_db", "flops_per_s", "joules_per_flop"):
+        for name in ("bandwidth_hz", "tx_power_w", "path_loss_db", "flops_per_s", "joules_per_flop", "memory_mb"):
             low, high = f"{name}_min", f"{name}_max"
             floor = population.get(low, getattr(preset_defaults, low))
             ceiling = population.get(high, getattr(preset_defaults, high))
