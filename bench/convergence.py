@@ -19,7 +19,8 @@ Where the round's client mix does not dominate the step (iid, every client every
 
 The quickstart job (`--job quickstart`): `examples/quickstart.yaml` (backprop, the reference) against
 `examples/fwd-quickstart.yaml` (the same model, data, clients, partition and seed, trained with local
-zeroth-order steps whose trajectories the aggregator replays), with each refinement toggled:
+zeroth-order steps whose trajectories the aggregator replays: `fwd-local-pool`), and the per-step
+trajectory upload (`fwd-local-seeds`: 16 directions per step, ~2 KB per task) with each refinement on:
 
     .venv/bin/python bench/convergence.py --job quickstart --name convergence-quickstart
 
@@ -69,11 +70,21 @@ def variants(base: JobSpec, backprop_steps: int, backprop_rounds: int | None) ->
 
 def quickstart_variants(fwd: JobSpec, backprop: JobSpec) -> dict[str, JobSpec]:
     data = fwd.model_dump(mode="json")
+    seeds = apply_overrides(
+        data,
+        [
+            "fwd.upload=seeds",
+            "fwd.perturbations_per_local_step=16",
+            "fwd.max_perturbations_per_local_step=64",
+            f"rounds={max(12, fwd.rounds)}",
+        ],
+    )
     return {
-        "fwd-local": fwd,
-        "fwd-local-variance-control": parse_spec(apply_overrides(data, ["fwd.variance_control=adaptive"])),
-        "fwd-local-discriminative": parse_spec(
-            apply_overrides(data, ["fwd.discriminative=true", "fwd.discriminative_every=2"])
+        "fwd-local-pool": fwd,
+        "fwd-local-seeds": parse_spec(seeds),
+        "fwd-local-seeds-variance-control": parse_spec(apply_overrides(seeds, ["fwd.variance_control=adaptive"])),
+        "fwd-local-seeds-discriminative": parse_spec(
+            apply_overrides(seeds, ["fwd.discriminative=true", "fwd.discriminative_every=2"])
         ),
         "backprop": backprop,
     }
