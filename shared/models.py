@@ -181,11 +181,26 @@ def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tenso
             param.copy_(state[name].to(param.device, param.dtype))
 
 
-def peft_folder_archive(model: PeftModel) -> bytes:
-    """The model's adapter as a tar.gz of a PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+def peft_folder_archive(model: torch.nn.Module) -> bytes:
+    """The model as a tar.gz: a PEFT folder (adapter_config.json + adapter_model.safetensors) for a
+    PEFT model; for full fine-tuning (`lora.full`) a transformers folder of all the weights
+    (config.json + model.safetensors), which `from_pretrained` loads the same way."""
     with tempfile.TemporaryDirectory(prefix="pwff-adapter-") as tmp:
-        # The base's embeddings are frozen: no need for peft to check the hub for a resized vocabulary.
-        model.save_pretrained(tmp, save_embedding_layers=False)
+        if isinstance(model, PeftModel):
+            # The base's embeddings are frozen: no need for peft to check the hub for a resized vocabulary.
+            model.save_pretrained(tmp, save_embedding_layers=False)
+        elif isinstance(model, PreTrainedModel):
+            from transformers.utils import logging as hf_logging
+
+            shown = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # a "Writing model shards" bar per published model otherwise
+            try:
+                model.save_pretrained(tmp)
+            finally:
+                if shown:
+                    hf_logging.enable_progress_bar()
+        else:
+            raise TypeError(f"cannot publish a {type(model).__name__}: expected a PEFT or transformers model")
         buffer = io.BytesIO()
         # mtime 0 in the gzip header and in every member: identical state gives identical bytes.
         with (
@@ -225,16 +240,39 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
     return {"trainable_params": trainable, "total_params": total}
 
 
+_BASE_WEIGHTS = "_pwff_base_weights"
+_HEAD_PREFIX = "classifier."
+"""A sequence classifier's head: new for every job (the pretrained checkpoint has none for our labels)."""
+
+
+def keep_base_weights(model: torch.nn.Module) -> None:
+    """Remember the pretrained weights of a fully trainable model (`lora.full`): its initial state.
+
+    A cached model's parameters are overwritten by every task, so `initial_state` must not read them.
+    """
+    weights = {
+        name: param.detach().to("cpu", torch.float32).clone()
+        for name, param in model.named_parameters()
+        if not name.startswith(_HEAD_PREFIX)
+    }
+    object.__setattr__(model, _BASE_WEIGHTS, weights)  # a plain attribute, not a registered buffer
+
+
 def initial_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Round-0 trainable state drawn from the job seed, independent of how `model` was initialized.
 
     LoRA follows peft's default (A: Kaiming-uniform, B: zeros, so the adapter starts as a
-    no-op); a trainable classifier head starts small and random.
+    no-op); a trainable classifier head starts small and random. With full fine-tuning every
+    pretrained weight starts as the base model's own (`keep_base_weights`), the head as above.
     """
     generator = torch.Generator().manual_seed(seed)
+    base: dict[str, torch.Tensor] = getattr(model, _BASE_WEIGHTS, {})
     state: dict[str, torch.Tensor] = {}
     for name, param in sorted(model.named_parameters()):
         if not param.requires_grad:
+            continue
+        if name in base:
+            state[name] = base[name].clone()
             continue
         value = torch.empty(param.shape, dtype=torch.float32)
         if "lora_B" in name or name.endswith("bias"):

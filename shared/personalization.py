@@ -27,6 +27,8 @@ class PersonalizationPreset(ABC):
 
     personalizes: ClassVar[bool] = True
     """Whether clients end with models of their own (then they are evaluated every round by default)."""
+    needs_lora: ClassVar[bool] = False
+    """Whether what it keeps personal is LoRA tensors (then full fine-tuning, `lora.full`, cannot use it)."""
 
     @abstractmethod
     def keeps_personal(self, spec: JobSpec, name: str) -> bool:
@@ -57,6 +59,8 @@ _ADAPTER_TARGETS = {
 class PwffPreset(PersonalizationPreset):
     """PWFF: the shared feed-forward adapter is aggregated; the attention LoRA stays personal."""
 
+    needs_lora = True
+
     def keeps_personal(self, spec: JobSpec, name: str) -> bool:
         return "lora_" in name and any(f".{target}." in name for target in attention_targets(spec))
 
@@ -67,14 +71,18 @@ class PwffPreset(PersonalizationPreset):
 class FedSAPreset(PersonalizationPreset):
     """FedSA-LoRA: LoRA A is global (general knowledge), LoRA B personal (client specifics)."""
 
+    needs_lora = True
+
     def keeps_personal(self, spec: JobSpec, name: str) -> bool:
         return "lora_B" in name
 
 
 class PersonalHead(PersonalizationPreset):
-    """The classifier head stays personal; the LoRA is averaged (FedPer-style)."""
+    """The classifier head stays personal; the LoRA (with `lora.full`: the whole body) is averaged (FedPer-style)."""
 
     def keeps_personal(self, spec: JobSpec, name: str) -> bool:
+        if spec.lora.full:
+            return name.startswith("classifier.")
         return "modules_to_save" in name
 
 
