@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -233,6 +234,127 @@ def download(
             range(job["spec"]["num_clients"]),
         )
     console.print(f"results in [bold]{out}[/bold]")
+
+
+@app.command()
+def adapt(
+    job: Annotated[
+        str, typer.Argument(metavar="JOB", help="a job id (read over the API) or a results folder (pwff run, download)")
+    ],
+    data: Annotated[
+        Path, typer.Option("--data", help="the newcomer's examples: JSON lines of {text, label}, or CSV (text,label)")
+    ],
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder for the adapted model (a PEFT folder)")],
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval", help="held-out examples, same format: accuracy before and after")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="local optimizer steps")] = 20,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default: the job's)")] = None,
+    train: Annotated[
+        str | None, typer.Option(help="personal | all (default: personal when the job keeps something personal)")
+    ] = None,
+    start: Annotated[
+        str | None,
+        typer.Option(help="global | clients-mean | clients-basis (default: the best the job allows, see the README)"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seeds the minibatch order and dropout")] = 0,
+    api: ApiOption = "http://127.0.0.1:8080",
+    token: TokenOption = "",
+) -> None:
+    """Cold start on this machine: a model for a client that never trained, from a job's global part plus a
+    few local steps on its own data that fine-tune only its personal part. The data never leaves this machine."""
+    import tempfile
+
+    from shared import coldstart
+    from shared.adapters import build_model
+    from shared.models import extract_archive, load_tokenizer, peft_folder_archive
+    from shared.settings import Settings, configure_process
+    from shared.spec import parse_spec
+
+    def fail(message: str) -> typer.Exit:
+        console.print(f"[red]pwff adapt:[/red] {message}")
+        return typer.Exit(2)
+
+    try:
+        chosen_train = coldstart.Train(train) if train else None
+        chosen_start = coldstart.Start(start) if start else None
+    except ValueError:
+        raise fail(
+            f"--train is personal or all, --start global, clients-mean or clients-basis (got {train}, {start})"
+        ) from None
+    folder = Path(job)
+    with tempfile.TemporaryDirectory(prefix="pwff-adapt-") as tmp:
+        client_folders: list[Path] = []
+        if folder.is_dir():
+            try:
+                spec_data = json.loads((folder / "metrics.json").read_text())["spec"]
+            except (OSError, ValueError, KeyError):
+                raise fail(f"{folder} is not a results folder (no readable metrics.json with a spec)") from None
+            global_folder = folder / "global"
+            client_folders = sorted(p for p in (folder / "clients").glob("*") if p.is_dir())
+        else:
+            with _client(api, token) as client:
+                spec_data = _call(client, "GET", f"/v1/jobs/{job}").json()["spec"]
+                global_folder = extract_archive(
+                    _call(client, "GET", f"/v1/jobs/{job}/models/global").content, Path(tmp) / "global"
+                )
+                if chosen_start is not coldstart.Start.GLOBAL:
+                    for index in range(int(spec_data["num_clients"])):
+                        response = client.get(f"/v1/jobs/{job}/models/clients/{index}")
+                        if response.status_code == 200:
+                            client_folders.append(extract_archive(response.content, Path(tmp) / f"client-{index}"))
+        try:
+            spec = parse_spec(spec_data)
+        except SpecError as error:
+            raise fail(f"the job's spec does not validate here: {error}") from None
+        if not global_folder.is_dir():
+            raise fail(f"{global_folder} is missing: the job has not published a global model")
+        try:
+            examples = coldstart.read_examples(data, spec)
+            held_out = coldstart.read_examples(eval_data, spec) if eval_data is not None else []
+        except coldstart.ColdStartError as error:
+            raise fail(str(error)) from None
+        settings = Settings()
+        configure_process(settings)
+        model = build_model(spec, settings.cache_dir)
+        tokenizer = load_tokenizer(spec.model, settings.cache_dir)
+        try:
+            global_state = coldstart.state_from_folder(model, global_folder)
+            if chosen_start is None:
+                chosen_start = coldstart.default_start(spec, global_state, bool(client_folders))
+            clients: list[coldstart.State] = []
+            if chosen_start is not coldstart.Start.GLOBAL:
+                if not client_folders:
+                    raise coldstart.ColdStartError(f"--start {chosen_start}: the job has published no client models")
+                clients = [coldstart.state_from_folder(model, path) for path in client_folders]
+            begin = coldstart.start_state(spec, global_state, chosen_start, clients)
+            result = coldstart.adapt(
+                model,
+                tokenizer,
+                spec,
+                begin,
+                examples,
+                steps,
+                train=chosen_train,
+                lr=lr,
+                seed=seed,
+                eval_examples=held_out,
+                checkpoints=(0,),
+            )
+        except coldstart.ColdStartError as error:
+            raise fail(str(error)) from None
+        extract_archive(peft_folder_archive(model), out)
+    line = (
+        f"{steps} steps from the {chosen_start.value} start, fine-tuning {len(result.trained)} tensors "
+        f"({result.trained_params:,} parameters)"
+    )
+    if result.train_loss is not None:
+        line += f", training loss {result.train_loss:.4f}"
+    if result.curve:
+        first, last = result.curve[0], result.curve[-1]
+        line += f"; held-out accuracy {first.accuracy:.4f} -> {last.accuracy:.4f}"
+    console.print(line)
+    console.print(f"adapted model in [bold]{out}[/bold]")
 
 
 @app.command()

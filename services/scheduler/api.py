@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any
+import threading
+from pathlib import Path as FilePath
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Request, Response, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -62,6 +64,22 @@ _INVALID_SPEC: dict[int | str, dict[str, Any]] = {
     },
 }
 
+_ADAPT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body cannot be read (e.g. it is not UTF-8)"},
+    404: {"model": ErrorBody, "description": "no such job"},
+    409: {
+        "model": ErrorBody,
+        "description": "the job has not committed a global state yet, or (start clients-mean, clients-basis) has "
+        "not published its clients' models yet (it does when it ends)",
+    },
+    413: {"model": ErrorBody, "description": "the body is larger than the API accepts"},
+    422: {
+        "model": ValidationErrors,
+        "description": "not JSON, a body that breaks its schema, or one the job cannot use: a label that is not one "
+        "of its data set's classes, train personal or a start from the clients for a job that keeps nothing personal",
+    },
+}
+
 JobId = Annotated[str, Path(description="a job id as returned by POST /v1/jobs")]
 # Documented as >= 0 (the valid clients); a negative one is answered like any other out-of-range client, 404.
 ClientId = Annotated[
@@ -91,11 +109,89 @@ def _integral_as_int(value: Any) -> Any:
 
 SubmittedSpec = Annotated[JobSpec, WrapValidator(_exactly_as_json), Body()]
 
+
+class LabeledText(BaseModel):
+    """One of a newcomer's examples."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=20_000, description="the example's text")
+    label: int | str = Field(
+        0, description="a class index or class name of the job's data set (ignored for causal-LM jobs)"
+    )
+
+
+class AdaptRequest(BaseModel):
+    """A client that never trained: its examples, and how to fine-tune its personal part on them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    examples: list[LabeledText] = Field(min_length=1, max_length=4096, description="the newcomer's training examples")
+    eval_examples: list[LabeledText] = Field(
+        default_factory=list,
+        max_length=4096,
+        description="held-out examples: the answer then has the model's figures before and after the steps",
+    )
+    steps: int = Field(20, ge=0, le=1000, description="local optimizer steps (the job's optimizer and batch size)")
+    lr: float | None = Field(None, gt=0, le=10, description="learning rate (default: the job's optimizer.lr)")
+    train: Literal["personal", "all"] | None = Field(
+        None,
+        description="fine-tune the job's personal part only, or every trainable tensor (default: personal when the "
+        "job keeps something personal, else all)",
+    )
+    start: Literal["global", "clients-mean", "clients-basis"] | None = Field(
+        None,
+        description="start the personal part at its initial values (global: the published global model), from the "
+        "merged personal parts of the job's published client models (clients-mean), or from their merged LoRA A with "
+        "B zero (clients-basis: the model starts as the global one, its steps move where the clients' LoRAs did); "
+        "default: clients-basis when the job keeps whole LoRAs personal (pwff) and has published its clients' "
+        "models, else global",
+    )
+    seed: int = Field(0, ge=0, lt=2**31, description="seeds the minibatch order and dropout")
+
+
+class EvalFigures(BaseModel):
+    accuracy: float | None = Field(description="accuracy on eval_examples (null if not a finite number)")
+    loss: float | None = Field(description="mean loss on eval_examples (null if not a finite number)")
+
+
+class AdaptationView(BaseModel):
+    """A newcomer's adapted model: what it started from, what it trained, and where to download it."""
+
+    id: str = Field(description="the adaptation's id")
+    job_id: str = Field(description="the job it started from")
+    round: int = Field(description="the job's committed round whose global state it started from")
+    start: Literal["global", "clients-mean", "clients-basis"] = Field(description="where its personal part started")
+    train: Literal["personal", "all"] = Field(description="what it fine-tuned")
+    steps: int = Field(description="local steps taken")
+    trained_tensors: int = Field(description="tensors fine-tuned")
+    trained_params: int = Field(description="parameters fine-tuned")
+    train_loss: float | None = Field(description="mean training loss over the steps (null for 0 steps)")
+    before: EvalFigures | None = Field(description="figures on eval_examples before any step (null without them)")
+    after: EvalFigures | None = Field(description="figures on eval_examples after the last step (null without them)")
+    model: str = Field(description="GET this path for the adapted model (a PEFT folder as a tar.gz)")
+
+
+def _adapt_request_as_json(value: Any, handler: ValidatorFunctionWrapHandler) -> AdaptRequest:
+    """As a submitted spec: strict, but an integral number such as 20.0 is an integer (JSON Schema's view)."""
+    if isinstance(value, AdaptRequest):
+        return value
+    return AdaptRequest.model_validate(_integral_as_int(value), strict=True)
+
+
+SubmittedAdaptation = Annotated[AdaptRequest, WrapValidator(_adapt_request_as_json), Body()]
+
+AdaptationId = Annotated[
+    str, Path(description="an adaptation id as returned by POST /v1/jobs/{job_id}/adapt", pattern="^[0-9a-f]{12}$")
+]
+
 MAX_BODY_BYTES = 1024 * 1024
 """A job spec is a few kB; anything much larger is refused before it is parsed."""
 
 
-def create_app(scheduler: Scheduler, api_token: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    scheduler: Scheduler, api_token: str, max_body_bytes: int = MAX_BODY_BYTES, cache_dir: FilePath | None = None
+) -> FastAPI:
     if not api_token:
         raise ValueError("the API needs a token: set PWFF_API_TOKEN")
     app = FastAPI(
@@ -107,7 +203,7 @@ def create_app(scheduler: Scheduler, api_token: str, max_body_bytes: int = MAX_B
     app.middleware("http")(_count_requests)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.include_router(_jobs_router(scheduler, api_token))
+    app.include_router(_jobs_router(scheduler, api_token, cache_dir))
     _add_probes(app, scheduler)
     return app
 
@@ -187,7 +283,7 @@ async def _count_requests(request: Request, call_next: Any) -> Response:
     return response
 
 
-def _jobs_router(scheduler: Scheduler, api_token: str) -> APIRouter:
+def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | None) -> APIRouter:
     def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), api_token.encode()):
             raise HTTPException(
@@ -270,7 +366,123 @@ def _jobs_router(scheduler: Scheduler, api_token: str) -> APIRouter:
         """One client's personalized adapter (published when the job ends)."""
         return archive_response(job_id, client)
 
+    adaptations = _Adaptations(scheduler, cache_dir)
+
+    @router.post("/{job_id}/adapt", status_code=status.HTTP_201_CREATED, responses=_ADAPT_ERRORS)
+    def adapt_job(job_id: JobId, request: SubmittedAdaptation) -> AdaptationView:
+        """Cold start: a model for a client that never trained, from the job's global part plus local steps.
+
+        The newcomer's personal part (the tensors the job's preset keeps with each client) starts at
+        its initial values or from the job's clients' published personal parts, merged, and is
+        fine-tuned on `examples` for `steps` steps; everything global stays as the job trained it.
+        Runs in this process, one adaptation at a time. The examples travel to the server: a client
+        that keeps its data to itself runs `pwff adapt` instead, which does the same on its own machine.
+        """
+        job_or_404(job_id)
+        return adaptations.run(job_id, request)
+
+    @router.get(
+        "/{job_id}/adaptations/{adaptation_id}/model",
+        response_class=Response,
+        responses={
+            **_ARCHIVE,
+            404: {"model": ErrorBody, "description": "no such job or adaptation"},
+            422: {"model": ValidationErrors, "description": "adaptation_id is not 12 hex digits"},
+        },
+    )
+    def adapted_model(job_id: JobId, adaptation_id: AdaptationId) -> Response:
+        """A newcomer's adapted model (POST /v1/jobs/{job_id}/adapt made it)."""
+        job_or_404(job_id)
+        blob = scheduler.state.tensors.archive(job_id, f"adapted-{adaptation_id}")
+        if blob is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no adaptation {adaptation_id}")
+        return Response(
+            blob,
+            media_type="application/gzip",
+            headers={"Content-Disposition": f'attachment; filename="{job_id}-adapted-{adaptation_id}.tar.gz"'},
+        )
+
     return router
+
+
+class _Adaptations:
+    """Runs newcomers' adaptations in the API process (torch is imported on the first one), one at a time."""
+
+    def __init__(self, scheduler: Scheduler, cache_dir: FilePath | None) -> None:
+        self.scheduler = scheduler
+        self.cache_dir = cache_dir
+        self._lock = threading.Lock()
+        self._models: Any = None
+
+    def run(self, job_id: str, request: AdaptRequest) -> AdaptationView:
+        from shared import coldstart
+        from shared.adapters import ModelCache
+        from shared.settings import Settings
+
+        spec = self.scheduler.jobs.spec(job_id)
+
+        def examples(field: str, items: list[LabeledText]) -> list[Any]:
+            try:
+                return [
+                    coldstart.example_from(item.text, item.label, spec, f"{field}[{i}]") for i, item in enumerate(items)
+                ]
+            except coldstart.ColdStartError as error:
+                raise _unprocessable(field, str(error)) from None
+
+        train_examples = examples("examples", request.examples)
+        eval_examples = examples("eval_examples", request.eval_examples)
+        with self._lock:
+            if self._models is None:
+                self._models = ModelCache(self.cache_dir or Settings().cache_dir)
+            try:
+                served = coldstart.serve(
+                    self.scheduler.state,
+                    self._models,
+                    job_id,
+                    spec,
+                    train_examples,
+                    request.steps,
+                    start=coldstart.Start(request.start) if request.start else None,
+                    train=coldstart.Train(request.train) if request.train else None,
+                    lr=request.lr,
+                    seed=request.seed,
+                    eval_examples=eval_examples,
+                )
+            except coldstart.NotReady as error:
+                raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+            except coldstart.ColdStartError as error:
+                raise _unprocessable(error.field, str(error)) from None
+        adaptation_id = secrets.token_hex(6)
+        self.scheduler.state.tensors.put_archive(job_id, f"adapted-{adaptation_id}", served.archive)
+        adaptation = served.adaptation
+
+        def figures(point: Any) -> EvalFigures | None:
+            return None if point is None else EvalFigures(accuracy=_finite(point.accuracy), loss=_finite(point.loss))
+
+        return AdaptationView(
+            id=adaptation_id,
+            job_id=job_id,
+            round=served.round,
+            start=served.start.value,
+            train=served.train.value,
+            steps=adaptation.steps,
+            trained_tensors=len(adaptation.trained),
+            trained_params=adaptation.trained_params,
+            train_loss=_finite(adaptation.train_loss),
+            before=figures(served.before),
+            after=figures(served.after),
+            model=f"/v1/jobs/{job_id}/adaptations/{adaptation_id}/model",
+        )
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and value == value and abs(value) != float("inf") else None
+
+
+def _unprocessable(field: str, message: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own (ValidationErrors), for a body the job cannot use."""
+    where = ["body", field] if field else ["body"]
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, [{"type": "value_error", "loc": where, "msg": message}])
 
 
 def _add_probes(app: FastAPI, scheduler: Scheduler) -> None:
