@@ -101,24 +101,26 @@ def plot_metrics(job: dict[str, Any], path: Path) -> None:
 
 def _plot_per_client(axis: Any, evaluated: list[dict[str, Any]]) -> None:
     rounds = [m["round"] for m in evaluated]
+    # Align jobs report rewards, every other job accuracy.
+    figure = "weighted_reward" if "client_mean_personalized_weighted_reward" in evaluated[-1] else "accuracy"
     # Keys are ints in process and strings after a JSON round trip through the API.
     clients = sorted({str(c) for m in evaluated for c in m["per_client"]}, key=int)
     for client in clients:
         points = [(m["round"], entry) for m in evaluated if (entry := _client_entry(m, client)) is not None]
         xs = [r for r, _ in points]
-        axis.plot(xs, [e["personalized_accuracy"] for _, e in points], color="tab:orange", alpha=0.25)
-        axis.plot(xs, [e["global_accuracy"] for _, e in points], color="tab:blue", alpha=0.25)
-    axis.plot(
-        rounds,
-        [m["client_mean_personalized_accuracy"] for m in evaluated],
-        "o-",
-        color="tab:orange",
-        label="personalized (mean)",
-    )
-    axis.plot(
-        rounds, [m["client_mean_global_accuracy"] for m in evaluated], "o--", color="tab:blue", label="global (mean)"
-    )
-    axis.set(title="each client's held-out accuracy (thin: one client)", xlabel="round", ylabel="accuracy")
+        axis.plot(xs, [e.get(f"personalized_{figure}") for _, e in points], color="tab:orange", alpha=0.25)
+        axis.plot(xs, [e.get(f"global_{figure}") for _, e in points], color="tab:blue", alpha=0.25)
+    means = [
+        ("personalized", "o-", "tab:orange"),
+        ("global", "o--", "tab:blue"),
+        ("reference", ":", "tab:gray"),
+    ]
+    for model, style, color in means:
+        key = f"client_mean_{model}_{figure}"
+        if all(key in m for m in evaluated):
+            axis.plot(rounds, [m[key] for m in evaluated], style, color=color, label=f"{model} (mean)")
+    label = "weighted reward" if figure == "weighted_reward" else "accuracy"
+    axis.set(title=f"each client's held-out {label} (thin: one client)", xlabel="round", ylabel=label)
     axis.legend(fontsize=8)
 
 

@@ -149,6 +149,8 @@ class ClientEvaluated(_Message):
     round: Round
     client: ClientId
     metrics: dict[str, float]
+    samples: list[dict[str, Annotated[str, Field(max_length=1000)]]] = Field(default_factory=list, max_length=32)
+    """A few responses a person can read (align mode): prompt, global and personalized answers."""
 
 
 class JobFailed(_Message):

@@ -37,6 +37,12 @@ DOWNLOAD_BYTES = Counter("pwff_download_bytes_total", "Bytes of model state down
 DEAD_LETTERED = Counter("pwff_messages_dead_lettered_total", "Messages sent to a dead-letter queue", ["queue"])
 GLOBAL_ACCURACY = Gauge("pwff_global_accuracy", "Held-out accuracy of the latest global model", ["job"])
 GLOBAL_LOSS = Gauge("pwff_global_loss", "Held-out loss of the latest global model", ["job"])
+CLIENT_MEAN_FIGURE = Gauge(
+    "pwff_client_mean_figure",
+    "Mean over the clients evaluated after the latest round of a per-client figure (accuracy; align: each "
+    "reward, the weighted reward, KL to the reference, response length), by model: global, personalized, reference",
+    ["job", "model", "figure"],
+)
 HTTP_REQUESTS = Counter("pwff_http_requests_total", "HTTP API requests", ["method", "route", "status"])
 LATE_TASKS = Counter("pwff_rounds_closed_at_deadline_total", "Rounds closed at their deadline with updates missing")
 

@@ -35,6 +35,10 @@ class Registry(Mapping[str, T], Generic[T]):
                 self._loaded[name] = plugin()
             return self._loaded[name]
 
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default would import the plugin: checking a spec's names must stay torch-free.
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -49,6 +53,7 @@ if TYPE_CHECKING:  # the plugin modules import torch: only type checkers read th
     from shared.aggregation import AggregationStrategy
     from shared.modes.base import TrainingMode
     from shared.personalization import PersonalizationPreset
+    from shared.rewards.base import RewardKind
 
 MODES: Registry[TrainingMode] = Registry(
     "training mode",
@@ -56,6 +61,7 @@ MODES: Registry[TrainingMode] = Registry(
         "backprop": "shared.modes.backprop:BackpropMode",
         "fwd": "shared.modes.fwd:ForwardMode",
         "auto": "shared.modes.auto:AutoMode",
+        "align": "shared.modes.align:AlignMode",
     },
 )
 PRESETS: Registry[PersonalizationPreset] = Registry(
@@ -70,4 +76,15 @@ PRESETS: Registry[PersonalizationPreset] = Registry(
 STRATEGIES: Registry[AggregationStrategy] = Registry(
     "aggregation strategy",
     {"fedavg": "shared.aggregation:FedAvg"},
+)
+REWARDS: Registry[RewardKind] = Registry(
+    "reward model",
+    {
+        "relevance": "shared.rewards.builtin:Relevance",
+        "positivity": "shared.rewards.builtin:Positivity",
+        "harmlessness": "shared.rewards.builtin:Harmlessness",
+        "conciseness": "shared.rewards.builtin:Conciseness",
+        "keyword": "shared.rewards.builtin:Keyword",
+        "hf": "shared.rewards.hf:HuggingFaceClassifier",
+    },
 )

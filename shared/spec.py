@@ -26,7 +26,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
 from shared.catalog import DATASETS, MODELS, dataset_info, model_info
-from shared.registry import MODES, PRESETS, STRATEGIES
+from shared.registry import MODES, PRESETS, REWARDS, STRATEGIES
 from shared.wireless import DevicesSpec
 
 
@@ -54,6 +54,7 @@ DatasetName = Annotated[str, OneOf(DATASETS, "data set")]
 ModeName = Annotated[str, OneOf(MODES, "training mode")]
 PresetName = Annotated[str, OneOf(PRESETS, "personalization preset")]
 StrategyName = Annotated[str, OneOf(STRATEGIES, "aggregation strategy")]
+RewardKindName = Annotated[str, OneOf(REWARDS, "reward model")]
 
 
 class _Strict(BaseModel):
@@ -154,6 +155,134 @@ class ForwardSpec(_Strict):
     discriminative_every: int = Field(
         1, ge=1, le=1000, description="apply discriminative sampling on every n-th step only (FwdLLM's code: 2)"
     )
+
+
+class RewardSpec(_Strict):
+    """One reward model of an align job (`shared.rewards`): higher is better, scored in the worker."""
+
+    name: str = Field(
+        min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$", description="the reward's label in figures"
+    )
+    kind: RewardKindName = Field(
+        description="relevance (MiniLM-L6 cosine of prompt and response), positivity (pwff's own tweets sentiment "
+        "classifier, trained once by `pwff train-reward`), harmlessness (1 - p(offensive), alt-profanity-check), "
+        "conciseness (1 at target_words or fewer, falling with length), keyword (share of words that are "
+        "`keyword`), hf (any Hugging Face sequence-classification folder)"
+    )
+    path: str | None = Field(None, description="hf: a sequence-classification folder (config.json and weights)")
+    label: int | str | None = Field(
+        None, description="hf: the label whose probability is the reward (index or name; default: the last)"
+    )
+    keyword: str | None = Field(None, min_length=1, max_length=40, description="keyword: the rewarded word")
+    target_words: int = Field(20, ge=1, le=1000, description="conciseness: responses this short score 1")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> RewardSpec:
+        if self.kind == "hf":
+            if not self.path:
+                raise ValueError(f"reward {self.name!r}: kind 'hf' needs a path to a sequence-classification folder")
+            from shared.rewards import check_reward_folder  # torch-free: reads config.json only
+
+            # Checked where the job is submitted: reward folders live on storage every worker mounts.
+            check_reward_folder(self.path, f"reward {self.name!r}: path", self.label)
+        if self.kind == "keyword" and not self.keyword:
+            raise ValueError(f"reward {self.name!r}: kind 'keyword' needs a keyword")
+        return self
+
+
+Weights = Annotated[
+    list[Annotated[float, Field(ge=0, le=1)]],
+    Field(min_length=1, max_length=8, description="one weight per reward, in the order of align.rewards; sum 1"),
+]
+
+
+class PreferenceSpec(_Strict):
+    """Each client's weights over the job's rewards (non-negative, summing to 1)."""
+
+    kind: Literal["groups", "dirichlet", "explicit"] = Field(
+        "groups",
+        description="groups: client c takes groups[c mod len(groups)]; dirichlet: drawn per client from a seeded "
+        "Dirichlet(alpha); explicit: `weights` lists every client's",
+    )
+    groups: list[Weights] = Field(
+        default_factory=lambda: [[0.9, 0.1], [0.1, 0.9]], min_length=1, description="groups: each group's weights"
+    )
+    alpha: float = Field(1.0, gt=0, description="dirichlet: concentration (small: clients lean to one reward)")
+    weights: dict[int, Weights] | None = Field(
+        None,
+        description="explicit: client (0-based) -> its weights",
+        json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}},
+    )
+
+
+class AlignSpec(_Strict):
+    """PWFF's local multi-objective alignment of a causal LM (mode `align`).
+
+    Each task samples `samples_per_prompt` responses to each of `prompts_per_step` of the client's
+    prompts from its current model, scores them with every reward, normalizes each reward by the
+    client's running mean and std, weighs them by the client's preferences and takes a clipped
+    policy-gradient step (RLOO or GRPO baseline) with a per-token KL penalty to the frozen base
+    (adapters disabled) and a proximal term to the state the task started from.
+    """
+
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [
+            RewardSpec(name="relevance", kind="relevance"),
+            RewardSpec(name="positivity", kind="positivity"),
+        ],
+        min_length=2,
+        max_length=8,
+        description="the reward models (at least two)",
+    )
+    preferences: PreferenceSpec = Field(PreferenceSpec(), description="each client's weights over the rewards")
+    estimator: Literal["backprop", "fwd"] = Field(
+        "backprop",
+        description="backprop: the surrogate's gradient by backpropagation; fwd: by forward gradients (central "
+        "differences along seeded random directions), inference memory only",
+    )
+    baseline: Literal["rloo", "grpo"] = Field(
+        "rloo", description="rloo: leave-one-out mean of the other samples; grpo: group mean, divided by its std"
+    )
+    prompt_template: str = Field(
+        "Reply to this message: {text}", min_length=1, max_length=500, description="the user turn; {text} is a prompt"
+    )
+    prompts_per_step: int = Field(2, ge=1, le=256, description="prompts per local step")
+    samples_per_prompt: int = Field(4, ge=2, le=64, description="k: responses sampled per prompt")
+    max_new_tokens: int = Field(24, ge=1, le=512, description="longest sampled response")
+    max_prompt_tokens: int = Field(64, ge=4, le=2048, description="prompts are cut to this many tokens")
+    temperature: float = Field(1.0, gt=0, le=5, description="sampling temperature")
+    top_k: int = Field(0, ge=0, le=100_000, description="sample from the k likeliest tokens (0: all)")
+    kl_coef: float = Field(0.05, ge=0, le=100, description="beta: weight of the per-token KL to the reference")
+    kl_target: float = Field(
+        0.5,
+        gt=0,
+        description="nats per token: the KL a client's model may reach; beta doubles (per client) when a step "
+        "exceeds it by half and halves when it is under half of it",
+    )
+    proximal_mu: float = Field(0.01, ge=0, description="mu: (mu / 2) |theta - theta_start|^2 to the task's start")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clipping of the probability ratio")
+    ppo_epochs: int = Field(2, ge=1, le=16, description="optimizer passes over each step's samples")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    perturbations: int = Field(16, ge=1, le=4096, description="fwd: directions per optimizer pass")
+    eval_prompts: int = Field(16, ge=1, le=1024, description="held-out prompts per client evaluation")
+    eval_samples_kept: int = Field(3, ge=0, le=32, description="responses per client and round kept in metrics")
+
+    def weights_of(self, client: int, num_clients: int, seed: int) -> list[float]:
+        """The client's preference weights over `rewards` (in order)."""
+        prefs = self.preferences
+        if prefs.kind == "explicit":
+            assert prefs.weights is not None  # checked by the job spec
+            return prefs.weights[client]
+        if prefs.kind == "groups":
+            return prefs.groups[client % len(prefs.groups)]
+        import numpy as np  # a light import; the spec stays torch-free
+
+        draws = np.random.default_rng([seed, 0xA11C]).dirichlet([prefs.alpha] * len(self.rewards), size=num_clients)
+        return [float(w) for w in draws[client]]
+
+    def group_of(self, client: int) -> int | None:
+        """The client's preference group (groups preferences), else None."""
+        return client % len(self.preferences.groups) if self.preferences.kind == "groups" else None
 
 
 class PersonalizationSpec(_Strict):
@@ -275,13 +404,16 @@ class JobSpec(_Strict):
     round_deadline_s: float = Field(900.0, gt=0, description="a round closes at this age if the quorum is in")
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of the round's clients needed at the deadline")
     eval_max_examples: int = Field(512, ge=1, description="cap on held-out examples evaluated per round")
+    align: AlignSpec = Field(AlignSpec(), description="rewards, preferences and the alignment loss (mode align)")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
         task = model_info(self.model).task
-        if task != dataset_info(self.dataset).task:
+        if self.mode == "align":
+            _check_alignment(self)
+        elif task != dataset_info(self.dataset).task:
             kind = "a causal LM" if task == "causal-lm" else "a sequence classifier"
             raise ValueError(f"model {self.model!r} is {kind} and cannot train on dataset {self.dataset!r}")
         if self.fwd.perturbations_per_task > self.fwd.max_perturbations_per_step:
@@ -308,6 +440,39 @@ class JobSpec(_Strict):
     def quorum_count_of(self, expected: int) -> int:
         """The quorum when `expected` updates were asked for (fwd rounds may ask for more waves)."""
         return max(1, math.ceil(self.quorum * expected - 1e-9))
+
+
+def _check_alignment(spec: JobSpec) -> None:
+    if model_info(spec.model).task != "causal-lm":
+        raise ValueError(
+            f"mode 'align' samples responses from a causal LM; model {spec.model!r} is a sequence classifier"
+        )
+    align = spec.align
+    names = [reward.name for reward in align.rewards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"align.rewards: names must be unique, got {names}")
+    prefs = align.preferences
+    if prefs.kind == "explicit":
+        if prefs.weights is None:
+            raise ValueError("align.preferences.weights: explicit preferences need every client's weights")
+        missing = sorted(set(range(spec.num_clients)) - set(prefs.weights))
+        extra = sorted(set(prefs.weights) - set(range(spec.num_clients)))
+        if missing or extra:
+            raise ValueError(f"align.preferences.weights: missing clients {missing[:5]}, unknown clients {extra[:5]}")
+        listed = {f"weights.{c}": w for c, w in prefs.weights.items()}
+    elif prefs.kind == "groups":
+        listed = {f"groups.{i}": w for i, w in enumerate(prefs.groups)}
+    else:
+        listed = {}
+    for where, weights in listed.items():
+        if len(weights) != len(align.rewards):
+            raise ValueError(
+                f"align.preferences.{where}: {len(weights)} weights for {len(align.rewards)} rewards {names}"
+            )
+        if any(not math.isfinite(w) or w < 0 for w in weights):
+            raise ValueError(f"align.preferences.{where}: weights must be non-negative, got {weights}")
+        if abs(sum(weights) - 1.0) > 1e-6:
+            raise ValueError(f"align.preferences.{where}: weights must sum to 1, got {sum(weights):g}")
 
 
 FULL_FINETUNING_MAX_STATE_BYTES = 512 * 1024 * 1024

@@ -100,6 +100,11 @@ def consistent(body: Any) -> Any:
         spec["dataset"] = grouped[0] if natural and grouped else names[0]
         if natural and not grouped:
             spec["partition"] = {**partition, "kind": "iid"}
+    if spec.get("mode") == "align":
+        if task != "causal-lm":
+            spec["model"] = "tiny-llama"
+        spec["dataset"] = body.get("dataset", defaults.dataset)  # any data set gives prompts
+    _consistent_alignment(spec)
     lora: dict[str, Any] = spec.get("lora") or {}
     if lora.get("full"):  # full fine-tuning: backprop, a preset without LoRA tensors, a model that fits
         if 4 * model_info(spec.get("model", defaults.model)).num_params > FULL_FINETUNING_MAX_STATE_BYTES:
@@ -119,6 +124,23 @@ def consistent(body: Any) -> Any:
     if fwd.get("upload", defaults.fwd.upload) == "pool":
         fwd["regime"] = "local"
     return spec
+
+
+def _consistent_alignment(spec: dict[str, Any]) -> None:
+    """Reward names unique, no `hf` folder (none exists here), and weights that fit the rewards."""
+    align: dict[str, Any] = dict(spec.get("align") or {})
+    spec["align"] = align
+    rewards = [dict(reward) for reward in align.get("rewards") or [{"kind": "relevance"}, {"kind": "positivity"}]]
+    for index, reward in enumerate(rewards):
+        reward["name"] = f"r{index}"
+        if reward.get("kind") == "hf":
+            reward.update(kind="relevance", path=None)
+        if reward.get("kind") == "keyword" and not reward.get("keyword"):
+            reward["keyword"] = "yes"
+    align["rewards"] = rewards
+    even = [1.0 / len(rewards)] * len(rewards)
+    even[-1] = 1.0 - sum(even[:-1])
+    align["preferences"] = {"kind": "groups", "groups": [even]}
 
 
 # -- the property test ---------------------------------------------------------------------------
@@ -152,6 +174,7 @@ def test_the_property_test_covers_every_operation() -> None:
         ("GET", "/v1/jobs/{job_id}/models/global"),
         ("GET", "/v1/jobs/{job_id}/models/clients/{client}"),
         ("POST", "/v1/jobs/{job_id}/adapt"),
+        ("POST", "/v1/jobs/{job_id}/generate"),
         ("GET", "/v1/jobs/{job_id}/adaptations/{adaptation_id}/model"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),

@@ -150,6 +150,51 @@ class AdaptRequest(BaseModel):
     seed: int = Field(0, ge=0, lt=2**31, description="seeds the minibatch order and dropout")
 
 
+class GenerateRequest(BaseModel):
+    """A prompt for a causal-LM job's global model, or one client's personalized model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=8000, description="the user turn (the model's chat template wraps it)")
+    client: int | None = Field(
+        None, ge=0, description="answer with this client's model (global part + its personal part); default: global"
+    )
+    max_new_tokens: int = Field(64, ge=1, le=512, description="longest answer, in tokens")
+    temperature: float = Field(0.0, ge=0, le=5, description="0: greedy; above: sampled at this temperature")
+    seed: int = Field(0, ge=0, lt=2**31, description="seeds the sampling")
+
+
+class GenerateView(BaseModel):
+    text: str = Field(description="the model's answer")
+    tokens: int = Field(description="tokens generated")
+    round: int = Field(description="the committed round whose state answered")
+    model: str = Field(description='"global" or "client-<n>"')
+
+
+def _generate_request_as_json(value: Any, handler: ValidatorFunctionWrapHandler) -> GenerateRequest:
+    if isinstance(value, GenerateRequest):
+        return value
+    return GenerateRequest.model_validate(_integral_as_int(value), strict=True)
+
+
+SubmittedPrompt = Annotated[GenerateRequest, WrapValidator(_generate_request_as_json), Body()]
+
+_GENERATE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body cannot be read (e.g. it is not UTF-8)"},
+    404: {"model": ErrorBody, "description": "no such job"},
+    409: {
+        "model": ErrorBody,
+        "description": "the job has not committed a state yet, or the client has not trained yet",
+    },
+    413: {"model": ErrorBody, "description": "the body is larger than the API accepts"},
+    422: {
+        "model": ValidationErrors,
+        "description": "not JSON, a body that breaks its schema, a client out of range, or a job whose model is a "
+        "sequence classifier",
+    },
+}
+
+
 class EvalFigures(BaseModel):
     accuracy: float | None = Field(description="accuracy on eval_examples (null if not a finite number)")
     loss: float | None = Field(description="mean loss on eval_examples (null if not a finite number)")
@@ -368,6 +413,15 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
 
     adaptations = _Adaptations(scheduler, cache_dir)
 
+    @router.post("/{job_id}/generate", responses=_GENERATE_ERRORS)
+    def generate(job_id: JobId, request: SubmittedPrompt) -> GenerateView:
+        """An answer from the job's latest global model, or from one client's personalized model.
+
+        Runs in this process (torch and the model are loaded on the first request), one at a time.
+        """
+        job_or_404(job_id)
+        return adaptations.generate(job_id, request)
+
     @router.post("/{job_id}/adapt", status_code=status.HTTP_201_CREATED, responses=_ADAPT_ERRORS)
     def adapt_job(job_id: JobId, request: SubmittedAdaptation) -> AdaptationView:
         """Cold start: a model for a client that never trained, from the job's global part plus local steps.
@@ -414,10 +468,45 @@ class _Adaptations:
         self._lock = threading.Lock()
         self._models: Any = None
 
-    def run(self, job_id: str, request: AdaptRequest) -> AdaptationView:
-        from shared import coldstart
+    def _model_cache(self) -> Any:
         from shared.adapters import ModelCache
         from shared.settings import Settings
+
+        if self._models is None:
+            self._models = ModelCache(self.cache_dir or Settings().cache_dir)
+        return self._models
+
+    def generate(self, job_id: str, request: GenerateRequest) -> GenerateView:
+        from shared import generation
+
+        spec = self.scheduler.jobs.spec(job_id)
+        try:
+            generation.check_causal(spec)
+        except generation.GenerationError as error:
+            raise _unprocessable("", str(error)) from None
+        with self._lock:
+            model, tokenizer = self._model_cache().get(spec)
+            try:
+                answer = generation.answer_from_store(
+                    self.scheduler.state,
+                    model,
+                    tokenizer,
+                    job_id,
+                    spec,
+                    request.prompt,
+                    request.client,
+                    max_new_tokens=request.max_new_tokens,
+                    temperature=request.temperature,
+                    seed=request.seed,
+                )
+            except generation.NotReady as error:
+                raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+            except generation.GenerationError as error:
+                raise _unprocessable(error.field, str(error)) from None
+        return GenerateView(text=answer.text, tokens=answer.tokens, round=answer.round, model=answer.model)
+
+    def run(self, job_id: str, request: AdaptRequest) -> AdaptationView:
+        from shared import coldstart
 
         spec = self.scheduler.jobs.spec(job_id)
 
@@ -432,12 +521,10 @@ class _Adaptations:
         train_examples = examples("examples", request.examples)
         eval_examples = examples("eval_examples", request.eval_examples)
         with self._lock:
-            if self._models is None:
-                self._models = ModelCache(self.cache_dir or Settings().cache_dir)
             try:
                 served = coldstart.serve(
                     self.scheduler.state,
-                    self._models,
+                    self._model_cache(),
                     job_id,
                     spec,
                     train_examples,

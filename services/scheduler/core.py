@@ -38,6 +38,7 @@ from shared.messages import (
     encode,
 )
 from shared.metrics import (
+    CLIENT_MEAN_FIGURE,
     FWD_EXTRA_WAVES,
     JOBS_FINISHED,
     JOBS_RUNNING,
@@ -66,6 +67,30 @@ class JobConflict(RuntimeError):
 def new_job_id(name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "job"
     return f"{slug}-{uuid.uuid4().hex[:10]}"
+
+
+CLIENT_MEAN_FIGURES = (
+    "global_accuracy",
+    "personalized_accuracy",
+    "reference_weighted_reward",
+    "global_weighted_reward",
+    "personalized_weighted_reward",
+    "global_kl",
+    "personalized_kl",
+)
+"""Per-client figures the round view also averages over clients (when every client reported them)."""
+
+
+def _export_client_means(job_id: str, per_client: dict[int, dict[str, Any]]) -> None:
+    """Prometheus: each per-client figure averaged over the clients that reported it this round."""
+    sums: dict[tuple[str, str], list[float]] = {}
+    for figures in per_client.values():
+        for key, value in figures.items():
+            model, _, figure = key.partition("_")
+            if model in ("global", "personalized", "reference") and isinstance(value, (int, float)) and figure:
+                sums.setdefault((model, figure), []).append(float(value))
+    for (model, figure), values in sums.items():
+        CLIENT_MEAN_FIGURE.labels(job=job_id, model=model, figure=figure).set(float(np.mean(values)))
 
 
 class Scheduler:
@@ -145,8 +170,10 @@ class Scheduler:
         per_client = self.jobs.client_figures(job_id, record.round)
         if per_client:
             entry["per_client"] = per_client
-            for figure in ("global_accuracy", "personalized_accuracy"):
-                entry[f"client_mean_{figure}"] = float(np.mean([m[figure] for m in per_client.values()]))
+            for figure in CLIENT_MEAN_FIGURES:
+                values = [m[figure] for m in per_client.values() if isinstance(m.get(figure), (int, float))]
+                if len(values) == len(per_client):
+                    entry[f"client_mean_{figure}"] = float(np.mean(values))
         return entry
 
     @staticmethod
@@ -264,7 +291,11 @@ class Scheduler:
 
     def _on_client_evaluated(self, event: ClientEvaluated) -> None:
         job_id, round_ = event.job_id, event.round
-        reported = self.jobs.add_client_figures(job_id, round_, event.client, event.metrics)
+        figures: dict[str, Any] = dict(event.metrics)
+        if event.samples:
+            figures["samples"] = event.samples
+        reported = self.jobs.add_client_figures(job_id, round_, event.client, figures)
+        _export_client_means(job_id, self.jobs.client_figures(job_id, round_))
         plan = self.jobs.plan(job_id, round_)
         if plan is None or plan.status != RoundStatus.EVALUATING:
             return

@@ -13,21 +13,46 @@ from shared.state import JobState
 Figure = float | None
 
 
+class ResponseSample(BaseModel):
+    """One held-out prompt and what the client's models answered (align mode)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    prompt: str = Field(description="the held-out prompt (cut to 300 characters)")
+    global_: str = Field(alias="global", description="the global model's response")
+    personalized: str = Field(description="the client's personalized model's response")
+
+
 class ClientFigures(BaseModel):
     """One client's held-out figures after a round: the global model vs its personalized model.
 
-    A figure that is not a finite number (a diverged model) is null.
+    Classification and language-model jobs report accuracy and loss. Align jobs report instead,
+    for the `reference` (the base, adapters disabled), `global` and `personalized` models:
+    `<model>_reward_<name>` (and its standard error `_se`) for each reward, `<model>_weighted_reward`
+    (the client's preference weights over the raw rewards) with `_se`, `<model>_kl` (per-token KL
+    to the reference) and `<model>_length` (tokens per response), plus `group` (its preference
+    group) and `samples`. A figure that is not a finite number (a diverged model) is null.
     """
 
     model_config = ConfigDict(extra="allow")
 
-    global_accuracy: Figure = Field(description="the global model's accuracy on the client's held-out examples")
-    global_loss: Figure = Field(description="the global model's loss on the client's held-out examples")
+    global_accuracy: Figure = Field(None, description="the global model's accuracy on the client's held-out examples")
+    global_loss: Figure = Field(None, description="the global model's loss on the client's held-out examples")
     personalized_accuracy: Figure = Field(
-        description="the client's personalized model (global part + its personal part), held-out accuracy"
+        None, description="the client's personalized model (global part + its personal part), held-out accuracy"
     )
-    personalized_loss: Figure = Field(description="the client's personalized model, held-out loss")
-    examples: float = Field(description="held-out examples the figures are computed on")
+    personalized_loss: Figure = Field(None, description="the client's personalized model, held-out loss")
+    global_weighted_reward: Figure = Field(None, description="align: the global model's weighted reward")
+    personalized_weighted_reward: Figure = Field(None, description="align: the personalized model's weighted reward")
+    reference_weighted_reward: Figure = Field(None, description="align: the reference model's weighted reward")
+    samples: list[ResponseSample] | None = Field(None, description="align: a few held-out prompts and responses")
+    examples: float = Field(description="held-out examples (align: prompts) the figures are computed on")
+
+    @model_serializer(mode="wrap")
+    def _reported_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A figure this kind of job does not report is absent; one that was reported as NaN stays null.
+        reported = self.model_fields_set | set(self.model_extra or {})
+        return {key: value for key, value in handler(self).items() if key in reported or key == "examples"}
 
 
 class RoundView(BaseModel):
@@ -56,6 +81,9 @@ class RoundView(BaseModel):
     )
     client_mean_personalized_accuracy: float | None = Field(
         None, description="mean over per_client of personalized_accuracy (present with per_client)"
+    )
+    client_mean_personalized_weighted_reward: float | None = Field(
+        None, description="align: mean over per_client of personalized_weighted_reward"
     )
 
     @model_serializer(mode="wrap")

@@ -27,7 +27,6 @@ from prometheus_client import Counter
 from shared import data
 from shared.adapters import ModelCache
 from shared.bus import Bus, Queues
-from shared.catalog import model_info
 from shared.codec import (
     RESIDUAL_PREFIX,
     CodecError,
@@ -38,7 +37,6 @@ from shared.codec import (
     split_residual,
     state_digest,
 )
-from shared.evaluation import evaluate
 from shared.messages import (
     ClientEvaluated,
     EvaluateTask,
@@ -51,7 +49,7 @@ from shared.messages import (
 from shared.metrics import DOWNLOAD_BYTES, TASK_DURATION, TASKS_PROCESSED, UPLOAD_BYTES
 from shared.models import load_trainable_state, peft_folder_archive
 from shared.modes import mode_of
-from shared.modes.base import LocalContext, LocalResult, State
+from shared.modes.base import EvaluationContext, LocalContext, LocalResult, State, TaskFailed
 from shared.spec import JobSpec
 from shared.state import JobNotFound, JobState, Repositories
 from shared.state.tensors import PersonalVersion
@@ -113,13 +111,20 @@ class Worker:
 
     def handle(self, body: bytes) -> None:
         task = decode_task(body, self.max_message_bytes)
+        job_id = task.job_id
         try:
-            spec = self._spec(task.job_id)
+            spec = self._spec(job_id)
         except JobNotFound:
             raise InvalidMessage(f"task for unknown job {task.job_id}") from None
         if task.client >= spec.num_clients:
             raise InvalidMessage(f"client {task.client} out of range for job {task.job_id}")
-        outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
+        try:
+            outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
+        except TaskFailed as error:
+            # Deterministic: a retry would fail the same way. Dead-lettered (and counted) by the bus.
+            TASKS_PROCESSED.labels(outcome="failed").inc()
+            log.error("%s: task of %s round %d client %d failed: %s", self.name, job_id, task.round, task.client, error)
+            raise InvalidMessage(f"task failed: {error}") from None
         TASKS_PROCESSED.labels(outcome=outcome).inc()
 
     def _spec(self, job_id: str) -> JobSpec:
@@ -165,6 +170,7 @@ class Worker:
             # The mode sees the client's residual beside its personal tensors (RESIDUAL_PREFIX names).
             personal={**personal, **{RESIDUAL_PREFIX + name: value for name, value in residual.items()}},
             artifact=lambda name, round_: self._artifact(job_id, name, round_),
+            cache_dir=self.cache_dir,
         )
         result = mode_of(spec).run_local(context)
         personal_after, residual_after = split_residual(result.personal)
@@ -225,26 +231,32 @@ class Worker:
             return "stale"  # the job moved on and the state was pruned
         _, personal = self._personal_state(task.job_id, task.client, before=(task.round + 1, 0))
         model, tokenizer = self.models.get(spec)
-        examples = data.client_test_examples(spec, task.client, spec.personalization.eval_examples_per_client)
-        task_kind = model_info(spec.model).task
-        load_trainable_state(model, global_state)
-        global_figures = evaluate(model, tokenizer, examples, task_kind, spec.max_length)
-        personal_figures = global_figures  # with nothing personal, the client's model is the global one
-        if personal:
-            load_trainable_state(model, {**global_state, **personal})
-            personal_figures = evaluate(model, tokenizer, examples, task_kind, spec.max_length)
-        if task.publish:
+        evaluation = mode_of(spec).evaluate_client(
+            EvaluationContext(
+                spec=spec,
+                job_id=task.job_id,
+                round=task.round,
+                client=task.client,
+                model=model,
+                tokenizer=tokenizer,
+                global_state=global_state,
+                personal=personal,
+                cache_dir=self.cache_dir,
+            )
+        )
+        if task.publish:  # the mode left the client's personalized state in the model
             self.state.tensors.put_archive(task.job_id, f"client-{task.client}", peft_folder_archive(model))
-        metrics = {
-            "global_accuracy": global_figures["accuracy"],
-            "global_loss": global_figures["loss"],
-            "personalized_accuracy": personal_figures["accuracy"],
-            "personalized_loss": personal_figures["loss"],
-            "examples": float(len(examples)),
-        }
         self.bus.publish(
             self.queues.events,
-            encode(ClientEvaluated(job_id=task.job_id, round=task.round, client=task.client, metrics=metrics)),
+            encode(
+                ClientEvaluated(
+                    job_id=task.job_id,
+                    round=task.round,
+                    client=task.client,
+                    metrics=evaluation.figures,
+                    samples=evaluation.samples,
+                )
+            ),
         )
         return "evaluated"
 

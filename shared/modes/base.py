@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -35,6 +36,13 @@ class UpdateRejected(ValueError):
     """An upload that cannot be merged (malformed, wrong shape, NaN, unknown seed, out of budget)."""
 
 
+class TaskFailed(RuntimeError):
+    """A task that cannot produce an update for reasons of its own (e.g. a reward model answered NaN).
+
+    The worker dead-letters the task with this message; the round goes on without that client.
+    """
+
+
 @dataclass(frozen=True)
 class LocalContext:
     """Everything a worker hands a mode for one client's task."""
@@ -52,6 +60,8 @@ class LocalContext:
     """The client's personal tensors as it left them (empty before its first task)."""
     artifact: ArtifactLoader
     """Reads what the mode committed beside the global state in earlier rounds."""
+    cache_dir: Path | None = None
+    """The worker's model cache (reward models live there too); None: the settings' default."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,32 @@ class LocalResult:
     """Directions evaluated (forward-gradient modes)."""
     cosine: float = 0.0
     """Mean |cosine| of the chosen directions with the reference gradient (forward-gradient modes)."""
+
+
+@dataclass(frozen=True)
+class EvaluationContext:
+    """What a worker hands a mode to evaluate one client after a round."""
+
+    spec: JobSpec
+    job_id: str
+    round: int
+    client: int
+    model: torch.nn.Module
+    """The job's PEFT model; `evaluate_client` leaves the client's personalized state loaded in it."""
+    tokenizer: PreTrainedTokenizerBase
+    global_state: State
+    personal: State
+    """The client's personal tensors (empty when nothing is personal or it never trained)."""
+    cache_dir: Path | None = None
+    """The worker's model cache; None: the settings' default."""
+
+
+@dataclass(frozen=True)
+class ClientEvaluation:
+    figures: dict[str, float]
+    """global_* and personalized_* figures (and any the mode adds), all finite or NaN floats."""
+    samples: list[dict[str, str]] = field(default_factory=list)
+    """A few examples a person can read (align: prompts and the models' responses)."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +220,32 @@ class TrainingMode(ABC):
     @abstractmethod
     def run_local(self, context: LocalContext) -> LocalResult:
         """Train one client for one task and return its upload."""
+
+    def evaluate_client(self, context: EvaluationContext) -> ClientEvaluation:
+        """The global vs the personalized model on the client's held-out examples: accuracy and loss."""
+        from shared import data
+        from shared.catalog import model_info
+        from shared.evaluation import evaluate
+        from shared.models import load_trainable_state
+
+        spec = context.spec
+        examples = data.client_test_examples(spec, context.client, spec.personalization.eval_examples_per_client)
+        task_kind = model_info(spec.model).task
+        load_trainable_state(context.model, context.global_state)
+        global_figures = evaluate(context.model, context.tokenizer, examples, task_kind, spec.max_length)
+        personal_figures = global_figures  # with nothing personal, the client's model is the global one
+        if context.personal:
+            load_trainable_state(context.model, {**context.global_state, **context.personal})
+            personal_figures = evaluate(context.model, context.tokenizer, examples, task_kind, spec.max_length)
+        return ClientEvaluation(
+            {
+                "global_accuracy": global_figures["accuracy"],
+                "global_loss": global_figures["loss"],
+                "personalized_accuracy": personal_figures["accuracy"],
+                "personalized_loss": personal_figures["loss"],
+                "examples": float(len(examples)),
+            }
+        )
 
     def attention_implementation(self, spec: JobSpec) -> str | None:
         """An attention kernel the mode needs (e.g. "eager" for forward-mode AD), or None for the default."""

@@ -80,11 +80,11 @@ class JobRepository:
 
     # -- client-side evaluations ----------------------------------------------------------
 
-    def client_figures(self, job_id: str, round_: int) -> dict[int, dict[str, float]]:
+    def client_figures(self, job_id: str, round_: int) -> dict[int, dict[str, Any]]:
         raw = self.store.hash_get_all(self.keys.client_metrics(job_id, round_))
         return {int(client): json.loads(figures) for client, figures in sorted(raw.items(), key=lambda i: int(i[0]))}
 
-    def add_client_figures(self, job_id: str, round_: int, client: int, figures: dict[str, float]) -> int:
+    def add_client_figures(self, job_id: str, round_: int, client: int, figures: dict[str, Any]) -> int:
         """Record one client's evaluation; returns how many clients have reported for the round."""
         key = self.keys.client_metrics(job_id, round_)
         self.store.hash_set(key, {str(client): json.dumps(figures)})
