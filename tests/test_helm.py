@@ -327,6 +327,7 @@ def test_grafana_dashboard(render: Render) -> None:
         "pwff_messages_dead_lettered_total",
         "pwff_global_accuracy",
         "pwff_global_loss",
+        "pwff_client_mean_figure",
     ):
         assert metric in exprs, f"dashboard does not show {metric}"
     assert "histogram_quantile(0.95" in exprs and "histogram_quantile(0.5" in exprs
