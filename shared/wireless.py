@@ -12,8 +12,10 @@ A round on one device costs local computation and then an uplink transmission of
 * Compute time ``T_cmp = FLOPs / f`` (s) with f the sustained compute speed (FLOP/s), and compute
   energy ``E_cmp = FLOPs * e`` (J) with e the energy per FLOP (J/FLOP).
 * FLOPs: a forward pass costs about ``2 * N * tokens`` for N active parameters (one multiply and one
-  add per parameter per token); a backprop step (forward + backward) about 3x that; a forward-gradient
-  perturbation (FwdLLM) two inferences, 2x a forward.
+  add per parameter per token); a backprop step adds a backward pass that computes activation
+  gradients through every layer (~1x a forward) and weight gradients only for the trainable
+  parameters (~``2 * N_trainable * tokens``): ~6NT for full fine-tuning, ~4NT with a frozen base and
+  LoRA; a forward-gradient perturbation (FwdLLM) two inferences, 2x a forward.
 
 Everything is in SI units: Hz, W, s, J, bit/s, FLOP and FLOP/s; byte counts are converted with 8 bits
 per byte. Downlink (the server broadcasting the global model) is not modelled: base stations transmit
@@ -168,14 +170,20 @@ def forward_flops(num_params_active: int, tokens: int) -> int:
     return 2 * num_params_active * tokens
 
 
-def backprop_step_flops(num_params_active: int, tokens: int) -> int:
-    """FLOPs of one backprop training step: forward + backward ~ 3 x forward (the backward pass costs
-    about twice the forward: gradients with respect to both activations and weights).
+def backprop_step_flops(num_params_active: int, tokens: int, num_params_trainable: int | None = None) -> int:
+    """FLOPs of one backprop training step: forward ``2 N T``, plus a backward pass of activation
+    gradients ``2 N T`` (every layer a token passed through, frozen or not, so the gradient reaches the
+    trainable ones) and weight gradients ``2 N_trainable T`` (only for trainable parameters).
 
-    With a frozen base model the weight gradients of frozen layers are skipped, so the true cost is
-    somewhat below 3x (closer to 2x); 3x is the usual conservative figure.
+    Full fine-tuning (N_trainable = N, the default) costs the usual ~6NT, 3x a forward; a frozen base
+    with LoRA (N_trainable well under 1% of N) ~4NT, 2x a forward. N and N_trainable are counted as
+    `forward_flops` counts N (every parameter, the same approximation for both).
     """
-    return 3 * forward_flops(num_params_active, tokens)
+    forward = forward_flops(num_params_active, tokens)
+    trainable = num_params_active if num_params_trainable is None else num_params_trainable
+    if not 0 <= trainable <= num_params_active:
+        raise ValueError(f"num_params_trainable must be in 0..{num_params_active}, got {trainable}")
+    return 2 * forward + forward_flops(trainable, tokens)
 
 
 def fwd_perturbation_flops(num_params_active: int, tokens: int) -> int:

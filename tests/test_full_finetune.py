@@ -25,6 +25,7 @@ from shared.models import (
     load_base_model,
     load_tokenizer,
     load_trainable_state,
+    parameter_count,
     trainable_state,
 )
 from shared.modes.backprop import DeltaAccumulator, train_backprop
@@ -142,6 +143,24 @@ def test_an_update_round_trips_and_aggregates_like_a_lora_update(
         assert any("word_embeddings" in name for name in changed)
     else:
         assert all("lora_" in name or "classifier" in name for name in changed)
+
+
+def test_a_full_finetuning_step_is_priced_above_a_lora_step(tiny_spec: Callable[..., JobSpec], cache_dir: Path) -> None:
+    """Weight gradients only for trainable parameters: full ~6NT, LoRA ~4NT on the same tokens."""
+    flops, sizes = {}, {}
+    for full in (False, True):
+        spec = tiny_spec(lora={"r": 4, "alpha": 8, "full": full}, optimizer={"lr": 0.01})
+        model = build_model(spec, cache_dir)
+        load_trainable_state(model, initial_state(model, 5))
+        examples = data.client_examples(spec, 0)
+        tokenizer = load_tokenizer(spec.model, cache_dir)
+        flops[full] = train_backprop(model, tokenizer, examples, spec, "classification", 2, seed=0).flops
+        sizes[full] = (parameter_count(model), sum(p.numel() for p in model.parameters() if p.requires_grad))
+    (n_full, trainable_full), (n_lora, trainable_lora) = sizes[True], sizes[False]
+    assert trainable_full == n_full and trainable_lora < n_lora / 10
+    tokens = flops[True] / (6 * n_full)  # the same batches (same seed and examples) for both
+    assert tokens == int(tokens) > 0
+    assert flops[False] == 2 * (2 * n_lora + trainable_lora) * tokens
 
 
 # -- end to end through the services -----------------------------------------------------------------

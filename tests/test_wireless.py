@@ -66,11 +66,39 @@ def test_compute_time_and_energy() -> None:
 def test_flop_counts() -> None:
     # SmolLM2-135M, a batch of 8 x 256 = 2048 tokens: forward = 2 * 135e6 * 2048 = 5.5296e11 FLOP
     assert w.forward_flops(135_000_000, 2048) == 552_960_000_000
-    # backprop = 3 x forward = 1.65888e12; a forward-gradient perturbation = 2 x forward = 1.10592e12
+    # full-FT backprop = 3 x forward = 1.65888e12; a forward-gradient perturbation = 2 x forward = 1.10592e12
     assert w.backprop_step_flops(135_000_000, 2048) == 1_658_880_000_000
     assert w.fwd_perturbation_flops(135_000_000, 2048) == 1_105_920_000_000
     with pytest.raises(ValueError):
         w.forward_flops(-1, 10)
+
+
+def test_backprop_flops_price_weight_gradients_of_trainable_parameters_only() -> None:
+    n, t = 22_700_000, 16 * 48
+    forward = w.forward_flops(n, t)
+    # forward 2NT + activation gradients 2NT + weight gradients 2 N_trainable T
+    assert w.backprop_step_flops(n, t, n) == 6 * n * t == 3 * forward
+    assert w.backprop_step_flops(n, t, 0) == 4 * n * t == 2 * forward
+    lora = 150_000
+    assert w.backprop_step_flops(n, t, lora) == 4 * n * t + 2 * lora * t
+    assert w.backprop_step_flops(n, t, lora) / w.backprop_step_flops(n, t) == pytest.approx(2 / 3, rel=0.01)
+    with pytest.raises(ValueError, match="trainable"):
+        w.backprop_step_flops(n, t, n + 1)
+    with pytest.raises(ValueError, match="trainable"):
+        w.backprop_step_flops(n, t, -1)
+
+
+def test_backprop_mode_prices_lora_below_full_fine_tuning() -> None:
+    from shared.modes.backprop import BackpropMode
+    from shared.spec import parse_spec
+
+    base = {"name": "t", "model": "minilm-l6", "dataset": "tweets-sentiment"}
+    lora, full = parse_spec(base), parse_spec({**base, "lora": {"full": True}})
+    mode, n, t = BackpropMode(), 22_700_000, 768
+    assert mode.unit_flops(full, n, t) == 6 * n * t
+    assert mode.unit_flops(lora, n, t) == 4 * n * t
+    # forward-gradient perturbations are priced as before: two forwards
+    assert w.fwd_perturbation_flops(n, t) == 4 * n * t
 
 
 def test_round_cost_adds_compute_and_upload() -> None:

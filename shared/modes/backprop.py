@@ -47,7 +47,9 @@ class BackpropMode(TrainingMode):
     name = "backprop"
 
     def unit_flops(self, spec: JobSpec, params: int, tokens: int) -> float:
-        return float(backprop_step_flops(params, tokens))
+        # Weight gradients for every base weight only in full fine-tuning; a LoRA's (and the head's)
+        # share of the parameters is left out, as the forward count leaves their FLOPs out.
+        return float(backprop_step_flops(params, tokens, params if spec.lora.full else 0))
 
     def full_budget(self, spec: JobSpec) -> int:
         return spec.local_steps
@@ -98,7 +100,8 @@ class TrainResult:
     loss: float
     """Mean training loss over the local steps."""
     flops: float
-    """Compute spent: ~3 forward passes' worth (forward + backward) per token, 2 FLOPs per parameter."""
+    """Compute spent (`shared.wireless.backprop_step_flops`): forward, activation gradients, and weight
+    gradients of the trainable parameters."""
 
 
 def make_optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -224,7 +227,8 @@ def train_backprop(
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         model.eval()
-    return TrainResult(float(np.mean(losses)), float(backprop_step_flops(parameter_count(model), tokens)))
+    trainable = sum(p.numel() for p in params)
+    return TrainResult(float(np.mean(losses)), float(backprop_step_flops(parameter_count(model), tokens, trainable)))
 
 
 class DeltaAccumulator(RoundAccumulator[State]):
