@@ -3,6 +3,7 @@ of the tiny causal model on a reward it can learn."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -30,13 +31,19 @@ from shared.metrics import CLIENT_MEAN_FIGURE, TASKS_PROCESSED
 from shared.models import initial_state, load_trainable_state, minilm_dir
 from shared.modes.align import (
     RewardStats,
+    StepBatch,
+    _forward_gradient,
+    _perturbed,
     clipped_surrogate,
     grpo_advantages,
     kl_per_token,
     masked_mean,
     next_kl_coef,
+    reference_logprobs,
     rloo_advantages,
     sample_responses,
+    surrogate_loss,
+    token_logprobs,
     weighted_reward,
 )
 from shared.spec import JobSpec, SpecError, parse_spec
@@ -126,7 +133,10 @@ def test_align_spec_defaults_and_preferences() -> None:
     [
         ({"model": "minilm-l6"}, "is a sequence classifier"),
         ({"align": {"preferences": {"groups": [[0.7, 0.4]]}}}, "must sum to 1"),
-        ({"align": {"preferences": {"groups": [[1.2, -0.2]]}}}, "groups.0.1: Input should be greater than or equal to 0"),
+        (
+            {"align": {"preferences": {"groups": [[1.2, -0.2]]}}},
+            "groups.0.1: Input should be greater than or equal to 0",
+        ),
         ({"align": {"preferences": {"groups": [[1.0]]}}}, "1 weights for 2 rewards"),
         ({"align": {"preferences": {"kind": "explicit", "weights": {0: [0.5, 0.5]}}}}, "missing clients [1, 2"),
         ({"align": {"rewards": [{"name": "a", "kind": "relevance"}]}}, "align.rewards"),
@@ -292,3 +302,29 @@ def test_a_reward_model_that_answers_nan_fails_the_task_clearly(cache_dir: Path,
     assert dead == 1
     # With nobody left, the round's deadline fails the job and says why; services stay up.
     assert job["state"] == "failed" and "0 of 1 updates" in job["error"]
+
+
+def test_forward_gradients_estimate_the_surrogate_gradient_on_lora_b(cache_dir: Path) -> None:
+    """Central differences along seeded directions point where backprop does; LoRA A is left alone."""
+    spec = parse_spec({**ALIGN, "align": {"max_new_tokens": 4, "samples_per_prompt": 2, "top_k": 3}})
+    model, tokenizer = ModelCache(cache_dir).get(spec)
+    load_trainable_state(model, initial_state(model, spec.seed))
+    rollout = sample_responses(model, tokenizer, spec.align, ["good morning", "my bag is lost"], 2, seed=3)
+    with torch.no_grad():
+        batch = StepBatch(
+            rollout, token_logprobs(model, rollout), reference_logprobs(model, rollout), torch.tensor([1.0, -1.0] * 2)
+        )
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    surrogate_loss(model, batch, 0.2, 0.05, True).backward()
+    exact = {n: p.grad.clone() for n, p in params.items() if "lora_B" in n and p.grad is not None}
+    for p in params.values():
+        p.grad = None
+    perturbed = _perturbed(params)
+    assert perturbed and all("lora_A" not in name for name in perturbed)
+    _forward_gradient(perturbed, functools.partial(surrogate_loss, model, batch, 0.2, 0.05), 128, 1e-3, seed=5)
+    estimate = torch.cat([params[n].grad.flatten() for n in exact])
+    truth = torch.cat([exact[n].flatten() for n in exact])
+    cosine = float(torch.nn.functional.cosine_similarity(estimate, truth, dim=0))
+    dims = truth.numel()
+    assert cosine > 5 / math.sqrt(dims), (cosine, dims)  # a random direction: about 1 / sqrt(dims)
+    assert all(params[n].grad is None for n in params if "lora_A" in n)

@@ -347,7 +347,11 @@ class AlignMode(TrainingMode):
                 if align.estimator == "fwd":
                     where = (spec.seed, task.round, task.client, task.wave, step, len(losses))
                     loss = _forward_gradient(
-                        params, surrogate, align.perturbations, spec.fwd.h, derive_seed("align-dirs", *where)
+                        _perturbed(params),
+                        surrogate,
+                        align.perturbations,
+                        spec.fwd.h,
+                        derive_seed("align-dirs", *where),
                     )
                     flops += 2 * align.perturbations * forward_flops(n_params, tokens)
                 else:
@@ -483,6 +487,20 @@ def _add_proximal_gradient(params: dict[str, torch.nn.Parameter], start: State, 
                 param.grad = pull
             else:
                 param.grad.add_(pull)
+
+
+def _perturbed(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+    """What forward gradients perturb: LoRA B only, with A a fixed random projection (as LoRA-FA trains it).
+
+    While B is zero (the start of every LoRA) the loss does not depend on A to first order, so
+    perturbing A adds variance and no signal; without A the estimate has half the dimensions.
+    Tensors that are not LoRA (a trainable head) are perturbed too.
+    """
+    chosen = {name: p for name, p in params.items() if "lora_A" not in name}
+    for name, p in params.items():
+        if name not in chosen:
+            p.grad = None
+    return chosen
 
 
 def _forward_gradient(
