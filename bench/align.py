@@ -286,6 +286,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             group = spec.align.group_of(int(c)) or 0
             x0, y0 = f["reference_reward_relevance"], f["reference_reward_conciseness"]
             x1, y1 = f["personalized_reward_relevance"], f["personalized_reward_conciseness"]
+            scatter_ax.scatter([x0], [y0], marker=markers[name], facecolors="none", edgecolors=colors[group], s=40)
             scatter_ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": colors[group]})
             scatter_ax.scatter([x1], [y1], marker=markers[name], color=colors[group], s=40)
     for name, marker in markers.items():
@@ -294,7 +295,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     scatter_ax.scatter([], [], color=colors[0], label="group 0 (0.9 relevance)")
     scatter_ax.scatter([], [], color=colors[1], label="group 1 (0.9 conciseness)")
     scatter_ax.set(
-        title="rewards: reference -> personalized model, per client",
+        title="rewards: reference (hollow) -> personalized model, per client",
         xlabel="relevance (mean)",
         ylabel="conciseness (mean)",
     )
@@ -310,15 +311,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     kl_ax.set(title="KL per token to the reference (personalized model)", xlabel="client")
     kl_ax.legend(fontsize=8)
     summary = report["summary"]
-    cost_ax.bar(names, [summary[n]["peak_rss_mb"] for n in names], color="tab:purple")
-    cost_ax.set(title="peak RSS of a worker running one local task (MB)")
-    for index, name in enumerate(names):
+    estimators = [e for e in ("backprop", "fwd") if e in report["memory"]]
+    cost_ax.bar(estimators, [report["memory"][e]["peak_rss_mb"] for e in estimators], color="tab:purple")
+    cost_ax.set(title="peak RSS of a worker process running one local alignment task (MB)")
+    for index, estimator in enumerate(estimators):
+        users = [n for n in names if parse_spec(report["variants"][n]["spec"]).align.estimator == estimator]
+        label = ", ".join(f"{n}: {summary[n]['bytes_up_per_round'] / 1e3:.0f} kB up/round" for n in users)
         cost_ax.annotate(
-            f"{summary[name]['bytes_up_per_round'] / 1e3:.0f} kB up/round",
-            (index, summary[name]["peak_rss_mb"]),
-            ha="center",
-            va="bottom",
-            fontsize=8,
+            label, (index, report["memory"][estimator]["peak_rss_mb"]), ha="center", va="bottom", fontsize=8
         )
     figure.suptitle(report["title"])
     figure.tight_layout()
