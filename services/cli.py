@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from shared.rewards import TRAIN_EVAL_EXAMPLES as REWARD_EVAL_EXAMPLES
+from shared.rewards import TRAIN_STEPS as REWARD_TRAIN_STEPS
 from shared.spec import SpecError, load_spec_file
 from shared.state import JobState
 
@@ -237,6 +239,61 @@ def download(
 
 
 @app.command()
+def generate(
+    job: Annotated[
+        str, typer.Argument(metavar="JOB", help="a job id (answered by the API) or a results folder (answered here)")
+    ],
+    prompt: Annotated[str, typer.Argument(help="the user turn")],
+    client: Annotated[int | None, typer.Option(help="answer with this client's model (default: global)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above: sampled")] = 0.0,
+    seed: Annotated[int, typer.Option(help="seeds the sampling")] = 0,
+    api: ApiOption = "http://127.0.0.1:8080",
+    token: TokenOption = "",
+) -> None:
+    """Try a causal-LM job's result: the answer of its global model, or of one client's, to PROMPT."""
+    folder = Path(job)
+    if not folder.is_dir():
+        body = {"prompt": prompt, "client": client, "max_new_tokens": max_new_tokens, "temperature": temperature}
+        with _client(api, token) as http:
+            print(_call(http, "POST", f"/v1/jobs/{job}/generate", json={**body, "seed": seed}).json()["text"])
+        return
+    from shared import coldstart, generation
+    from shared.adapters import build_model
+    from shared.models import load_tokenizer
+    from shared.settings import Settings, configure_process
+    from shared.spec import parse_spec
+
+    def fail(message: str) -> typer.Exit:
+        console.print(f"[red]pwff generate:[/red] {message}")
+        return typer.Exit(2)
+
+    try:
+        spec = parse_spec(json.loads((folder / "metrics.json").read_text())["spec"])
+    except (OSError, ValueError, KeyError):
+        raise fail(f"{folder} is not a results folder (no readable metrics.json with a spec)") from None
+    try:
+        generation.check_causal(spec)
+    except generation.GenerationError as error:
+        raise fail(str(error)) from None
+    model_folder = folder / "global" if client is None else folder / "clients" / str(client)
+    if not model_folder.is_dir():
+        raise fail(f"{model_folder} is missing: the job published no such model")
+    settings = Settings()
+    configure_process(settings)
+    model = build_model(spec, settings.cache_dir)
+    tokenizer = load_tokenizer(spec.model, settings.cache_dir)
+    try:
+        coldstart.state_from_folder(model, model_folder)
+        text, _ = generation.generate(
+            model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        )
+    except (coldstart.ColdStartError, generation.GenerationError) as error:
+        raise fail(str(error)) from None
+    print(text)
+
+
+@app.command()
 def adapt(
     job: Annotated[
         str, typer.Argument(metavar="JOB", help="a job id (read over the API) or a results folder (pwff run, download)")
@@ -380,3 +437,41 @@ def cancel(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOp
 
 if __name__ == "__main__":
     app()
+
+
+@app.command("train-reward")
+def train_reward(
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="folder to write (default: <PWFF cache dir>/rewards/positivity, what align uses)"),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="AdamW steps of 32 tweets")] = REWARD_TRAIN_STEPS,
+    seed: Annotated[int, typer.Option(help="seeds the head and the minibatch order")] = 0,
+    eval_examples: Annotated[
+        int, typer.Option(min=0, help="held-out tweets scored, spread over the test split (0: all 7,449)")
+    ] = REWARD_EVAL_EXAMPLES,
+) -> None:
+    """Train pwff's sentiment reward model (MiniLM-L6 on tweets-sentiment) into an HF sequence-classification
+    folder, used by `kind: positivity` rewards (or by `kind: hf` with its path); prints its held-out accuracy."""
+    from shared.rewards import train as reward_train
+    from shared.settings import Settings, configure_process
+
+    settings = Settings()
+    configure_process(settings)
+    target = out if out is not None else reward_train.positivity_dir(settings.cache_dir)
+    with _progress() as progress:
+        task = progress.add_task("train-reward", total=steps, status="starting")
+
+        def advance(step: int, _steps: int, loss: float) -> None:
+            progress.update(task, completed=step, status=f"loss {loss:.3f}" if step < steps else "evaluating")
+
+        result = reward_train.train_sentiment(
+            target, steps=steps, seed=seed, eval_examples=eval_examples or None, progress=advance
+        )
+        progress.update(task, status=f"held-out accuracy {result.accuracy:.3f}")
+    console.print(
+        f"held-out accuracy [bold]{result.accuracy:.4f}[/bold] on {result.eval_examples} test tweets "
+        f"(train {result.train_seconds:.0f}s, eval {result.eval_seconds:.0f}s)"
+    )
+    console.print(f"reward model in [bold]{target}[/bold]")
+    print(json.dumps({"path": str(target), "accuracy": round(result.accuracy, 4), "steps": steps, "seed": seed}))
