@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shared.codec import RESIDUAL_PREFIX, Codec, encode_update, split_residual
+from shared.codec import RESIDUAL_PREFIX, split_residual
 from shared.generation import chat_prompt_ids
 from shared.models import GLOBAL_RNG_LOCK, parameter_count
-from shared.modes.backprop import DeltaAccumulator, codec_seed, make_optimizer
+from shared.modes.backprop import DeltaAccumulator, make_optimizer, upload_from_model
 from shared.modes.base import (
     ClientEvaluation,
     EvaluationContext,
@@ -46,7 +46,6 @@ from shared.modes.base import (
     TaskFailed,
     TrainingMode,
 )
-from shared.personalization import is_personal
 from shared.seeding import derive_seed
 from shared.wireless import backprop_step_flops, forward_flops
 
@@ -368,7 +367,7 @@ class AlignMode(TrainingMode):
                 raise TaskFailed(f"client {task.client}: the alignment loss is not finite at step {step}")
             kl_coef = next_kl_coef(kl_coef, measured_kl, align.kl_target, align.kl_coef)
         model.eval()
-        payload, personal = _encode_upload(context, client_state)
+        payload, personal = upload_from_model(context, client_state)
         personal.update(_client_state(stats, kl_coef))
         return LocalResult(payload=payload, loss=float(np.mean(losses)), flops=float(flops), personal=personal)
 
@@ -554,26 +553,3 @@ def _client_state(stats: RewardStats, kl_coef: float) -> State:
         RESIDUAL_PREFIX + STATS_PREFIX + "m2": stats.m2,
         RESIDUAL_PREFIX + STATS_PREFIX + "kl_coef": torch.tensor([kl_coef]),
     }
-
-
-def _encode_upload(context: LocalContext, client_state: State) -> tuple[bytes, State]:
-    """The global part's delta through the job's codec, and the client's personal tensors (plus its residual)."""
-    spec, task = context.spec, context.task
-    delta: State = {}
-    personal: State = {}
-    with torch.no_grad():
-        for name, param in context.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            if is_personal(spec, name):
-                personal[name] = param.detach().to("cpu", torch.float32, copy=True)
-            else:
-                delta[name] = param.detach().to("cpu", torch.float32) - context.start_state[name]
-    if spec.compression.error_feedback:
-        for name, value in client_state.items():
-            if name in delta:
-                delta[name] += value
-    encoded = encode_update(delta, Codec.for_uploads(spec.compression), codec_seed(spec, task))
-    if spec.compression.error_feedback:
-        personal.update({RESIDUAL_PREFIX + name: delta[name] - encoded.decoded[name] for name in delta})
-    return encoded.blob, personal

@@ -70,29 +70,40 @@ class BackpropMode(TrainingMode):
             seed,
             shard=SHARDS.get((task.job_id, task.client), context.tokenizer, context.examples, spec.max_length),
         )
-        # Straight from the parameters: one new tensor per name, no full copy of the trained state.
-        delta: State = {}
-        personal: State = {}
-        with torch.no_grad():
-            for name, param in context.model.named_parameters():
-                if not param.requires_grad:
-                    continue
-                if is_personal(spec, name):
-                    personal[name] = param.detach().to("cpu", torch.float32, copy=True)
-                else:
-                    delta[name] = param.detach().to("cpu", torch.float32) - context.start_state[name]
         _, residual = split_residual(context.personal)
-        if spec.compression.error_feedback:
-            for name, value in residual.items():
-                if name in delta:
-                    delta[name] += value
-        encoded = encode_update(delta, Codec.for_uploads(spec.compression), codec_seed(spec, task))
-        if spec.compression.error_feedback:
-            personal.update({RESIDUAL_PREFIX + name: delta[name] - encoded.decoded[name] for name in delta})
-        return LocalResult(payload=encoded.blob, loss=trained.loss, flops=trained.flops, personal=personal)
+        payload, personal = upload_from_model(context, residual)
+        return LocalResult(payload=payload, loss=trained.loss, flops=trained.flops, personal=personal)
 
     def accumulator(self, spec: JobSpec, start_state: State) -> DeltaAccumulator:
         return DeltaAccumulator(spec, start_state)
+
+
+def upload_from_model(context: LocalContext, residual: State) -> tuple[bytes, State]:
+    """The delta of the global part, through the job's codec, and the client's personal tensors after the task.
+
+    Straight from the model's parameters: one new tensor per name, no full copy of the trained state.
+    With error feedback, `residual` (what the codec did not send last time) is added first and the new
+    residual returned among the personal tensors (`RESIDUAL_PREFIX` names, stored apart by the worker).
+    """
+    spec, task = context.spec, context.task
+    delta: State = {}
+    personal: State = {}
+    with torch.no_grad():
+        for name, param in context.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if is_personal(spec, name):
+                personal[name] = param.detach().to("cpu", torch.float32, copy=True)
+            else:
+                delta[name] = param.detach().to("cpu", torch.float32) - context.start_state[name]
+    if spec.compression.error_feedback:
+        for name, value in residual.items():
+            if name in delta:
+                delta[name] += value
+    encoded = encode_update(delta, Codec.for_uploads(spec.compression), codec_seed(spec, task))
+    if spec.compression.error_feedback:
+        personal.update({RESIDUAL_PREFIX + name: delta[name] - encoded.decoded[name] for name in delta})
+    return encoded.blob, personal
 
 
 @dataclass(frozen=True)
