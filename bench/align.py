@@ -62,6 +62,8 @@ BASE: dict[str, Any] = {
     "eval_max_examples": 32,
     "max_length": 64,
     "seed": 0,
+    # A forward-gradient task of SmolLM2 takes minutes on 2 loaded cores: no round may fail at the deadline.
+    "round_deadline_s": 7200,
     "optimizer": {"name": "adamw", "lr": 0.003},
     "personalization": {"preset": "pwff"},
     "align": {
