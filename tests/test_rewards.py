@@ -29,7 +29,7 @@ from shared.spec import RewardSpec
 CPU = torch.device("cpu")
 POSITIVE = ["I love this, what a wonderful and happy day!", "Thank you so much, this is great news :)"]
 NEGATIVE = ["I hate this, what a terrible and awful day.", "This is the worst, I am so angry and sad."]
-TRAIN_STEPS = 25  # enough to order clearly positive above clearly negative text; seconds, not minutes
+TRAIN_STEPS = 40  # enough to order clearly positive above clearly negative text; seconds, not minutes
 
 
 def _invoke(*args: str) -> tuple[int, str, str]:
