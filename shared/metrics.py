@@ -11,6 +11,8 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from shared.bus import DeadLetterHook, Queues
+
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 JOBS_SUBMITTED = Counter("pwff_jobs_submitted_total", "Jobs accepted by the API")
@@ -35,20 +37,40 @@ UPDATES_RECEIVED = Counter(
 UPLOAD_BYTES = Counter("pwff_upload_bytes_total", "Bytes of updates uploaded by workers")
 DOWNLOAD_BYTES = Counter("pwff_download_bytes_total", "Bytes of model state downloaded by workers")
 DEAD_LETTERED = Counter("pwff_messages_dead_lettered_total", "Messages sent to a dead-letter queue", ["queue"])
-GLOBAL_ACCURACY = Gauge("pwff_global_accuracy", "Held-out accuracy of the latest global model", ["job"])
-GLOBAL_LOSS = Gauge("pwff_global_loss", "Held-out loss of the latest global model", ["job"])
+# Per-job series carry `job_id`, never `job`: Prometheus owns `job` (the scrape job) and would rename ours to
+# `exported_job` unless every scrape config set honor_labels.
+GLOBAL_ACCURACY = Gauge("pwff_global_accuracy", "Held-out accuracy of the latest global model", ["job_id"])
+GLOBAL_LOSS = Gauge("pwff_global_loss", "Held-out loss of the latest global model", ["job_id"])
 CLIENT_MEAN_FIGURE = Gauge(
     "pwff_client_mean_figure",
     "Mean over the clients evaluated after the latest round of a per-client figure (accuracy; align: each "
     "reward, the weighted reward, KL to the reference, response length), by model: global, personalized, reference",
-    ["job", "model", "figure"],
+    ["job_id", "model", "figure"],
 )
 HTTP_REQUESTS = Counter("pwff_http_requests_total", "HTTP API requests", ["method", "route", "status"])
 LATE_TASKS = Counter("pwff_rounds_closed_at_deadline_total", "Rounds closed at their deadline with updates missing")
 
 
+# Labelled counters export nothing for a label value until its first increment, and then 1: `increase()`
+# and `rate()` need a sample before it, so the first failed job or dead letter would never show. Every label
+# value known in advance starts at 0 (dead-letter queues depend on the namespace: `dead_letter_counter`).
+for _state in ("succeeded", "failed", "cancelled"):
+    JOBS_FINISHED.labels(state=_state)
+for _outcome in ("done", "stale", "duplicate", "failed"):
+    TASKS_PROCESSED.labels(outcome=_outcome)
+for _outcome in ("merged", "duplicate", "late", "invalid"):
+    UPDATES_RECEIVED.labels(outcome=_outcome)
+
+
 def count_dead_letter(queue: str, reason: str) -> None:
     DEAD_LETTERED.labels(queue=queue).inc()
+
+
+def dead_letter_counter(namespace: str) -> DeadLetterHook:
+    """The bus's dead-letter hook, with the counter of each of the namespace's queues started at 0."""
+    for queue in Queues(namespace).all:
+        DEAD_LETTERED.labels(queue=queue)
+    return count_dead_letter
 
 
 _server_lock = threading.Lock()
@@ -71,9 +93,9 @@ FWD_PERTURBATIONS = Histogram(
     "fwd: perturbations used by a committed step (grows when variance control asks for more)",
     buckets=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
 )
-FWD_VARIANCE = Gauge("pwff_fwd_variance", "fwd: normalized split-half variance of the last committed step", ["job"])
+FWD_VARIANCE = Gauge("pwff_fwd_variance", "fwd: normalized split-half variance of the last committed step", ["job_id"])
 FWD_COSINE = Gauge(
-    "pwff_fwd_direction_cosine", "fwd: mean |cosine| of chosen directions with the previous gradient", ["job"]
+    "pwff_fwd_direction_cosine", "fwd: mean |cosine| of chosen directions with the previous gradient", ["job_id"]
 )
 FWD_EXTRA_WAVES = Counter("pwff_fwd_extra_waves_total", "fwd: extra perturbation waves dispatched by variance control")
 DEVICE_DELAY = Histogram(
@@ -82,3 +104,29 @@ DEVICE_DELAY = Histogram(
     buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
 )
 DEVICE_ENERGY = Counter("pwff_device_energy_joules_total", "Simulated energy spent by devices (compute + upload)")
+
+# Every metric with a `job_id` label: their series of a job go when it ends (see `forget_job`).
+PER_JOB: tuple[Gauge, ...] = (GLOBAL_ACCURACY, GLOBAL_LOSS, CLIENT_MEAN_FIGURE, FWD_VARIANCE, FWD_COSINE)
+
+
+def forget_job(job_id: str, linger_s: float | None = None) -> None:
+    """Remove a finished job's per-job series, `linger_s` from now (default: PWFF_METRICS_JOB_LINGER_S).
+
+    Not at once: the final figures of a job are the ones worth seeing, and a scrape must come first.
+    Calling it again, or in another process's registry that never had the job, is harmless.
+    """
+    if linger_s is None:
+        from shared.settings import Settings
+
+        linger_s = Settings().metrics_job_linger_s
+    if linger_s <= 0:
+        _remove_job_series(job_id)
+        return
+    timer = threading.Timer(linger_s, _remove_job_series, args=(job_id,))
+    timer.daemon = True  # a pending removal never holds a stopping process
+    timer.start()
+
+
+def _remove_job_series(job_id: str) -> None:
+    for metric in PER_JOB:
+        metric.remove_by_labels({"job_id": job_id})

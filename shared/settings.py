@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = 8080
     metrics_port: int = 0
+    metrics_job_linger_s: float = Field(
+        120.0, ge=0, description="how long a finished job's per-job series stay exported, for a last scrape"
+    )
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     torch_threads: int = Field(
         0, ge=0, description="torch intra-op threads (0: the CPUs this process may use, see `available_cpus`)"

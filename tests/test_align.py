@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 from typer.testing import CliRunner
 
@@ -27,7 +28,7 @@ from shared import data
 from shared.adapters import ModelCache
 from shared.bus import Queues
 from shared.bus.memory import MemoryBus
-from shared.metrics import CLIENT_MEAN_FIGURE, TASKS_PROCESSED
+from shared.metrics import TASKS_PROCESSED
 from shared.models import initial_state, load_trainable_state, minilm_dir
 from shared.modes.align import (
     RewardStats,
@@ -234,8 +235,10 @@ def test_local_alignment_raises_the_weighted_reward_on_a_toy_reward(aligned: Ali
         assert figures["group"] == 0.0 and figures["examples"] == 32.0
         assert len(figures["samples"]) == aligned.spec.align.eval_samples_kept
     assert last["client_mean_personalized_weighted_reward"] > last["client_mean_reference_weighted_reward"]
-    exported = CLIENT_MEAN_FIGURE.labels(job=aligned.job_id, model="personalized", figure="weighted_reward")
-    assert exported._value.get() == pytest.approx(last["client_mean_personalized_weighted_reward"])
+    # Still exported: a finished job's series linger (PWFF_METRICS_JOB_LINGER_S) for a last scrape.
+    labels = {"job_id": aligned.job_id, "model": "personalized", "figure": "weighted_reward"}
+    exported = REGISTRY.get_sample_value("pwff_client_mean_figure", labels)
+    assert exported == pytest.approx(last["client_mean_personalized_weighted_reward"])
     assert (aligned.results / "metrics.png").is_file()
     assert (aligned.results / "clients" / "1" / "adapter_config.json").is_file()
 

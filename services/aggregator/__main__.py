@@ -6,7 +6,7 @@ import os
 
 from services.aggregator.aggregator import Aggregator
 from shared.bus.rabbitmq import RabbitBus
-from shared.metrics import count_dead_letter, serve_metrics
+from shared.metrics import dead_letter_counter, serve_metrics
 from shared.runtime import run_until_signalled
 from shared.settings import Settings, configure_process
 from shared.store.redis import RedisStore
@@ -17,7 +17,7 @@ def main() -> None:
     configure_process(settings)
     serve_metrics(settings.metrics_port)
     aggregator = Aggregator(
-        RabbitBus(settings.rabbitmq_url, on_dead_letter=count_dead_letter),
+        RabbitBus(settings.rabbitmq_url, on_dead_letter=dead_letter_counter(settings.namespace)),
         RedisStore(settings.redis_url),
         namespace=settings.namespace,
         cache_dir=settings.cache_dir,

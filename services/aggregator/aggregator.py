@@ -48,7 +48,7 @@ from shared.messages import (
     decode_aggregator,
     encode,
 )
-from shared.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, ROUNDS_COMMITTED, UPDATES_RECEIVED
+from shared.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, ROUNDS_COMMITTED, UPDATES_RECEIVED, forget_job
 from shared.models import initial_state, load_trainable_state, peft_folder_archive
 from shared.modes import mode_of
 from shared.modes.base import State, UpdateRejected
@@ -119,6 +119,7 @@ class Aggregator:
         self.bus.publish(self.queues.events, encode(message))
 
     def _forget(self, job_id: str) -> None:
+        forget_job(job_id)
         for key in [k for k in self._rounds if k[0] == job_id]:
             del self._rounds[key]
 
@@ -277,10 +278,12 @@ class Aggregator:
 
         ROUNDS_COMMITTED.inc()
         tally.observe_devices()
-        GLOBAL_ACCURACY.labels(job=job_id).set(metrics["accuracy"])
-        GLOBAL_LOSS.labels(job=job_id).set(metrics["loss"])
+        GLOBAL_ACCURACY.labels(job_id=job_id).set(metrics["accuracy"])
+        GLOBAL_LOSS.labels(job_id=job_id).set(metrics["loss"])
         if step.figures:
             mode.observe(job_id, step.figures)
+        if round_ >= spec.rounds:
+            forget_job(job_id)  # the last round: the job's series go (after a last scrape)
         log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(tally.clients), _fmt(metrics))
         self._emit(RoundCommitted(job_id=job_id, round=round_, clients=record.clients, metrics=metrics))
 

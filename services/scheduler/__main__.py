@@ -11,7 +11,7 @@ import uvicorn
 from services.scheduler.api import create_app
 from services.scheduler.core import Scheduler
 from shared.bus.rabbitmq import RabbitBus
-from shared.metrics import count_dead_letter
+from shared.metrics import dead_letter_counter
 from shared.settings import Settings, configure_process
 from shared.store.redis import RedisStore
 
@@ -24,7 +24,7 @@ def main() -> None:
     if not settings.api_token:
         sys.exit("PWFF_API_TOKEN is not set: the scheduler refuses to serve an unauthenticated API")
     scheduler = Scheduler(
-        RabbitBus(settings.rabbitmq_url, on_dead_letter=count_dead_letter),
+        RabbitBus(settings.rabbitmq_url, on_dead_letter=dead_letter_counter(settings.namespace)),
         RedisStore(settings.redis_url),
         namespace=settings.namespace,
     )

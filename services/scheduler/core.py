@@ -46,6 +46,7 @@ from shared.metrics import (
     LATE_TASKS,
     ROUND_DURATION,
     TASKS_DISPATCHED,
+    forget_job,
 )
 from shared.modes import mode_of
 from shared.spec import JobSpec
@@ -90,7 +91,7 @@ def _export_client_means(job_id: str, per_client: dict[int, dict[str, Any]]) -> 
             if model in ("global", "personalized", "reference") and isinstance(value, (int, float)) and figure:
                 sums.setdefault((model, figure), []).append(float(value))
     for (model, figure), values in sums.items():
-        CLIENT_MEAN_FIGURE.labels(job=job_id, model=model, figure=figure).set(float(np.mean(values)))
+        CLIENT_MEAN_FIGURE.labels(job_id=job_id, model=model, figure=figure).set(float(np.mean(values)))
 
 
 class Scheduler:
@@ -395,6 +396,7 @@ class Scheduler:
         if previous == JobState.RUNNING:
             JOBS_RUNNING.dec()
         JOBS_FINISHED.labels(state=str(state)).inc()
+        forget_job(job_id)
         if state != JobState.SUCCEEDED:
             self.bus.publish(self.queues.aggregate, encode(DropJob(job_id=job_id)))
         log.info("job %s %s%s", job_id, state, f": {error}" if error else "")

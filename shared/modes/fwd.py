@@ -142,8 +142,8 @@ class ForwardMode(TrainingMode):
 
     def observe(self, job_id: str, figures: Mapping[str, float]) -> None:
         FWD_PERTURBATIONS.observe(figures["perturbations"])
-        FWD_VARIANCE.labels(job=job_id).set(figures["variance"])
-        FWD_COSINE.labels(job=job_id).set(figures["cosine"])
+        FWD_VARIANCE.labels(job_id=job_id).set(figures["variance"])
+        FWD_COSINE.labels(job_id=job_id).set(figures["cosine"])
 
 
 def _local(spec: JobSpec) -> bool:
