@@ -527,7 +527,8 @@ def main() -> None:
     parser.add_argument("--budgets", action="store_true", help="also run pwff with deadline budgets")
     parser.add_argument("--deadline", type=float, default=4.0, help="device deadline (s) of the budgets variant")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--name", default="pwff", help="report name: bench/results/NAME.json and .png")
+    parser.add_argument("--name", default="pwff", help="report name: OUT/NAME.json and .png")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     parser.add_argument("--only", default="", help="comma-separated variants to run (merged into an existing report)")
     parser.add_argument("--replot", action="store_true", help="run nothing: redraw the PNGs from NAME.json")
     parser.add_argument(
@@ -548,7 +549,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    out = RESULTS / f"{args.name}.json"
+    out = args.out / f"{args.name}.json"
     if args.replot:
         report = json.loads(out.read_text())
         print(json.dumps(save(report["results"], report["specs"], out)))
