@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Requ
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -230,6 +231,9 @@ AdaptationId = Annotated[
     str, Path(description="an adaptation id as returned by POST /v1/jobs/{job_id}/adapt", pattern="^[0-9a-f]{12}$")
 ]
 
+DOCS_ASSETS = "/docs-assets"
+"""Where the API serves Swagger UI's and ReDoc's own files."""
+
 MAX_BODY_BYTES = 1024 * 1024
 """A job spec is a few kB; anything much larger is refused before it is parsed."""
 
@@ -239,11 +243,15 @@ def create_app(
 ) -> FastAPI:
     if not api_token:
         raise ValueError("the API needs a token: set PWFF_API_TOKEN")
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc load their JS and CSS from DOCS_ASSETS, served from the fastapi-offline
+    # package, not from a CDN: they work on an air-gapped cluster. No validator badge either (it calls out).
+    app = FastAPIOffline(
         title="pwff",
         version="0.1.0",
         description="Personalized federated fine-tuning of language models: submit jobs, follow rounds, "
         "download adapters.",
+        static_url=DOCS_ASSETS,
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.middleware("http")(_count_requests)
     app.add_exception_handler(StarletteHTTPException, _http_error)
