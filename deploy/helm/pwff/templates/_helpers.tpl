@@ -92,21 +92,54 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 
 {{/*
-The API token of the chart-created Secret: the configured one, else the one already in the cluster
-(so upgrades do not rotate it), else a fresh random one.
+The CUDA image of GPU workers: image.cudaDigest, else "<tag>-<cudaVariant>" (what
+`docker build --build-arg TORCH_VARIANT=<cudaVariant>` is tagged in the README).
 */}}
-{{- define "pwff.apiToken" -}}
-{{- if .Values.secrets.apiToken }}
-{{- .Values.secrets.apiToken }}
+{{- define "pwff.cudaImage" -}}
+{{- $tag := printf "%s-%s" (default .Chart.AppVersion .Values.image.tag) .Values.image.cudaVariant }}
+{{- if .Values.image.cudaDigest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.cudaDigest }}
 {{- else }}
-{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "pwff.fullname" .) }}
-{{- $key := .Values.existingSecretKeys.apiToken }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/*
+A value of the chart-created Secret: the configured one, else the one already in the cluster (so
+upgrades do not rotate it), else a fresh random one. Call it once per render and keep the result: every
+call draws a new random value. Usage: include "pwff.secretValue" (list $ key configured length)
+*/}}
+{{- define "pwff.secretValue" -}}
+{{- $root := index . 0 }}
+{{- $key := index . 1 }}
+{{- if index . 2 }}
+{{- index . 2 }}
+{{- else }}
+{{- $existing := lookup "v1" "Secret" $root.Release.Namespace (include "pwff.fullname" $root) }}
 {{- if and $existing $existing.data (hasKey $existing.data $key) }}
 {{- index $existing.data $key | b64dec }}
 {{- else }}
-{{- randAlphaNum 40 }}
+{{- randAlphaNum (index . 3) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+The API token of the chart-created Secret (see pwff.secretValue).
+*/}}
+{{- define "pwff.apiToken" -}}
+{{- include "pwff.secretValue" (list . .Values.existingSecretKeys.apiToken .Values.secrets.apiToken 40) }}
+{{- end }}
+
+{{/*
+Host names of the in-chart RabbitMQ and Redis Services.
+*/}}
+{{- define "pwff.rabbitmqHost" -}}
+{{- include "pwff.componentName" (list . "rabbitmq") }}
+{{- end }}
+
+{{- define "pwff.redisHost" -}}
+{{- include "pwff.componentName" (list . "redis") }}
 {{- end }}
 
 {{/*
@@ -194,6 +227,45 @@ Volumes: cache (emptyDir or PVC) and /tmp. Usage: include "pwff.volumes" .Values
     {{- end }}
 {{- end }}
 
+{{/*
+Volumes of a component: its model cache (emptyDir, existingClaim, or the claim the chart creates with
+cache.type pvc) and /tmp. Usage: include "pwff.componentVolumes" (list $ "worker")
+*/}}
+{{- define "pwff.componentVolumes" -}}
+{{- $root := index . 0 }}
+{{- $c := index $root.Values (index . 1) }}
+- name: cache
+{{- if $c.cache.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ $c.cache.existingClaim }}
+{{- else if eq (default "emptyDir" $c.cache.type) "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ include "pwff.componentName" (list $root (printf "%s-cache" (index . 1))) }}
+{{- else }}
+  emptyDir:
+    {{- with $c.cache.sizeLimit }}
+    sizeLimit: {{ . }}
+    {{- end }}
+{{- end }}
+- name: tmp
+  emptyDir:
+    {{- with $c.tmpSizeLimit }}
+    sizeLimit: {{ . }}
+    {{- end }}
+{{- end }}
+
+{{/*
+CPUs of a quantity ("2", 2, "1500m", "0.5"), as a float. Usage: include "pwff.cpus" "1500m"
+*/}}
+{{- define "pwff.cpus" -}}
+{{- $q := toString . }}
+{{- if hasSuffix "m" $q }}
+{{- divf (float64 (trimSuffix "m" $q)) 1000.0 }}
+{{- else }}
+{{- float64 $q }}
+{{- end }}
+{{- end }}
+
 {{- define "pwff.volumeMounts" -}}
 - name: cache
   mountPath: {{ .Values.config.cacheDir }}
@@ -241,13 +313,32 @@ securityContext:
 Config-level validation that a JSON schema cannot express.
 */}}
 {{- define "pwff.validate" -}}
-{{- if not .Values.existingSecret }}
-{{- if not .Values.secrets.rabbitmqUrl }}
-{{- fail "secrets.rabbitmqUrl is required when existingSecret is not set" }}
+{{- if .Values.existingSecret }}
+{{- if or .Values.rabbitmq.enabled .Values.redis.enabled }}
+{{- fail "existingSecret is for an external RabbitMQ and Redis: set rabbitmq.enabled=false and redis.enabled=false (the in-chart ones keep their passwords in the chart's Secret)" }}
 {{- end }}
-{{- if not .Values.secrets.redisUrl }}
-{{- fail "secrets.redisUrl is required when existingSecret is not set" }}
+{{- else }}
+{{- if and .Values.rabbitmq.enabled .Values.secrets.rabbitmqUrl }}
+{{- fail "secrets.rabbitmqUrl is set while rabbitmq.enabled is true: set rabbitmq.enabled=false to use an external RabbitMQ" }}
 {{- end }}
+{{- if and .Values.redis.enabled .Values.secrets.redisUrl }}
+{{- fail "secrets.redisUrl is set while redis.enabled is true: set redis.enabled=false to use an external Redis" }}
+{{- end }}
+{{- if not (or .Values.rabbitmq.enabled .Values.secrets.rabbitmqUrl) }}
+{{- fail "secrets.rabbitmqUrl is required when rabbitmq.enabled is false and existingSecret is not set" }}
+{{- end }}
+{{- if not (or .Values.redis.enabled .Values.secrets.redisUrl) }}
+{{- fail "secrets.redisUrl is required when redis.enabled is false and existingSecret is not set" }}
+{{- end }}
+{{- end }}
+{{- $w := .Values.worker }}
+{{- $requests := default dict $w.resources.requests }}
+{{- $limits := default dict $w.resources.limits }}
+{{- if and (hasKey $requests "cpu") (hasKey $limits "cpu") (ne (include "pwff.cpus" $requests.cpu) (include "pwff.cpus" $limits.cpu)) }}
+{{- fail "worker.resources: keep the CPU limit equal to the request (torch sizes its threads from them)" }}
+{{- end }}
+{{- if and $w.torchThreads (hasKey $limits "cpu") (gt (float64 $w.torchThreads) (ceil (float64 (include "pwff.cpus" $limits.cpu)))) }}
+{{- fail "worker.torchThreads exceeds the worker's CPU limit: the extra threads would only wait for each other" }}
 {{- end }}
 {{- if and .Values.worker.autoscaling.enabled (gt (int .Values.worker.autoscaling.minReplicas) (int .Values.worker.autoscaling.maxReplicas)) }}
 {{- fail "worker.autoscaling.minReplicas must not exceed maxReplicas" }}
