@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.test_helm import CHART, RELEASE, Render, helm, render  # noqa: F401 (fixtures)
+from tests.test_helm import CHART, RELEASE, Render, crd_validator, helm, render  # noqa: F401 (fixtures)
 
 RULES = CHART / "files" / "alerts.yaml"
 
@@ -162,19 +163,26 @@ def test_a_unit_test_catches_a_wrong_rule(promtool: str, tmp_path: Path) -> None
 
 def test_chart_ships_the_rules_as_an_optional_prometheus_rule(
     render: Render,  # noqa: F811 (the fixture)
+    crd_validator: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],  # noqa: F811 (the fixture)
     promtool: str,
     tmp_path: Path,
 ) -> None:
     assert not [m for m in render() if m["kind"] == "PrometheusRule"]
     manifests = render(
-        "--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.prometheusRule.labels.release=kps"
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.prometheusRule.labels.release=kube-prometheus-stack",
     )
     (rule,) = [m for m in manifests if m["kind"] == "PrometheusRule"]
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["metadata"]["name"] == f"{RELEASE}-alerts"
-    assert rule["metadata"]["labels"]["release"] == "kps"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     # The rendered spec is the rules file, untouched by Helm's templating ({{ $labels.x }} survives).
     assert rule["spec"] == yaml.safe_load(RULES.read_text())
+    # The prometheus-operator's CRD schema accepts it (tests/crd_validate.mjs, as for the ServiceMonitor).
+    (verdict,) = crd_validator([rule])
+    assert verdict["ok"], verdict
     rendered = tmp_path / "rendered.yaml"
     rendered.write_text(yaml.safe_dump(rule["spec"]))
     proc = _promtool(promtool, "check", "rules", str(rendered))
