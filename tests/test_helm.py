@@ -19,6 +19,7 @@ import base64
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -650,3 +651,63 @@ def test_helm_test_pod_curls_healthz(render: Render) -> None:
     container = pod["spec"]["containers"][0]
     assert container["command"] == ["curl"]
     assert container["args"][-1] == f"http://{RELEASE}-scheduler.{NAMESPACE}.svc:8080/healthz"
+
+
+def _notes(helm: str, *args: str) -> tuple[str, list[Manifest]]:
+    """NOTES.txt and the manifests as `helm install` would produce them (client-side dry run, no cluster)."""
+    proc = _run([helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", *args])
+    assert proc.returncode == 0, proc.stderr
+    manifest, notes = proc.stdout.split("\nNOTES:\n", 1)
+    docs = [d for d in yaml.safe_load_all(manifest.split("\nMANIFEST:\n", 1)[1]) if d]
+    return notes, docs
+
+
+def test_notes_commands_name_what_the_chart_creates(helm: str) -> None:
+    from typer.main import get_command
+
+    from services.cli import app
+
+    notes, docs = _notes(helm)
+    # The command lines (indented, as the NOTES show them to be copied).
+    commands = [
+        line.strip()
+        for line in notes.splitlines()
+        if line.startswith("  ") and line.strip().startswith(("kubectl ", "export ", "job=", "pwff "))
+    ]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+
+    wait = next(c for c in commands if " wait deployment " in c)
+    label = re.search(r"-l (\S+)=(\S+)", wait)
+    assert label and all(d["metadata"]["labels"][label[1]] == label[2] for d in deployments.values())
+
+    exec_line = next(c for c in commands if " exec deploy/" in c)
+    target = re.search(r"exec deploy/(\S+) --", exec_line)
+    assert target and target[1] in deployments
+    scheduler = _container(deployments[target[1]])
+    assert scheduler["args"] == ["python", "-m", "services.scheduler"]
+    # In the pod: the API on its container port, the token from the pod's own environment.
+    assert f"--api http://127.0.0.1:{scheduler['ports'][0]['containerPort']}" in exec_line
+    assert "PWFF_API_TOKEN" in _env(scheduler)
+    assert "/opt/pwff/examples/quickstart.yaml" in exec_line and (REPO / "examples" / "quickstart.yaml").is_file()
+
+    forward = re.search(r"port-forward svc/(\S+) 8080:(\d+)", notes)
+    assert forward
+    service = _one(docs, "Service", forward[1])
+    assert int(forward[2]) in {p["port"] for p in service["spec"]["ports"]}
+    token = re.search(r"get secret (\S+) -o jsonpath='\{\.data\.([^}]+)\}'", notes)
+    assert token and token[2] in _one(docs, "Secret", token[1])["data"]
+
+    # Every `pwff <command>` the NOTES show is a command of the CLI.
+    known = set(get_command(app).commands)  # type: ignore[attr-defined]
+    used = set(re.findall(r"\bpwff (\w[\w-]*)", "\n".join(commands)))
+    assert used and used <= known, used - known
+    assert {"submit", "wait", "status", "download"} <= used
+
+
+def test_notes_for_external_stores_and_an_ingress(helm: str) -> None:
+    notes, docs = _notes(helm, "-f", str(PRODUCTION_VALUES))
+    assert "rabbitmq    external (Secret pwff-connections, key PWFF_RABBITMQ_URL)" in notes
+    assert "export PWFF_API_URL=https://pwff.example.com" in notes
+    assert "get secret pwff-connections -o jsonpath='{.data.PWFF_API_TOKEN}'" in notes
+    assert "in-chart" not in notes and "port-forward svc/" not in notes
+    assert not _find(docs, "StatefulSet")
