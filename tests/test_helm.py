@@ -711,3 +711,151 @@ def test_notes_for_external_stores_and_an_ingress(helm: str) -> None:
     assert "get secret pwff-connections -o jsonpath='{.data.PWFF_API_TOKEN}'" in notes
     assert "in-chart" not in notes and "port-forward svc/" not in notes
     assert not _find(docs, "StatefulSet")
+
+
+@pytest.mark.integration
+def test_in_chart_redis_config_runs_a_real_redis_with_aof(render: Render, tmp_path: Path) -> None:
+    """The rendered redis.conf and the Secret's auth snippet, run by a real redis-server (Debian's, as
+    scripts/ensure-services.sh installs it): the URL the services get authenticates, the append-only file
+    is on, and a write survives a kill -9 (appendfsync everysec: after a second it is on disk)."""
+    import signal
+    import time
+
+    import redis
+
+    from tests.harness import free_port
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is missing (scripts/ensure-services.sh installs it)")
+    docs = render()
+    conf = _one(docs, "ConfigMap", f"{RELEASE}-redis")["data"]["redis.conf"]
+    data = _secret_data(_one(docs, "Secret", RELEASE))
+    (tmp_path / "auth").mkdir()
+    (tmp_path / "auth" / "redis-auth.conf").write_text(data["redis-auth.conf"])
+    (tmp_path / "data").mkdir()
+    port = free_port()
+    # Only the machine-specific lines change: where the volumes are mounted, and a private listener.
+    local = (
+        conf.replace("include /etc/redis/auth/", f"include {tmp_path}/auth/")
+        .replace("dir /data", f"dir {tmp_path / 'data'}")
+        .replace("port 6379", f"port {port}")
+        .replace("bind * -::*", "bind 127.0.0.1")
+    )
+    assert local.count(str(tmp_path)) == 2 and f"port {port}" in local
+    (tmp_path / "redis.conf").write_text(local)
+    url = urlsplit(data["PWFF_REDIS_URL"])._replace(
+        netloc=f":{urlsplit(data['PWFF_REDIS_URL']).password}@127.0.0.1:{port}"
+    )
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [server, str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for _ in range(100):
+            try:
+                if redis.Redis.from_url(url.geturl()).ping():
+                    return proc
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.1)
+        proc.kill()
+        pytest.fail("redis-server did not start with the chart's config")
+
+    proc = start()
+    try:
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port).ping()  # no password: refused
+        client = redis.Redis.from_url(url.geturl(), decode_responses=True)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("maxmemory") == {"maxmemory": str(768 * 1024 * 1024)}
+        client.set("pwff:probe", "survives")
+        time.sleep(2.5)  # past the once-a-second fsync
+        proc.send_signal(signal.SIGKILL)  # a crash: no shutdown save
+        proc.wait(timeout=10)
+        assert any((tmp_path / "data").rglob("*.aof")), "no append-only file written"
+        proc = start()
+        assert redis.Redis.from_url(url.geturl(), decode_responses=True).get("pwff:probe") == "survives"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.integration
+def test_in_chart_rabbitmq_config_runs_a_real_rabbitmq(render: Render) -> None:
+    """The rendered conf.d snippet and the Secret's auth snippet, loaded by a real RabbitMQ node of its own
+    (Debian's rabbitmq-server, beside the suite's broker): it boots with them, the chart's non-guest user
+    logs in with the URL's password, a wrong password is refused, the limits are applied."""
+    import signal
+    import tempfile
+    import time
+
+    import pika
+
+    from tests.harness import free_port
+
+    server, ctl = shutil.which("rabbitmq-server"), shutil.which("rabbitmqctl")
+    if server is None or ctl is None:
+        pytest.fail("rabbitmq-server is missing (scripts/ensure-services.sh installs it)")
+    docs = render()
+    conf = _one(docs, "ConfigMap", f"{RELEASE}-rabbitmq")["data"]["20-pwff.conf"]
+    data = _secret_data(_one(docs, "Secret", RELEASE))
+    url = urlsplit(data["PWFF_RABBITMQ_URL"])
+    port, dist_port = free_port(), free_port()
+    assert "listeners.tcp.default = 5672\n" in conf
+    workdir = Path(tempfile.mkdtemp(prefix="pwff-rabbitmq-"))
+    (workdir / "mnesia").mkdir()
+    # The chart's files concatenated (the image reads them from conf.d), on a port of this node's own.
+    (workdir / "rabbitmq.conf").write_text(
+        conf.replace("listeners.tcp.default = 5672", f"listeners.tcp.default = {port}") + data["rabbitmq-auth.conf"]
+    )
+    (workdir / "enabled_plugins").write_text("[].\n")
+    if os.geteuid() == 0:  # Debian's wrapper runs the node as the rabbitmq user
+        workdir.chmod(0o755)
+        for path in [workdir, *workdir.rglob("*")]:
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+    node = f"pwfftest{os.getpid()}@localhost"
+    env = {
+        **os.environ,
+        "RABBITMQ_NODENAME": node,
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
+        "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+        "RABBITMQ_LOGS": "-",
+    }
+    log = workdir / "node.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([server], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        params = pika.URLParameters(
+            urlsplit(url.geturl())._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{port}").geturl()
+        )
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                connection = pika.BlockingConnection(params)
+                break
+            except pika.exceptions.AMQPConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"RabbitMQ did not start with the chart's config:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        assert connection.is_open and url.username == "pwff"
+        connection.channel().queue_declare("pwff-chart-test", exclusive=True)
+        connection.close()
+        wrong = pika.URLParameters(f"amqp://pwff:wrong@127.0.0.1:{port}/%2F")
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            pika.BlockingConnection(wrong)
+        environment = _run([ctl, "-n", node, "environment"], timeout=60).stdout
+        assert "{consumer_timeout,86400000}" in environment
+        assert '{vm_memory_high_watermark,{absolute,"600MB"}}' in environment
+    finally:
+        _run([ctl, "-n", node, "stop"], timeout=60)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
