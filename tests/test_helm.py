@@ -859,3 +859,46 @@ def test_in_chart_rabbitmq_config_runs_a_real_rabbitmq(render: Render) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_services_wait_for_the_in_chart_stores(render: Render) -> None:
+    docs = render()
+    for component in ("scheduler", "worker", "aggregator"):
+        pod = _deployment(docs, component)["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        assert init["name"] == "wait-for-stores"
+        assert init["command"][3:] == [f"{RELEASE}-rabbitmq:5672", f"{RELEASE}-redis:6379"]
+        assert init["image"] == _container({"spec": {"template": {"spec": pod}}})["image"]
+        assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    gpu = _deployment(render("-f", str(GPU_VALUES)), "worker")["spec"]["template"]["spec"]
+    assert gpu["initContainers"][0]["image"] == "ghcr.io/pwff/pwff:0.1.0-cu128"  # no CPU image pull on GPU nodes
+    only_redis = _deployment(
+        render("--set", "rabbitmq.enabled=false", "--set", "secrets.rabbitmqUrl=amqp://mq"), "worker"
+    )
+    assert only_redis["spec"]["template"]["spec"]["initContainers"][0]["command"][3:] == [f"{RELEASE}-redis:6379"]
+    for component in ("scheduler", "worker", "aggregator"):
+        assert (
+            "initContainers"
+            not in _deployment(render("-f", str(PRODUCTION_VALUES)), component)["spec"]["template"]["spec"]
+        )
+
+    # The script itself: it waits while nothing listens, and goes on once something does.
+    import socket
+    import time
+
+    from tests.harness import free_port
+
+    script = _deployment(docs, "worker")["spec"]["template"]["spec"]["initContainers"][0]["command"][2]
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, "it must wait while the port is closed"
+        with socket.create_server(("127.0.0.1", port)):
+            out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert f"waiting for 127.0.0.1:{port}" in out and f"127.0.0.1:{port} accepts connections" in out

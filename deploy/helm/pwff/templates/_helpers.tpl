@@ -310,6 +310,55 @@ securityContext:
 {{- end }}
 
 {{/*
+An init container that waits until the in-chart RabbitMQ and Redis accept connections: on a fresh
+cluster their volumes are provisioned and they boot while the services start, and a service that
+gave up connecting would crash-loop into ever longer back-offs. Nothing when both are external.
+Usage: include "pwff.waitForStores" (list $ image)
+*/}}
+{{- define "pwff.waitForStores" -}}
+{{- $root := index . 0 }}
+{{- $targets := list }}
+{{- if $root.Values.rabbitmq.enabled }}
+{{- $targets = append $targets (printf "%s:5672" (include "pwff.rabbitmqHost" $root)) }}
+{{- end }}
+{{- if $root.Values.redis.enabled }}
+{{- $targets = append $targets (printf "%s:6379" (include "pwff.redisHost" $root)) }}
+{{- end }}
+{{- if $targets }}
+initContainers:
+  - name: wait-for-stores
+    image: {{ index . 1 }}
+    imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+    command:
+      - python
+      - -c
+      - |
+        import socket, sys, time
+        for target in sys.argv[1:]:
+            host, port = target.rsplit(":", 1)
+            while True:
+                try:
+                    socket.create_connection((host, int(port)), timeout=3).close()
+                    print(f"{target} accepts connections", flush=True)
+                    break
+                except OSError as error:
+                    print(f"waiting for {target}: {error}", flush=True)
+                    time.sleep(2)
+      {{- range $targets }}
+      - {{ . }}
+      {{- end }}
+    resources:
+      requests:
+        cpu: 10m
+        memory: 32Mi
+      limits:
+        memory: 128Mi
+    securityContext:
+      {{- toYaml $root.Values.securityContext | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/*
 Config-level validation that a JSON schema cannot express.
 */}}
 {{- define "pwff.validate" -}}
