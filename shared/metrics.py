@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from shared.bus import DeadLetterHook, Queues
 
@@ -73,19 +73,7 @@ def dead_letter_counter(namespace: str) -> DeadLetterHook:
     return count_dead_letter
 
 
-_server_lock = threading.Lock()
-_started_ports: set[int] = set()
-
-
-def serve_metrics(port: int) -> None:
-    """Expose /metrics on `port` (0: don't). Any path answers, so /healthz works as a liveness probe."""
-    if port <= 0:
-        return
-    with _server_lock:
-        if port in _started_ports:
-            return
-        start_http_server(port)
-        _started_ports.add(port)
+# The HTTP side (/metrics beside /healthz and /readyz, other paths 404) is shared.health's `serve_probes`.
 
 
 FWD_PERTURBATIONS = Histogram(

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     metrics_job_linger_s: float = Field(
         120.0, ge=0, description="how long a finished job's per-job series stay exported, for a last scrape"
     )
+    probe_stale_s: float = Field(
+        15.0,
+        gt=0,
+        description="/readyz fails when the consume loop moved no data with the broker, or the store answered no "
+        "PING, for this long",
+    )
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     torch_threads: int = Field(
         0, ge=0, description="torch intra-op threads (0: the CPUs this process may use, see `available_cpus`)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -231,17 +232,37 @@ def test_healthz_needs_no_token(client: TestClient) -> None:
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
-def test_readyz_reports_broker_and_store(client: TestClient) -> None:
-    response = client.get("/readyz")
+@pytest.fixture
+def running(scheduler: Scheduler) -> Iterator[Scheduler]:
+    """The scheduler with its event loop consuming, as `python -m services.scheduler` runs it."""
+    stop = threading.Event()
+    loop = threading.Thread(target=scheduler.run, args=(stop,), daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 10
+    while not scheduler.bus.consumer_status(scheduler.queues.events).running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield scheduler
+    stop.set()
+    loop.join(timeout=10)
+
+
+def test_readyz_reports_consumer_broker_and_store(running: Scheduler) -> None:
+    response = TestClient(create_app(running, TOKEN)).get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"ready": True, "broker": True, "store": True}
+    assert response.json() == {"ready": True, "consumer": True, "broker": True, "store": True}
 
 
-def test_readyz_is_503_when_the_store_is_down(scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scheduler.store, "ping", lambda: False)
-    response = TestClient(create_app(scheduler, TOKEN)).get("/readyz")
+def test_readyz_is_503_without_the_event_loop(client: TestClient) -> None:
+    response = client.get("/readyz")  # the loop never started: the API would accept jobs nothing runs
     assert response.status_code == 503
-    assert response.json() == {"ready": False, "broker": True, "store": False}
+    assert response.json() == {"ready": False, "consumer": False, "broker": False, "store": True}
+
+
+def test_readyz_is_503_when_the_store_is_down(running: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(running.store, "ping", lambda: False)
+    response = TestClient(create_app(running, TOKEN)).get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {"ready": False, "consumer": True, "broker": True, "store": False}
 
 
 def test_metrics_are_prometheus_text_with_pwff_names(client: TestClient) -> None:

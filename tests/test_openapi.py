@@ -8,6 +8,7 @@ Operations on one job need a job that exists to get past 404, so a few explicit 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,19 @@ CONFIG = {
         },
     },
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _event_loop() -> Iterator[None]:
+    """The scheduler's event loop runs, as in `python -m services.scheduler`: /readyz is a 503 without it."""
+    stop = threading.Event()
+    loop = threading.Thread(target=SCHEDULER.run, args=(stop,), name="scheduler-loop", daemon=True)
+    loop.start()
+    yield
+    stop.set()
+    loop.join(timeout=10)
+
+
 SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP, config=SchemathesisConfig.from_dict(CONFIG))
 
 

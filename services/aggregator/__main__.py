@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 
 from services.aggregator.aggregator import Aggregator
+from shared.bus import Queues
 from shared.bus.rabbitmq import RabbitBus
-from shared.metrics import dead_letter_counter, serve_metrics
+from shared.health import Readiness, serve_probes
+from shared.metrics import dead_letter_counter
 from shared.runtime import run_until_signalled
 from shared.settings import Settings, configure_process
 from shared.store.redis import RedisStore
@@ -15,7 +17,6 @@ from shared.store.redis import RedisStore
 def main() -> None:
     settings = Settings(metrics_port=int(os.environ.get("PWFF_METRICS_PORT", "9102")))
     configure_process(settings)
-    serve_metrics(settings.metrics_port)
     aggregator = Aggregator(
         RabbitBus(settings.rabbitmq_url, on_dead_letter=dead_letter_counter(settings.namespace)),
         RedisStore(settings.redis_url),
@@ -24,7 +25,21 @@ def main() -> None:
         max_message_bytes=settings.max_message_bytes,
         max_update_bytes=settings.max_update_bytes,
     )
-    run_until_signalled(aggregator.run)
+    # /healthz, /readyz (consume loop, broker and store, from the connections it already has) and /metrics.
+    probes = serve_probes(
+        settings.metrics_port,
+        Readiness(
+            aggregator.bus,
+            Queues(settings.namespace).aggregate,
+            aggregator.state.store,
+            stale_after_s=settings.probe_stale_s,
+        ),
+    )
+    try:
+        run_until_signalled(aggregator.run)
+    finally:
+        if probes is not None:
+            probes.close()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def main() -> None:
     try:
         # uvicorn handles SIGTERM/SIGINT itself and returns; then the loop stops too.
         uvicorn.run(
-            create_app(scheduler, settings.api_token),
+            create_app(scheduler, settings.api_token, probe_stale_s=settings.probe_stale_s),
             host=settings.api_host,
             port=settings.api_port,
             log_level=settings.log_level.lower(),

@@ -28,6 +28,8 @@ from services.scheduler.views import (
     Readiness,
     ValidationErrors,
 )
+from shared.health import STALE_AFTER_S
+from shared.health import Readiness as ProbeChecks
 from shared.metrics import HTTP_REQUESTS
 from shared.spec import JobSpec
 from shared.state import JobNotFound
@@ -239,7 +241,11 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 def create_app(
-    scheduler: Scheduler, api_token: str, max_body_bytes: int = MAX_BODY_BYTES, cache_dir: FilePath | None = None
+    scheduler: Scheduler,
+    api_token: str,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    cache_dir: FilePath | None = None,
+    probe_stale_s: float = STALE_AFTER_S,
 ) -> FastAPI:
     if not api_token:
         raise ValueError("the API needs a token: set PWFF_API_TOKEN")
@@ -257,7 +263,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.include_router(_jobs_router(scheduler, api_token, cache_dir))
-    _add_probes(app, scheduler)
+    _add_probes(app, scheduler, probe_stale_s)
     return app
 
 
@@ -580,21 +586,27 @@ def _unprocessable(field: str, message: str) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, [{"type": "value_error", "loc": where, "msg": message}])
 
 
-def _add_probes(app: FastAPI, scheduler: Scheduler) -> None:
+def _add_probes(app: FastAPI, scheduler: Scheduler, stale_after_s: float) -> None:
     @app.get("/healthz", tags=["probes"])
     def healthz() -> Health:
         """Liveness: the process answers."""
         return Health(status="ok")
 
+    # From the connections the scheduler already holds (its event consumer's, the store's pool): a probe
+    # opens none, and a hanging store cannot hang it (shared.health).
+    readiness = ProbeChecks(scheduler.bus, scheduler.queues.events, scheduler.store, stale_after_s=stale_after_s)
+
     @app.get(
         "/readyz",
         tags=["probes"],
         response_model=Readiness,
-        responses={503: {"model": Readiness, "description": "the broker or the store does not answer"}},
+        responses={
+            503: {"model": Readiness, "description": "the event loop is not consuming, or the broker or store is gone"}
+        },
     )
     def readyz() -> JSONResponse:
-        """Readiness: the broker and the store both answer."""
-        checks = {"broker": scheduler.bus.ping(), "store": scheduler.store.ping()}
+        """Readiness: the event loop consumes, over a live broker connection, and the store answers."""
+        checks = readiness.checks()
         ready = all(checks.values())
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 

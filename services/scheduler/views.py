@@ -156,8 +156,9 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Whether the API can serve: the broker and the store both answer."""
+    """Whether the scheduler can serve: its event loop consumes, the broker and the store answer."""
 
-    ready: bool = Field(description="broker and store both answer")
-    broker: bool = Field(description="the message broker answers a ping")
-    store: bool = Field(description="the store answers a ping")
+    ready: bool = Field(description="consumer, broker and store are all true")
+    consumer: bool = Field(description="the scheduler's event loop is running")
+    broker: bool = Field(description="the event loop holds a broker connection that moved data in the last 15 s")
+    store: bool = Field(description="the store answered a PING (on its pooled connection) in the last 15 s")

@@ -6,8 +6,10 @@ import os
 import socket
 
 from services.worker.worker import Worker
+from shared.bus import Queues
 from shared.bus.rabbitmq import RabbitBus
-from shared.metrics import dead_letter_counter, serve_metrics
+from shared.health import Readiness, serve_probes
+from shared.metrics import dead_letter_counter
 from shared.runtime import run_until_signalled
 from shared.settings import Settings, configure_process
 from shared.store.redis import RedisStore
@@ -16,7 +18,6 @@ from shared.store.redis import RedisStore
 def main() -> None:
     settings = Settings(metrics_port=int(os.environ.get("PWFF_METRICS_PORT", "9101")))
     configure_process(settings)
-    serve_metrics(settings.metrics_port)
     worker = Worker(
         RabbitBus(settings.rabbitmq_url, on_dead_letter=dead_letter_counter(settings.namespace)),
         RedisStore(settings.redis_url),
@@ -26,7 +27,18 @@ def main() -> None:
         max_message_bytes=settings.max_message_bytes,
         name=f"worker@{socket.gethostname()}:{os.getpid()}",
     )
-    run_until_signalled(worker.run)
+    # /healthz, /readyz (consume loop, broker and store, from the connections it already has) and /metrics.
+    probes = serve_probes(
+        settings.metrics_port,
+        Readiness(
+            worker.bus, Queues(settings.namespace).tasks, worker.state.store, stale_after_s=settings.probe_stale_s
+        ),
+    )
+    try:
+        run_until_signalled(worker.run)
+    finally:
+        if probes is not None:
+            probes.close()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,20 @@ MAX_FAILURES = DEFAULT_POLICY.max_failures
 
 
 @dataclass(frozen=True)
+class ConsumerStatus:
+    """What a readiness probe needs to know about one consume loop, read from memory (no broker call).
+
+    `running`: `consume` is executing; `connected`: it holds an open connection to the broker;
+    `last_io_s`: monotonic time the loop last exchanged data with the broker (it pumps at least every
+    half second, heartbeats included, also while a handler runs), None before the first.
+    """
+
+    running: bool = False
+    connected: bool = False
+    last_io_s: float | None = None
+
+
+@dataclass(frozen=True)
 class Queues:
     namespace: str = "pwff"
 
@@ -63,6 +77,10 @@ class Bus(Protocol):
 
     def purge(self, queue: str) -> None: ...
     def ping(self) -> bool: ...
+    def consumer_status(self, queue: str) -> ConsumerStatus:
+        """The state of this bus's consume loop on `queue` (a default status if it never consumed it)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -70,4 +88,13 @@ DeadLetterHook = Callable[[str, str], None]
 """Called with (queue, reason) whenever a message is dead-lettered; services count them."""
 
 
-__all__ = ["DEFAULT_POLICY", "MAX_FAILURES", "Bus", "DeadLetterHook", "Handler", "Queues", "RetryPolicy"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "MAX_FAILURES",
+    "Bus",
+    "ConsumerStatus",
+    "DeadLetterHook",
+    "Handler",
+    "Queues",
+    "RetryPolicy",
+]

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import defaultdict, deque
 
-from shared.bus import DeadLetterHook, Handler, Queues
+from shared.bus import ConsumerStatus, DeadLetterHook, Handler, Queues
 from shared.bus.policy import DEFAULT_POLICY, Ack, DeadLetter, FailureTracker, Retry, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class MemoryBus:
         self._lock = threading.Lock()
         self._on_dead_letter = on_dead_letter
         self.policy = policy
+        self._consumers: dict[str, ConsumerStatus] = {}
 
     def _queue(self, name: str) -> _Fifo:
         with self._lock:
@@ -63,6 +64,14 @@ class MemoryBus:
         self._queue(queue).put(bytes(body))
 
     def consume(self, queue: str, handler: Handler, stop: threading.Event) -> None:
+        # In process there is no broker to lose: the loop is connected while it runs (no I/O to go stale).
+        self._consumers[queue] = ConsumerStatus(running=True, connected=True)
+        try:
+            self._consume(queue, handler, stop)
+        finally:
+            self._consumers[queue] = ConsumerStatus()
+
+    def _consume(self, queue: str, handler: Handler, stop: threading.Event) -> None:
         source = self._queue(queue)
         tracker = FailureTracker(self.policy)
         while not stop.is_set():
@@ -108,6 +117,9 @@ class MemoryBus:
 
     def ping(self) -> bool:
         return True
+
+    def consumer_status(self, queue: str) -> ConsumerStatus:
+        return self._consumers.get(queue, ConsumerStatus())
 
     def close(self) -> None:
         pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pika
@@ -17,7 +18,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from shared.bus import DeadLetterHook, Handler, Queues
+from shared.bus import ConsumerStatus, DeadLetterHook, Handler, Queues
 from shared.bus.policy import DEFAULT_POLICY, Ack, DeadLetter, FailureTracker, Retry, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class RabbitBus:
         self._publish_conn: pika.BlockingConnection | None = None
         self._publish_channel: BlockingChannel | None = None
         self._declared: set[str] = set()
+        # Per consumed queue, what the readiness probe reads: set by the consume loop, never by a probe.
+        self._consumers: dict[str, ConsumerStatus] = {}
 
     # -- topology -------------------------------------------------------------------------
 
@@ -107,7 +110,20 @@ class RabbitBus:
 
     # -- consuming ------------------------------------------------------------------------
 
+    def consumer_status(self, queue: str) -> ConsumerStatus:
+        return self._consumers.get(queue, ConsumerStatus())
+
+    def _consumer_io(self, queue: str) -> None:
+        self._consumers[queue] = ConsumerStatus(running=True, connected=True, last_io_s=time.monotonic())
+
     def consume(self, queue: str, handler: Handler, stop: threading.Event) -> None:
+        self._consumers[queue] = ConsumerStatus(running=True)
+        try:
+            self._consume(queue, handler, stop)
+        finally:
+            self._consumers[queue] = ConsumerStatus()
+
+    def _consume(self, queue: str, handler: Handler, stop: threading.Event) -> None:
         backoff = 0.5
         tracker = FailureTracker(self.policy)  # kept across reconnections
         while not stop.is_set():
@@ -118,7 +134,9 @@ class RabbitBus:
                 self._declare(channel, queue)
                 channel.basic_qos(prefetch_count=1)
                 backoff = 0.5
+                self._consumer_io(queue)
                 for method, _properties, body in channel.consume(queue, inactivity_timeout=0.5):
+                    self._consumer_io(queue)  # a message, or half a second of pumping with nothing to deliver
                     if stop.is_set():
                         break
                     if method is None:
@@ -129,6 +147,7 @@ class RabbitBus:
                 except Exception:
                     log.debug("cancelling the consumer failed", exc_info=True)
             except _CONNECTION_ERRORS as error:
+                self._consumers[queue] = ConsumerStatus(running=True)
                 log.warning("lost the broker while consuming %s (%s); reconnecting in %.1fs", queue, error, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -163,6 +182,7 @@ class RabbitBus:
         # fixed window here would hold every message (prefetch 1) for up to that long.
         while thread.is_alive():
             connection.process_data_events(time_limit=0)
+            self._consumer_io(queue)
             thread.join(timeout=0.02)
         error = outcome["error"]
         decision = tracker.decide(body, error)
