@@ -51,6 +51,28 @@ class Settings(BaseSettings):
     max_update_bytes: int = 512 * 1024 * 1024
 
 
+class ScalerSettings(BaseSettings):
+    """services.scaler: sizes the worker Deployment (and per-job pools) through the Kubernetes API."""
+
+    model_config = SettingsConfigDict(env_prefix="PWFF_SCALER_", extra="ignore")
+
+    kube_namespace: str = Field("", description="namespace of the workers ('': the pod's own, else 'default')")
+    worker_deployment: str = Field("pwff-worker", description="the shared worker Deployment it scales")
+    release: str = Field("pwff", description="Helm release; labels the per-job pools it creates")
+    min_workers: int = Field(0, ge=0, description="replicas once idle for cooldown_s (0 allowed)")
+    max_workers: int = Field(8, ge=0, description="replicas it never scales above")
+    tasks_per_worker: int = Field(1, ge=1, description="waiting tasks one more worker is started for")
+    cooldown_s: float = Field(300.0, ge=0, description="idle time (no waiting task, no active job) before scaling down")
+    interval_s: float = Field(10.0, gt=0, description="seconds between two loops")
+    request_timeout_s: float = Field(10.0, gt=0, description="timeout of one Kubernetes API call")
+    pools: bool = Field(True, description="run a job with a `resources` block on its own worker Deployment")
+    pool_gpu_resource: str = Field("nvidia.com/gpu", description="extended resource a pool's GPU count requests")
+    pool_image: str = Field("", description="image of the pools' workers ('': the shared worker's)")
+    pool_node_selector: dict[str, str] = Field(default_factory=dict, description="pools' default node selector")
+    pool_tolerations: list[dict[str, object]] = Field(default_factory=list, description="pools' default tolerations")
+    metrics_port: int = Field(9103, ge=0, description="/metrics, /healthz (0: none)")
+
+
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _PROC_CGROUP = Path("/proc/self/cgroup")
 

@@ -364,6 +364,36 @@ class CompressionSpec(_Strict):
     )
 
 
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+_LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+
+
+class TolerationSpec(_Strict):
+    """A Kubernetes toleration for a job's own worker pool (keys as in a pod spec)."""
+
+    key: str = Field("", max_length=253, description="taint key ('' with operator Exists: every taint)")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal matches value; Exists any value")
+    value: str = Field("", max_length=63, description="taint value (operator Equal)")
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = Field("", description="'' matches any")
+    toleration_seconds: int | None = Field(None, ge=0, description="NoExecute: how long the pod stays bound")
+
+
+class ResourcesSpec(_Strict):
+    """The job's own worker pool (services.scaler runs it as a Deployment and deletes it when the job ends).
+
+    Unset fields take the chart's `scaler.pools` defaults.
+    """
+
+    gpus: int = Field(0, ge=0, le=64, description="GPUs per worker (the chart's GPU resource name, nvidia.com/gpu)")
+    memory: str | None = Field(None, pattern=_QUANTITY, description="memory per worker (request = limit), e.g. 16Gi")
+    cpu: str | None = Field(None, pattern=_QUANTITY, description="CPU request per worker, e.g. 2 or 500m")
+    node_selector: dict[Annotated[str, Field(pattern=_LABEL_KEY)], Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, description="node labels the pool's pods must have"
+    )
+    tolerations: list[TolerationSpec] = Field(default_factory=list, max_length=32, description="taints tolerated")
+    max_workers: int = Field(4, ge=1, le=1000, description="most workers the pool scales to")
+
+
 class JobSpec(_Strict):
     """A federated fine-tuning job: what to train, on which data, how, for how long.
 
@@ -405,6 +435,9 @@ class JobSpec(_Strict):
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of the round's clients needed at the deadline")
     eval_max_examples: int = Field(512, ge=1, description="cap on held-out examples evaluated per round")
     align: AlignSpec = Field(AlignSpec(), description="rewards, preferences and the alignment loss (mode align)")
+    resources: ResourcesSpec | None = Field(
+        None, description="run this job on its own worker pool with these resources (None: the shared workers)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:

@@ -279,9 +279,49 @@ def test_cpu_quantities_compare_as_numbers(render: Render) -> None:
 
 
 def test_worker_replicas(render: Render) -> None:
-    assert _deployment(render(), "worker")["spec"]["replicas"] == 2
-    assert _deployment(render("--set", "worker.replicas=7"), "worker")["spec"]["replicas"] == 7
+    fixed = ("--set", "scaler.enabled=false")
+    assert _deployment(render(*fixed), "worker")["spec"]["replicas"] == 2
+    assert _deployment(render(*fixed, "--set", "worker.replicas=7"), "worker")["spec"]["replicas"] == 7
     assert not _find(render(), "HorizontalPodAutoscaler")
+
+
+def test_scaler_owns_replicas_with_its_rbac(render: Render) -> None:
+    docs = render()
+    assert "replicas" not in _deployment(docs, "worker")["spec"]  # the scaler (services.scaler) sets them
+    scaler = _deployment(docs, "scaler")
+    assert scaler["spec"]["template"]["spec"]["serviceAccountName"] == f"{RELEASE}-scaler"
+    binding = _one(docs, "RoleBinding", f"{RELEASE}-scaler")
+    assert binding["roleRef"]["name"] == f"{RELEASE}-scaler"
+    assert binding["subjects"][0]["name"] == f"{RELEASE}-scaler"
+    assert _find(docs, "ServiceAccount", f"{RELEASE}-scaler")
+    assert not _find(docs, "ScaledObject")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "keda.enabled=true"],
+        ["--set", "worker.autoscaling.enabled=true"],
+        ["--set", "scaler.enabled=false", "--set", "keda.enabled=true", "--set", "worker.autoscaling.enabled=true"],
+    ],
+)
+def test_one_autoscaler_only(helm: str, args: list[str]) -> None:
+    result = _run(_template_cmd(helm, *args))
+    assert result.returncode != 0 and "mutually exclusive" in result.stderr + result.stdout
+
+
+def test_keda_scaledobject(render: Render, crd_validator: Callable[[list[Manifest]], list[dict[str, Any]]]) -> None:
+    docs = render("--set", "scaler.enabled=false", "--set", "keda.enabled=true")
+    keda = [d for d in docs if d["apiVersion"].startswith("keda.sh/")]
+    checked = crd_validator(keda)  # against KEDA's own CRD schemas
+    assert len(checked) == 2 and all(v["ok"] for v in checked), checked
+    scaled = _one(docs, "ScaledObject", f"{RELEASE}-worker")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == f"{RELEASE}-worker"
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "rabbitmq" and trigger["metadata"]["queueName"] == "pwff.tasks"
+    assert _one(docs, "TriggerAuthentication", f"{RELEASE}-worker")
+    assert "replicas" not in _deployment(docs, "worker")["spec"]
+    assert not _find(docs, "Role")
 
 
 def test_worker_hpa_owns_replicas(render: Render) -> None:

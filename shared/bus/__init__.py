@@ -56,6 +56,10 @@ class Queues:
         """aggregator -> scheduler: JobInitialized, UpdateMerged, RoundCommitted, JobFailed."""
         return f"{self.namespace}.events"
 
+    def job_tasks(self, job_id: str) -> str:
+        """scheduler -> the workers of a job's own pool (a spec with `resources`; services.scaler runs them)."""
+        return f"{self.namespace}.tasks.{job_id}"
+
     @property
     def all(self) -> tuple[str, str, str]:
         return (self.tasks, self.aggregate, self.events)
@@ -73,6 +77,10 @@ class Bus(Protocol):
 
     def depth(self, queue: str) -> int:
         """Messages ready in `queue` (not counting ones being handled)."""
+        ...
+
+    def consumers(self, queue: str) -> int:
+        """Consumers attached to `queue` (every process's, as the broker counts them)."""
         ...
 
     def purge(self, queue: str) -> None: ...

@@ -55,6 +55,7 @@ class MemoryBus:
         self._on_dead_letter = on_dead_letter
         self.policy = policy
         self._consumers: dict[str, ConsumerStatus] = {}
+        self._consumer_counts: dict[str, int] = defaultdict(int)
 
     def _queue(self, name: str) -> _Fifo:
         with self._lock:
@@ -66,10 +67,14 @@ class MemoryBus:
     def consume(self, queue: str, handler: Handler, stop: threading.Event) -> None:
         # In process there is no broker to lose: the loop is connected while it runs (no I/O to go stale).
         self._consumers[queue] = ConsumerStatus(running=True, connected=True)
+        with self._lock:
+            self._consumer_counts[queue] += 1
         try:
             self._consume(queue, handler, stop)
         finally:
             self._consumers[queue] = ConsumerStatus()
+            with self._lock:
+                self._consumer_counts[queue] -= 1
 
     def _consume(self, queue: str, handler: Handler, stop: threading.Event) -> None:
         source = self._queue(queue)
@@ -111,6 +116,10 @@ class MemoryBus:
 
     def depth(self, queue: str) -> int:
         return len(self._queue(queue))
+
+    def consumers(self, queue: str) -> int:
+        with self._lock:
+            return self._consumer_counts.get(queue, 0)
 
     def purge(self, queue: str) -> None:
         self._queue(queue).clear()

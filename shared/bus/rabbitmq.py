@@ -225,6 +225,14 @@ class RabbitBus:
 
         return int(self._with_channel(count))
 
+    def consumers(self, queue: str) -> int:
+        # A passive declare answers with consumer_count too: no management plugin needed.
+        def count(channel: BlockingChannel) -> int:
+            self._declare(channel, queue)
+            return int(channel.queue_declare(queue=queue, passive=True).method.consumer_count)
+
+        return int(self._with_channel(count))
+
     def purge(self, queue: str) -> None:
         def purge(channel: BlockingChannel) -> None:
             self._declare(channel, queue)
