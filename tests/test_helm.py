@@ -712,6 +712,7 @@ def test_notes_commands_name_what_the_chart_creates(helm: str) -> None:
     from services.cli import app
 
     notes, docs = _notes(helm)
+    assert "worker      1-8 replicas (pwff's scaler, by waiting tasks)" in notes
     # The command lines (indented, as the NOTES show them to be copied).
     commands = [
         line.strip()
@@ -751,6 +752,7 @@ def test_notes_commands_name_what_the_chart_creates(helm: str) -> None:
 def test_notes_for_external_stores_and_an_ingress(helm: str) -> None:
     notes, docs = _notes(helm, "-f", str(PRODUCTION_VALUES))
     assert "rabbitmq    external (Secret pwff-connections, key PWFF_RABBITMQ_URL)" in notes
+    assert "worker      1-16 replicas (KEDA, by queue depth)" in notes
     assert "export PWFF_API_URL=https://pwff.example.com" in notes
     assert "get secret pwff-connections -o jsonpath='{.data.PWFF_API_TOKEN}'" in notes
     assert "in-chart" not in notes and "port-forward svc/" not in notes
