@@ -47,8 +47,18 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
     update_ttl_s: int = Field(7 * 24 * 3600, description="how long an uploaded update may wait in the store")
+    job_retention_s: int = Field(
+        7 * 24 * 3600,
+        ge=0,
+        description="how long a job's keys (state, rounds, published models, clients' parts) stay in the store "
+        "after it ends: succeeded, failed or cancelled (0: forever)",
+    )
     max_message_bytes: int = 64 * 1024
     max_update_bytes: int = 512 * 1024 * 1024
+    job_pools: bool = Field(
+        False, description="scheduler: a job with `resources` gets its own task queue, which services.scaler serves"
+    )
+    tasks_queue: str = Field("", description="worker: the queue it consumes ('': the shared one; a per-job pool's)")
 
 
 class ScalerSettings(BaseSettings):

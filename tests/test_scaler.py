@@ -482,3 +482,37 @@ def test_role_grants_exactly_the_calls_made(emulator: Emulator, helm: str) -> No
 def test_role_without_pools_drops_pool_verbs(helm: str) -> None:  # noqa: F811
     granted = _granted(_rendered_role(helm, "--set", "scaler.pools.enabled=false"))
     assert granted == {c for c in CALLS if c[2] in ("get", "patch")}
+
+
+# -- the scheduler's side: routing to the pool's queue, and the job view -----------------------
+
+
+@pytest.mark.parametrize("job_pools", [True, False])
+def test_scheduler_routes_a_pool_jobs_tasks_and_shows_its_pool(
+    emulator: Emulator, tiny_spec: Any, job_pools: bool
+) -> None:
+    from services.scheduler.core import Scheduler
+    from services.scheduler.views import JobView
+    from shared.messages import JobInitialized, encode
+
+    rig = Rig(emulator, pools=job_pools)  # the chart sets both from scaler.pools.enabled
+    scheduler = Scheduler(rig.bus, rig.store, namespace="t", job_pools=job_pools)
+    job_id = scheduler.submit(tiny_spec(resources={"gpus": 1, "max_workers": 2}))
+    shared_id = scheduler.submit(tiny_spec())
+    for job in (job_id, shared_id):
+        scheduler.handle_event(encode(JobInitialized(job_id=job, metrics={})))
+    own, shared = rig.bus.depth(rig.queues.job_tasks(job_id)), rig.bus.depth(rig.queues.tasks)
+    # With pools (the chart sets PWFF_JOB_POOLS when the scaler runs them) the job's round goes to its
+    # own queue; without, every task stays on the shared queue, so no job waits for a pool that never comes.
+    assert (own, shared) == ((3, 3) if job_pools else (0, 6))
+
+    rig.scaler.step()
+    view = JobView.model_validate(scheduler.get_job(job_id))
+    assert scheduler.get_job(shared_id)["pool"] is None
+    if not job_pools:
+        assert view.pool is None and not emulator.exists(rig.scaler.pool_name(job_id))
+        assert rig.replicas() == 4  # the shared workers take all 6 tasks, up to max_workers
+        return
+    assert view.pool is not None and view.pool.deployment == rig.scaler.pool_name(job_id)
+    assert view.pool.replicas == 2  # 3 waiting, capped at the job's max_workers
+    assert rig.replicas() == 3  # the shared job's 3 tasks

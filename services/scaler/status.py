@@ -17,9 +17,11 @@ STATUS_TTL_S = 24 * 3600
 
 
 class LostPod(BaseModel):
-    name: str
+    """A worker pod of the pool that failed, was evicted or had its container killed."""
+
+    name: str = Field(description="the pod's name")
     reason: str = Field(description="Evicted, OOMKilled, Error, ... (the pod's or its container's reason)")
-    message: str = ""
+    message: str = Field("", description="what Kubernetes said about it")
 
 
 class PoolStatus(BaseModel):

@@ -27,6 +27,8 @@ def main() -> None:
         RabbitBus(settings.rabbitmq_url, on_dead_letter=dead_letter_counter(settings.namespace)),
         RedisStore(settings.redis_url),
         namespace=settings.namespace,
+        retention_s=settings.job_retention_s,
+        job_pools=settings.job_pools,
     )
     stop = threading.Event()
     loop = threading.Thread(target=scheduler.run, args=(stop,), name="scheduler-loop", daemon=True)

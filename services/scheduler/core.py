@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from services.scaler.status import read_pool_status
 from services.scheduler.budgets import sample_clients, task_budget
 from shared.bus import Bus, Queues
 from shared.messages import (
@@ -102,6 +103,8 @@ class Scheduler:
         namespace: str = "pwff",
         clock: Callable[[], float] = time.time,
         tick_s: float = 0.5,
+        retention_s: int = 0,
+        job_pools: bool = False,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -110,7 +113,11 @@ class Scheduler:
         self.queues = Queues(namespace)
         self.clock = clock
         self.tick_s = tick_s
+        self.retention_s = retention_s
+        """Seconds a job's keys live after it ends (PWFF_JOB_RETENTION_S; 0: forever)."""
         self._lock = threading.RLock()
+        self.job_pools = job_pools
+        """A job with `resources` goes to its own task queue, served by its pool (services.scaler)."""
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -150,6 +157,25 @@ class Scheduler:
                 raise JobConflict(f"job {job_id} already {state}")
             self._finish(job_id, JobState.CANCELLED, "")
 
+    def purge(self, job_id: str) -> dict[str, Any]:
+        """Cancel the job if it has not ended, then remove every key it has in the store (its state, rounds,
+        updates, global states, published models, clients' personal parts and residuals, adaptations).
+
+        Raises JobNotFound when nothing of the job is left. A task a worker is running for it at this
+        moment may still write its update; nothing reads it, and the next tick removes it (see `tick`).
+        """
+        with self._lock:
+            state = self.jobs.state(job_id)
+            cancelled = state is not None and not state.final
+            if cancelled:
+                self._finish(job_id, JobState.CANCELLED, "purged")
+            removed = self.jobs.purge(job_id)
+        if state is None and removed == 0:
+            raise JobNotFound(job_id)
+        forget_job(job_id, linger_s=0)  # nothing left to scrape a last time
+        log.info("job %s purged: %d keys removed%s", job_id, removed, " (cancelled first)" if cancelled else "")
+        return {"id": job_id, "purged": True, "cancelled": cancelled, "previous_state": state, "keys_removed": removed}
+
     def get_job(self, job_id: str) -> dict[str, Any]:
         """The job view (`services.scheduler.views.JobView`) as plain data."""
         meta = self.jobs.require(job_id)
@@ -160,6 +186,7 @@ class Scheduler:
             "error": meta.error or None,
             "spec": meta.spec.model_dump(mode="json"),
             "metrics": [self._round_view(job_id, record) for record in self.state.rounds.history(job_id)],
+            "pool": read_pool_status(self.store, self.state.keys, job_id),  # its own workers (services.scaler)
         }
 
     def _round_view(self, job_id: str, record: RoundRecord) -> dict[str, Any]:
@@ -286,7 +313,7 @@ class Scheduler:
         if spec.personalization.evaluates_after(round_, spec.rounds):
             for client in range(spec.num_clients):
                 task = EvaluateTask(job_id=job_id, round=round_, client=client, publish=last)
-                self.bus.publish(self.queues.tasks, encode(task))
+                self.bus.publish(self._tasks_queue(spec, job_id), encode(task))
         if not last:
             self._open_round(job_id, round_ + 1)
 
@@ -323,8 +350,11 @@ class Scheduler:
         for client in clients:
             budget = mode.task_fields(spec, task_budget(spec, round_, client, upload))
             task = TrainTask(job_id=job_id, round=round_, client=client, attempt=0, wave=wave, **budget)
-            self.bus.publish(self.queues.tasks, encode(task))
+            self.bus.publish(self._tasks_queue(spec, job_id), encode(task))
         TASKS_DISPATCHED.inc(len(clients))
+
+    def _tasks_queue(self, spec: JobSpec, job_id: str) -> str:
+        return self.queues.job_tasks(job_id) if self.job_pools and spec.resources is not None else self.queues.tasks
 
     def _recent_upload_bytes(self, job_id: str) -> float:
         """Mean bytes per update of the last committed round: what the budgets expect a device to send."""
@@ -345,6 +375,9 @@ class Scheduler:
             with self._lock:
                 meta = self.jobs.get(job_id)
                 if meta is None:
+                    # Its record expired (retention) or it was purged: drop what a task may have written after
+                    # the job ended (a key written then has no TTL) and its entry in the set of jobs.
+                    self.jobs.purge(job_id)
                     continue
                 if meta.state == JobState.QUEUED and now - meta.init_sent_at > RESEND_AFTER_S:
                     self._set(job_id, init_sent_at=now)
@@ -397,6 +430,9 @@ class Scheduler:
             JOBS_RUNNING.dec()
         JOBS_FINISHED.labels(state=str(state)).inc()
         forget_job(job_id)
+        if self.retention_s > 0:
+            # Redis expires the job's keys on its own, whether or not a scheduler is still running then.
+            self.jobs.expire(job_id, self.retention_s)
         if state != JobState.SUCCEEDED:
             self.bus.publish(self.queues.aggregate, encode(DropJob(job_id=job_id)))
         log.info("job %s %s%s", job_id, state, f": {error}" if error else "")

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+from services.scaler.status import PoolStatus
 from shared.spec import JobSpec
 from shared.state import JobState
 
@@ -115,6 +116,9 @@ class JobView(JobSummary):
     error: str | None = Field(description="why the job failed, or what it noticed on the way")
     spec: JobSpec = Field(description="the submitted spec with every default filled in")
     metrics: list[RoundView] = Field(description="committed rounds, round 0 first")
+    pool: PoolStatus | None = Field(
+        None, description="the job's own worker pool (a spec with `resources`): replicas, ready and lost pods"
+    )
 
 
 class JobCreated(BaseModel):
@@ -153,6 +157,21 @@ class Health(BaseModel):
     """The process answers (liveness)."""
 
     status: Literal["ok"] = Field(description="always ok")
+
+
+class Purged(BaseModel):
+    """What `DELETE /v1/jobs/{id}?purge=true` removed."""
+
+    id: str = Field(description="the job's id")
+    purged: Literal[True] = Field(description="always true: nothing of the job is left in the store")
+    cancelled: bool = Field(description="the job was queued or running, and was cancelled first")
+    previous_state: JobState | None = Field(
+        description="its state before the purge (null: its record had already expired, leftovers were removed)"
+    )
+    keys_removed: int = Field(
+        description="store keys removed: its record, round plans and records, updates, global states, published "
+        "models (global, clients', adaptations), clients' personal parts and residuals, evaluations"
+    )
 
 
 class Readiness(BaseModel):

@@ -6,7 +6,6 @@ import os
 import socket
 
 from services.worker.worker import Worker
-from shared.bus import Queues
 from shared.bus.rabbitmq import RabbitBus
 from shared.health import Readiness, serve_probes
 from shared.metrics import dead_letter_counter
@@ -26,13 +25,12 @@ def main() -> None:
         update_ttl_s=settings.update_ttl_s,
         max_message_bytes=settings.max_message_bytes,
         name=f"worker@{socket.gethostname()}:{os.getpid()}",
+        tasks_queue=settings.tasks_queue,
     )
     # /healthz, /readyz (consume loop, broker and store, from the connections it already has) and /metrics.
     probes = serve_probes(
         settings.metrics_port,
-        Readiness(
-            worker.bus, Queues(settings.namespace).tasks, worker.state.store, stale_after_s=settings.probe_stale_s
-        ),
+        Readiness(worker.bus, worker.tasks_queue, worker.state.store, stale_after_s=settings.probe_stale_s),
     )
     try:
         run_until_signalled(worker.run)

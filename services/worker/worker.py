@@ -92,10 +92,13 @@ class Worker:
         update_ttl_s: int = 7 * 24 * 3600,
         max_message_bytes: int = 64 * 1024,
         name: str = "worker",
+        tasks_queue: str = "",
     ) -> None:
         self.bus = bus
         self.state = Repositories(store, namespace, update_ttl_s)
         self.queues = Queues(namespace)
+        self.tasks_queue = tasks_queue or self.queues.tasks
+        """The shared task queue, or a per-job pool's (PWFF_TASKS_QUEUE, set by services.scaler)."""
         self.cache_dir = cache_dir
         self.max_message_bytes = max_message_bytes
         self.name = name
@@ -104,8 +107,8 @@ class Worker:
         self._states: OrderedDict[str, _Cached] = OrderedDict()
 
     def run(self, stop: threading.Event) -> None:
-        log.info("%s consuming %s", self.name, self.queues.tasks)
-        self.bus.consume(self.queues.tasks, self.handle, stop)
+        log.info("%s consuming %s", self.name, self.tasks_queue)
+        self.bus.consume(self.tasks_queue, self.handle, stop)
 
     # -- one task ---------------------------------------------------------------------------
 
