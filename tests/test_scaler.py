@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,3 +517,47 @@ def test_scheduler_routes_a_pool_jobs_tasks_and_shows_its_pool(
     assert view.pool is not None and view.pool.deployment == rig.scaler.pool_name(job_id)
     assert view.pool.replicas == 2  # 3 waiting, capped at the job's max_workers
     assert rig.replicas() == 3  # the shared job's 3 tasks
+
+
+# -- what the scaler reads from the bus -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", "rabbitmq"])
+def test_bus_depth_and_consumers(kind: str) -> None:
+    """The scaler's inputs on both buses; RabbitMQ's from a passive declare (the real broker on 127.0.0.1)."""
+    import uuid
+
+    from shared.bus.rabbitmq import RabbitBus
+
+    queue = f"scaler-test-{uuid.uuid4().hex[:8]}.tasks"
+    bus = MemoryBus() if kind == "memory" else RabbitBus("amqp://guest:guest@127.0.0.1:5672/%2F")
+    try:
+        for i in range(3):
+            bus.publish(queue, f"task {i}".encode())
+        assert (bus.depth(queue), bus.consumers(queue)) == (3, 0)
+        taken = threading.Event()
+        release = threading.Event()
+        stop = threading.Event()
+
+        def handler(body: bytes) -> None:
+            taken.set()
+            release.wait(10)
+
+        consumer = threading.Thread(target=bus.consume, args=(queue, handler, stop), daemon=True)
+        consumer.start()
+        assert taken.wait(10)
+        deadline = time.monotonic() + 10
+        while (bus.depth(queue), bus.consumers(queue)) != (2, 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (bus.depth(queue), bus.consumers(queue)) == (2, 1)  # one in flight is not waiting
+        stop.set()
+        release.set()
+        consumer.join(10)
+        deadline = time.monotonic() + 10
+        while bus.consumers(queue) != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert bus.consumers(queue) == 0
+    finally:
+        if isinstance(bus, RabbitBus):
+            bus.delete_queues(queue)
+        bus.close()
