@@ -7,7 +7,7 @@ import threading
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Request, Response, status
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -25,6 +25,7 @@ from services.scheduler.views import (
     JobCreated,
     JobSummary,
     JobView,
+    Purged,
     Readiness,
     ValidationErrors,
 )
@@ -377,14 +378,33 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
 
     @router.delete(
         "/{job_id}",
-        response_model=JobView,
-        responses={**_NOT_FOUND, 409: {"model": ErrorBody, "description": "the job already ended"}},
+        response_model=JobView | Purged,
+        responses={
+            200: {"description": "without purge: the cancelled job (a JobView); with purge=true: what went (Purged)"},
+            **_NOT_FOUND,
+            409: {"model": ErrorBody, "description": "the job already ended (without purge)"},
+        },
     )
-    def cancel_job(job_id: JobId) -> dict[str, Any]:
-        """Cancel a queued or running job (409 if it already ended).
+    def cancel_job(
+        job_id: JobId,
+        purge: Annotated[
+            bool,
+            Query(
+                description="remove the job: every key it has in the store (state, rounds, published models, "
+                "clients' personal parts, results), after cancelling it if it has not ended; any state is fine"
+            ),
+        ] = False,
+    ) -> dict[str, Any]:
+        """Cancel a queued or running job (409 if it already ended), or with `purge=true` remove it.
 
-        The job is not removed: it stays listed and readable, in state `cancelled`.
+        Without purge the job is not removed: it stays listed and readable, in state `cancelled`, until its
+        retention (PWFF_JOB_RETENTION_S after it ended) expires its keys.
         """
+        if purge:
+            try:
+                return scheduler.purge(job_id)
+            except JobNotFound:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
         job_or_404(job_id)
         try:
             scheduler.cancel(job_id)

@@ -30,6 +30,17 @@ class JobRepository:
         batch.set_add(self.keys.jobs, meta.id)
         batch.execute()
 
+    def expire(self, job_id: str, ttl_s: int) -> int:
+        """Every key of the job goes in `ttl_s` seconds (Redis expires them: no service needs to run)."""
+        return self.store.expire_prefix(self.keys.job_prefix(job_id), ttl_s)
+
+    def purge(self, job_id: str) -> int:
+        """Remove every key of the job (state, rounds, tensors, published models, clients' parts) and its
+        entry in the set of jobs; returns how many keys went. All of a job's keys live under its prefix."""
+        removed = self.store.delete_prefix(self.keys.job_prefix(job_id))
+        self.store.set_remove(self.keys.jobs, job_id)  # a member, not a key: the set stays for the other jobs
+        return removed
+
     def ids(self) -> set[str]:
         return self.store.set_members(self.keys.jobs)
 

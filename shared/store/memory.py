@@ -92,6 +92,16 @@ class MemoryStore:
         with self._lock:
             return set(self._typed(key, set) or ())
 
+    def set_remove(self, key: str, member: str) -> bool:
+        with self._lock:
+            members = self._typed(key, set)
+            if members is None or member not in members:
+                return False
+            members.discard(member)
+            if not members:  # Redis drops an emptied set
+                self.delete(key)
+            return True
+
     def hash_set(self, key: str, mapping: dict[str, str]) -> None:
         with self._lock:
             if not mapping:  # Redis has no empty hash: nothing to write, no key created
@@ -123,6 +133,13 @@ class MemoryStore:
             doomed = [k for k in list(self._data) if k.startswith(prefix) and self._live(k) is not None]
             self.delete(*doomed)
             return len(doomed)
+
+    def expire_prefix(self, prefix: str, ttl_s: int) -> int:
+        with self._lock:
+            keys = [k for k in list(self._data) if k.startswith(prefix) and self._live(k) is not None]
+            for key in keys:
+                self._expiry[key] = time.monotonic() + ttl_s
+            return len(keys)
 
     def batch(self) -> Batch:
         return _MemoryBatch(self)

@@ -64,6 +64,9 @@ class RedisStore:
     def set_members(self, key: str) -> set[str]:
         return {m.decode() for m in cast(set[bytes], self._client.smembers(key))}
 
+    def set_remove(self, key: str, member: str) -> bool:
+        return bool(self._client.srem(key, member))
+
     def hash_set(self, key: str, mapping: dict[str, str]) -> None:
         if mapping:  # HSET needs at least one field; an empty mapping writes nothing
             self._client.hset(key, mapping=cast(Any, mapping))
@@ -86,6 +89,17 @@ class RedisStore:
         count = 0
         for key in self._client.scan_iter(match=_literal_glob(prefix) + "*", count=500):
             count += int(self._client.delete(key))  # 0 if it expired or went meanwhile
+        return count
+
+    def expire_prefix(self, prefix: str, ttl_s: int) -> int:
+        count = 0
+        pipe = self._client.pipeline(transaction=False)
+        for key in self._client.scan_iter(match=_literal_glob(prefix) + "*", count=500):
+            pipe.expire(key, ttl_s)
+            count += 1
+            if len(pipe) >= 500:
+                pipe.execute()
+        pipe.execute()
         return count
 
     def batch(self) -> Batch:

@@ -218,6 +218,33 @@ def test_delete_prefix_of_many_keys(store: Store, key: Key) -> None:
     assert store.exists(key("other")) and not store.exists(key("many:0"))
 
 
+def test_expire_prefix_gives_exactly_the_prefix_a_ttl(store: Store, key: Key) -> None:
+    store.put(key("job:a:meta"), b"x")
+    store.hash_set(key("job:a:round:1:plan"), {"f": "1"})
+    store.set_add(key("job:a:round:1:merged"), "0")
+    store.list_append(key("job:a:metrics"), b"r")
+    store.put(key("job:a:update"), b"x", ttl_s=3600)  # a longer TTL is replaced too
+    store.put(key("job:ab:meta"), b"other job")
+    assert store.expire_prefix(key("job:a:"), 1) == 5
+    assert store.exists(key("job:a:meta"))  # not yet
+    assert wait_for(lambda: not store.exists(key("job:a:meta")), timeout_s=5)
+    for gone in ("job:a:round:1:plan", "job:a:round:1:merged", "job:a:metrics", "job:a:update"):
+        assert not store.exists(key(gone)), gone
+    assert store.exists(key("job:ab:meta"))
+    assert store.expire_prefix(key("job:a:"), 1) == 0
+
+
+def test_set_remove(store: Store, key: Key) -> None:
+    store.set_add(key("s"), "a")
+    store.set_add(key("s"), "b")
+    assert store.set_remove(key("s"), "a") is True
+    assert store.set_remove(key("s"), "a") is False
+    assert store.set_members(key("s")) == {"b"}
+    assert store.set_remove(key("s"), "b") is True
+    assert not store.exists(key("s"))  # an emptied set is gone, as in Redis
+    assert store.set_remove(key("never"), "x") is False
+
+
 def test_batch_writes_are_invisible_until_execute(store: Store, key: Key) -> None:
     store.put(key("old"), b"gone soon")
     store.hash_set(key("h"), {"kept": "1"})
