@@ -298,7 +298,7 @@ def _reachable(root: str) -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize(
     "root",
     [
-        *("JobSpec", "JobView", "JobCreated", "ErrorBody", "ValidationErrors", "Readiness"),
+        *("JobSpec", "JobView", "JobCreated", "ErrorBody", "ValidationErrors", "Readiness", "Purged"),
         *("AdaptRequest", "AdaptationView"),
     ],
 )
