@@ -44,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from bench.reports import write_report
 from shared.allocator import set_mmap_threshold
 from shared.settings import Settings, available_cpus
 from shared.spec import JobSpec, load_spec_file
+from tests.harness import drain
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -138,20 +138,6 @@ def embedded_job(spec: JobSpec, cache_dir: Path, workers: int = 1) -> dict[str, 
     return {"metrics": job["metrics"], "wall_s": time.perf_counter() - began}
 
 
-def _take(bus: Any, queue: str) -> list[bytes]:
-    """Every message ready on `queue`, through the bus's public consume API."""
-    out: list[bytes] = []
-    for _ in range(bus.depth(queue)):
-        stop = threading.Event()
-
-        def take(body: bytes, stop: threading.Event = stop) -> None:
-            out.append(body)
-            stop.set()
-
-        bus.consume(queue, take, stop)
-    return out
-
-
 def interleaved_job(spec: JobSpec, cache_dir: Path, bare: BareLoop) -> dict[str, Any]:
     """The job on the real Scheduler, Aggregator and Worker over the in-process bus and store, pumped by
     hand: after every training task, the bare loop runs the same number of steps, so each pair of
@@ -175,13 +161,13 @@ def interleaved_job(spec: JobSpec, cache_dir: Path, bare: BareLoop) -> dict[str,
     began = time.perf_counter()
     while scheduler.get_job(job_id)["state"] not in ("succeeded", "failed", "cancelled"):
         moved = False
-        for body in _take(bus, queues.aggregate):
+        for body in drain(bus, queues.aggregate):
             aggregator.handle(body)
             moved = True
-        for body in _take(bus, queues.events):
+        for body in drain(bus, queues.events):
             scheduler.handle_event(body)
             moved = True
-        for body in _take(bus, queues.tasks):
+        for body in drain(bus, queues.tasks):
             moved = True
             task = decode_task(body)
             started = time.perf_counter()

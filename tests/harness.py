@@ -11,8 +11,10 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,30 @@ from shared.settings import Settings
 from shared.store.redis import RedisStore
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def drain(bus: Any, queue: str) -> list[bytes]:
+    """Take every ready message off `queue` through the bus's public consume API (either bus)."""
+    out: list[bytes] = []
+    for _ in range(bus.depth(queue)):
+        stop = threading.Event()
+
+        def take(body: bytes, stop: threading.Event = stop) -> None:
+            out.append(body)
+            stop.set()
+
+        bus.consume(queue, take, stop)
+    return out
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `check` every 0.2 s; fail the test naming `what` if it is not true within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout_s}s: {what}")
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,24 +39,11 @@ from shared.spec import JobSpec
 from shared.state import JobState, RoundStatus
 from shared.store import Keys
 from shared.store.memory import MemoryStore
+from tests.harness import drain
 
 State = dict[str, torch.Tensor]
 # Figures that measure wall time, so differ between otherwise identical commits.
 TIMINGS = {"aggregate_s", "eval_s"}
-
-
-def drain(bus: MemoryBus, queue: str) -> list[bytes]:
-    """Take every ready message off `queue` through the public consume API."""
-    out: list[bytes] = []
-    for _ in range(bus.depth(queue)):
-        stop = threading.Event()
-
-        def take(body: bytes, stop: threading.Event = stop) -> None:
-            out.append(body)
-            stop.set()
-
-        bus.consume(queue, take, stop)
-    return out
 
 
 def received(outcome: str) -> float:

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from shared.metrics import TASKS_PROCESSED
 from shared.settings import Settings
 from shared.store.memory import MemoryStore
 from shared.store.redis import RedisStore
-from tests.harness import REPO, free_port
+from tests.harness import REPO, free_port, wait_until
 from tests.test_helm import RELEASE, helm, render  # noqa: F401  (the chart tests' helm and render fixtures)
 
 
@@ -47,15 +47,6 @@ def _get(port: int, path: str) -> tuple[int, Any]:
     except urllib.error.HTTPError as error:
         body, status, kind = error.read(), error.code, error.headers.get("Content-Type", "")
     return status, json.loads(body) if kind.startswith("application/json") else body.decode()
-
-
-def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout_s}s: {what}")
 
 
 class TcpProxy:
@@ -153,7 +144,7 @@ def test_readyz_follows_the_consume_loop(memory_probes: tuple[ProbeServer, Memor
     stop = threading.Event()
     loop = threading.Thread(target=bus.consume, args=(queue, lambda body: None, stop), daemon=True)
     loop.start()
-    _until(lambda: _get(server.port, "/readyz")[0] == 200, 5, "ready while consuming")
+    wait_until(lambda: _get(server.port, "/readyz")[0] == 200, 5, "ready while consuming")
     assert _get(server.port, "/readyz")[1] == {"ready": True, "consumer": True, "broker": True, "store": True}
     stop.set()
     loop.join(timeout=5)
@@ -183,9 +174,9 @@ def test_a_store_that_stops_answering_goes_stale() -> None:
     readiness = Readiness(bus, "q", store, stale_after_s=5, ping_every_s=0.05, clock=lambda: now[0])
     assert readiness.checks()["store"] is True
     answers[0] = False
-    _until(lambda: readiness.checks()["store"] is False, 5, "a failed PING counts at once")
+    wait_until(lambda: readiness.checks()["store"] is False, 5, "a failed PING counts at once")
     answers[0] = True
-    _until(lambda: readiness.checks()["store"] is True, 5, "a PING that answers again")
+    wait_until(lambda: readiness.checks()["store"] is True, 5, "a PING that answers again")
 
     def hangs() -> bool:
         time.sleep(3600)
@@ -254,7 +245,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     running = {name: Service(name, env, logs / f"{name}.log") for name in ("worker", "aggregator")}
     try:
         for service in running.values():
-            _until(partial(_ready, service), 180, f"{service.log.stem} ready")
+            wait_until(partial(_ready, service), 180, f"{service.log.stem} ready")
         yield {"broker": broker, "store": store, **running}
     finally:
         for service in running.values():
@@ -272,18 +263,18 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
 def test_unready_without_the_broker_and_ready_again_after(services: dict[str, Any], name: str) -> None:
     service: Service = services[name]
     proxy: TcpProxy = services["broker"]
-    _until(lambda: service.get("/readyz")[0] == 200, 40, f"{name} ready")
+    wait_until(lambda: service.get("/readyz")[0] == 200, 40, f"{name} ready")
     assert service.get("/readyz") == (200, {"ready": True, "consumer": True, "broker": True, "store": True})
     proxy.cut()
     try:
-        _until(lambda: service.get("/readyz")[0] == 503, 20, f"{name} unready without its broker")
+        wait_until(lambda: service.get("/readyz")[0] == 503, 20, f"{name} unready without its broker")
         status, body = service.get("/readyz")
         assert body == {"ready": False, "consumer": True, "broker": False, "store": True}, (status, body)
         assert service.get("/healthz") == (200, {"status": "ok"})  # alive: no restart for a broker outage
         assert service.get("/metrics")[0] == 200
     finally:
         proxy.restore()
-    _until(lambda: service.get("/readyz")[0] == 200, 40, f"{name} ready again once it reconnected")
+    wait_until(lambda: service.get("/readyz")[0] == 200, 40, f"{name} ready again once it reconnected")
 
 
 @pytest.mark.integration
@@ -292,15 +283,15 @@ def test_unready_without_the_store_and_ready_again_after(services: dict[str, Any
     service: Service = services[name]
     proxy: TcpProxy = services["store"]
     # The services share the proxies: the one tested before may have left this one reconnecting.
-    _until(lambda: service.get("/readyz")[0] == 200, 40, f"{name} ready")
+    wait_until(lambda: service.get("/readyz")[0] == 200, 40, f"{name} ready")
     proxy.cut()
     try:
-        _until(lambda: service.get("/readyz")[0] == 503, 20, f"{name} unready without its store")
+        wait_until(lambda: service.get("/readyz")[0] == 503, 20, f"{name} unready without its store")
         assert service.get("/readyz")[1] == {"ready": False, "consumer": True, "broker": True, "store": False}
         assert service.get("/healthz") == (200, {"status": "ok"})
     finally:
         proxy.restore()
-    _until(lambda: service.get("/readyz")[0] == 200, 40, f"{name} ready again once the store answers")
+    wait_until(lambda: service.get("/readyz")[0] == 200, 40, f"{name} ready again once the store answers")
 
 
 @pytest.mark.integration

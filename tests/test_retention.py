@@ -26,6 +26,7 @@ from shared.settings import Settings
 from shared.spec import JobSpec
 from shared.store import Keys
 from shared.store.redis import RedisStore
+from tests.harness import wait_until
 
 TOKEN = "retention-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -84,15 +85,6 @@ def _families(job_id: str, keys: list[str]) -> set[str]:
         rest = key.split(f":job:{job_id}:", 1)[1]
         out.add(":".join("*" if re.fullmatch(r"\d+|client-\d+", part) else part for part in rest.split(":")))
     return out
-
-
-def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout_s}s: {what}")
 
 
 @pytest.fixture
@@ -169,13 +161,15 @@ def test_purge_cancels_a_running_job_first(cache_dir: Path, spec: dict[str, Any]
     cluster = Cluster(cache_dir, retention_s=0)
     try:
         job_id = cluster.submit({**spec, "rounds": 50})
-        _until(lambda: cluster.api.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["round"] >= 2, 300, "round 2 opened")
+        wait_until(
+            lambda: cluster.api.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["round"] >= 2, 300, "round 2 opened"
+        )
         response = cluster.api.delete(f"/v1/jobs/{job_id}", params={"purge": "true"}, headers=AUTH)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["cancelled"] is True and body["previous_state"] == "running" and body["keys_removed"] > 0
         # A task a worker was training at that moment may still store its update; the next tick removes it.
-        _until(lambda: cluster.job_keys(job_id) == [], 30, "no key of the purged job left")
+        wait_until(lambda: cluster.job_keys(job_id) == [], 30, "no key of the purged job left")
         time.sleep(1.0)
         assert cluster.job_keys(job_id) == []
     finally:
@@ -193,8 +187,8 @@ def test_retention_expires_a_finished_jobs_keys(cache_dir: Path, spec: dict[str,
         assert ttls and all(0 < ttl <= 2 for ttl in ttls), ttls
         # Without purge a DELETE of an ended job is still a 409, and the job is still readable until it expires.
         assert cluster.api.delete(f"/v1/jobs/{job_id}", headers=AUTH).status_code == 409
-        _until(lambda: cluster.job_keys(job_id) == [], 10, "the job's keys expired")
-        _until(lambda: not cluster.redis.sismember(cluster.keys.jobs, job_id), 5, "the job left the set of jobs")
+        wait_until(lambda: cluster.job_keys(job_id) == [], 10, "the job's keys expired")
+        wait_until(lambda: not cluster.redis.sismember(cluster.keys.jobs, job_id), 5, "the job left the set of jobs")
         assert cluster.api.get(f"/v1/jobs/{job_id}", headers=AUTH).status_code == 404
     finally:
         cluster.close()
