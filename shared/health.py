@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 
 STALE_AFTER_S = 15.0
 """A consumer with no broker I/O, or a store with no PING answer, for this long is not ready."""
+
+
+class Checks(Protocol):
+    """What /readyz asks: named checks, all true when ready (`Readiness`, or a service's own)."""
+
+    def checks(self) -> dict[str, bool]: ...
+
+    def close(self) -> None: ...
 
 
 class Readiness:
@@ -111,7 +119,7 @@ StartResponse = Callable[..., Any]
 class ProbeServer:
     """/healthz, /readyz and /metrics of one service on one port (a daemon thread)."""
 
-    def __init__(self, port: int, readiness: Readiness, host: str = "0.0.0.0") -> None:
+    def __init__(self, port: int, readiness: Checks, host: str = "0.0.0.0") -> None:
         self.readiness = readiness
         self._metrics = make_wsgi_app()
         self._server = make_server(host, port, self._app, _ThreadingWSGIServer, handler_class=_QuietHandler)
@@ -149,7 +157,7 @@ def _json(start_response: StartResponse, code: int, body: dict[str, Any]) -> lis
     return [data]
 
 
-def serve_probes(port: int, readiness: Readiness) -> ProbeServer | None:
+def serve_probes(port: int, readiness: Checks) -> ProbeServer | None:
     """Serve the probes and /metrics on `port` (0: don't)."""
     if port <= 0:
         return None

@@ -80,7 +80,7 @@ class ScalerSettings(BaseSettings):
     pool_image: str = Field("", description="image of the pools' workers ('': the shared worker's)")
     pool_node_selector: dict[str, str] = Field(default_factory=dict, description="pools' default node selector")
     pool_tolerations: list[dict[str, object]] = Field(default_factory=list, description="pools' default tolerations")
-    metrics_port: int = Field(9103, ge=0, description="/metrics, /healthz (0: none)")
+    metrics_port: int = Field(9103, ge=0, description="/metrics, /healthz, /readyz (0: none)")
 
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")

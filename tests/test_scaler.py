@@ -10,9 +10,12 @@ the (group, resource, verb) the emulator saw.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +29,11 @@ import yaml
 from prometheus_client import REGISTRY
 
 from services.scaler.kube import CALLS, KubeApi, api_client
-from services.scaler.scaler import IDLE_SINCE, JOB_ANNOTATION, Scaler, decide, job_hash
+from services.scaler.scaler import IDLE_SINCE, JOB_ANNOTATION, Scaler, ScalerReadiness, decide, job_hash
 from services.scaler.status import read_pool_status
 from shared.bus import Queues
 from shared.bus.memory import MemoryBus
+from shared.health import ProbeServer
 from shared.settings import ScalerSettings
 from shared.spec import JobSpec
 from shared.state import JobMeta, JobState, Repositories
@@ -561,3 +565,45 @@ def test_bus_depth_and_consumers(kind: str) -> None:
         if isinstance(bus, RabbitBus):
             bus.delete_queues(queue)
         bus.close()
+
+
+def test_probes_answer_from_the_loops_record(emulator: Emulator) -> None:
+    rig = Rig(emulator)
+    server = ProbeServer(0, ScalerReadiness(rig.scaler), host="127.0.0.1")
+    try:
+
+        def readyz() -> tuple[int, dict[str, Any]]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/readyz", timeout=5) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())
+
+        assert readyz() == (503, {"ready": False, "loop": False, "api": False})  # no loop yet
+        rig.scaler.step()
+        assert readyz() == (200, {"ready": True, "loop": True, "api": True})
+        rig.clock.now += 3 * rig.settings.interval_s + 61  # the loop stopped ending: stale
+        assert readyz()[1] == {"ready": False, "loop": False, "api": True}
+        emulator.fail(GET, 403)
+        rig.scaler.step()
+        assert readyz() == (503, {"ready": False, "loop": True, "api": False})  # it runs but cannot scale
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as response:
+            assert response.status == 200  # liveness: the process answers; a refused API is no reason to restart
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+            assert b"pwff_scaler_loops_total" in response.read()
+    finally:
+        server.close()
+
+
+def test_chart_probes_the_scaler(helm: str) -> None:  # noqa: F811
+    out = subprocess.run(
+        [helm, "template", "rel", str(CHART), "--namespace", NS, "--show-only", "templates/scaler-deployment.yaml"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    [deployment] = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}

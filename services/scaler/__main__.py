@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prometheus_client import start_http_server
-
 from services.scaler.kube import KubeApi, api_client
-from services.scaler.scaler import Scaler
+from services.scaler.scaler import Scaler, ScalerReadiness
 from shared.bus.rabbitmq import RabbitBus
+from shared.health import serve_probes
 from shared.runtime import run_until_signalled
 from shared.settings import ScalerSettings, Settings, configure_process
 from shared.store.redis import RedisStore
@@ -40,9 +39,12 @@ def main() -> None:
         scaler_settings,
         namespace=settings.namespace,
     )
-    if scaler_settings.metrics_port:
-        start_http_server(scaler_settings.metrics_port)
-    run_until_signalled(scaler.run)
+    probes = serve_probes(scaler_settings.metrics_port, ScalerReadiness(scaler))  # /healthz, /readyz, /metrics
+    try:
+        run_until_signalled(scaler.run)
+    finally:
+        if probes is not None:
+            probes.close()
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ class Scaler:
         self.queues = Queues(namespace)
         self.settings = settings
         self.clock = clock
+        self.last_loop_at: float | None = None  # when the last loop ended (self.clock), for /readyz
+        self.last_outcome: str | None = None
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -139,6 +141,7 @@ class Scaler:
             except Exception as error:
                 outcome = self._report(error, "reconciling the per-job pools")
         LOOPS.labels(outcome).inc()
+        self.last_loop_at, self.last_outcome = self.clock(), outcome
 
     def _report(self, error: Exception, what: str) -> str:
         if isinstance(error, Forbidden):
@@ -342,6 +345,24 @@ class Scaler:
             },
             "spec": {"replicas": replicas, "selector": {"matchLabels": selector}, "template": pod},
         }
+
+
+class ScalerReadiness:
+    """The scaler's /readyz: its loop ended recently (`loop`) and the last one did its work (`api`: no
+    error, no 403). Read from what the loop records, so a probe makes no call of its own."""
+
+    def __init__(self, scaler: Scaler, stale_after_s: float | None = None) -> None:
+        self.scaler = scaler
+        # Three loops, plus what one loop may spend in the API's retries and timeouts.
+        self.stale_after_s = stale_after_s if stale_after_s is not None else 3 * scaler.settings.interval_s + 60
+
+    def checks(self) -> dict[str, bool]:
+        at = self.scaler.last_loop_at
+        loop = at is not None and self.scaler.clock() - at <= self.stale_after_s
+        return {"loop": loop, "api": self.scaler.last_outcome == "ok"}
+
+    def close(self) -> None:
+        pass
 
 
 def _toleration(spec: dict[str, Any]) -> dict[str, Any]:
