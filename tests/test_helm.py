@@ -948,3 +948,16 @@ def test_services_wait_for_the_in_chart_stores(render: Render) -> None:
         proc.kill()
     assert proc.returncode == 0, out
     assert f"waiting for 127.0.0.1:{port}" in out and f"127.0.0.1:{port} accepts connections" in out
+
+
+def test_retention_probe_and_linger_settings_reach_the_services(render: Render) -> None:
+    from shared.settings import Settings
+
+    def config(*args: str) -> dict[str, str]:
+        [cm] = [m for m in render(*args) if m["kind"] == "ConfigMap" and m["metadata"]["name"] == RELEASE]
+        return dict(cm["data"])
+
+    data = config("--set", "config.jobRetentionSeconds=0", "--set", "config.probeStaleSeconds=30")
+    settings = Settings(_env_file=None, **{k[5:].lower(): v for k, v in data.items() if k.startswith("PWFF_")})
+    assert (settings.job_retention_s, settings.probe_stale_s, settings.metrics_job_linger_s) == (0, 30.0, 120.0)
+    assert config()["PWFF_JOB_RETENTION_S"] == "604800"
