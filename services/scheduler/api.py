@@ -32,6 +32,7 @@ from services.scheduler.views import (
 from shared.health import STALE_AFTER_S
 from shared.health import Readiness as ProbeChecks
 from shared.metrics import HTTP_REQUESTS
+from shared.data import check_local_data
 from shared.spec import JobSpec
 from shared.state import JobNotFound
 
@@ -364,6 +365,11 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
 
         The body is a JobSpec; every field has a default, so `{}` is a valid job.
         """
+        try:
+            # A local data source is read here: its fields and labels are checked and its label set pinned.
+            spec = check_local_data(spec)
+        except ValueError as error:
+            raise _unprocessable("dataset", str(error)) from None
         return JobCreated(id=scheduler.submit(spec))
 
     @router.get("")

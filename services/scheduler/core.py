@@ -50,6 +50,7 @@ from shared.metrics import (
     forget_job,
 )
 from shared.modes import mode_of
+from shared.data import check_local_data
 from shared.spec import JobSpec
 from shared.state import JobMeta, JobNotFound, JobState, Repositories, RoundPlan, RoundRecord, RoundStatus
 from shared.store import Store
@@ -139,6 +140,8 @@ class Scheduler:
     # -- API-facing operations --------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> str:
+        """Raises ValueError (DataMismatch) for a local data source that does not fit the spec."""
+        spec = check_local_data(spec)  # reads a local source once: its fields, labels and partition
         job_id = new_job_id(spec.name)
         now = self.clock()
         with self._lock:

@@ -122,7 +122,12 @@ class Worker:
         if task.client >= spec.num_clients:
             raise InvalidMessage(f"client {task.client} out of range for job {task.job_id}")
         try:
-            outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
+            try:
+                outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
+            except data.DataMismatch as error:
+                # This worker's copy of the data does not fit the job (a missing field, a label outside
+                # its classes): the client cannot take part, the round goes on without it.
+                raise TaskFailed(f"client {task.client}: local data does not match the job: {error}") from None
         except TaskFailed as error:
             # Deterministic: a retry would fail the same way. Dead-lettered (and counted) by the bus.
             TASKS_PROCESSED.labels(outcome="failed").inc()
