@@ -10,15 +10,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
+    Tag,
     ValidationError,
     model_validator,
 )
@@ -77,6 +79,14 @@ ModeName = Annotated[str, OneOf(MODES, "training mode")]
 PresetName = Annotated[str, OneOf(PRESETS, "personalization preset")]
 StrategyName = Annotated[str, OneOf(STRATEGIES, "aggregation strategy")]
 RewardKindName = Annotated[str, OneOf(REWARDS, "reward model")]
+
+
+_NAME_TAG, _LOCAL_TAG = "data set name", "local source"
+DatasetChoice = Annotated[
+    Annotated[DatasetName, Tag(_NAME_TAG)] | Annotated[LocalData, Tag(_LOCAL_TAG)],
+    # A mapping is a local source, anything else a name: errors then come from that branch alone.
+    Discriminator(lambda value: _LOCAL_TAG if isinstance(value, dict | LocalData) else _NAME_TAG),
+]
 
 
 class _Strict(BaseModel):
@@ -436,7 +446,7 @@ class JobSpec(_Strict):
         "classifier or a causal LM, safetensors weights; LoRA targets from peft's default for its architecture "
         "unless lora.target_modules names them)",
     )
-    dataset: DatasetName | LocalData = Field(
+    dataset: DatasetChoice = Field(
         "bbc-news", description="data set the clients' shards are drawn from: a packaged set's name or a local source"
     )
     mode: ModeName = Field(
@@ -490,12 +500,16 @@ class JobSpec(_Strict):
                 "partition 'natural' needs a data set with natural groups (a local source's group_field), "
                 f"not {self.dataset!r}"
             )
-        if is_model_folder_ref(self.model) and not self.lora.full and not self.lora.target_modules:
-            if not model_info(self.model).lora_targets:
-                raise ValueError(
-                    f"model {self.model!r}: peft has no default LoRA targets for its architecture; "
-                    "name them in lora.target_modules"
-                )
+        if (
+            is_model_folder_ref(self.model)
+            and not self.lora.full
+            and not self.lora.target_modules
+            and not model_info(self.model).lora_targets
+        ):
+            raise ValueError(
+                f"model {self.model!r}: peft has no default LoRA targets for its architecture; "
+                "name them in lora.target_modules"
+            )
         if self.lora.full:
             _check_full_finetuning(self)
         if self.devices.profiles is not None and len(self.devices.profiles) != self.num_clients:
@@ -580,11 +594,53 @@ class SpecError(ValueError):
     """A spec that cannot become a job; the message names the offending field."""
 
 
+def plain_message(message: str) -> str:
+    """A validator's message in plain words: without pydantic's "Value error, " / "Assertion failed, " prefix."""
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names the spec allows at `loc` (the path of the mapping that holds an unknown key)."""
+    model: Any = JobSpec
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return []
+        # A nested section, possibly optional or a union with a name (dataset): the model among its arguments.
+        pending: list[Any] = [model.model_fields[part].annotation]
+        model = None
+        while pending and model is None:
+            candidate = pending.pop()
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+            else:
+                pending.extend(get_args(candidate))
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def did_you_mean(loc: tuple[int | str, ...]) -> str:
+    """ " (did you mean X?)" for an unknown key close to a known one at the same place, else ""."""
+    import difflib
+
+    if not loc:
+        return ""
+    matches = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
 def format_validation_error(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "spec"
-        parts.append(f"{where}: {item['msg']}")
+        loc = tuple(item["loc"])
+        # A union (dataset: a name or a local source) reports each branch; name the branch in words.
+        loc = tuple(p for p in loc if p not in (_NAME_TAG, _LOCAL_TAG))
+        where = ".".join(str(p) for p in loc) or "spec"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown field{did_you_mean(loc)}")
+        else:
+            parts.append(f"{where}: {plain_message(item['msg'])}")
     return "; ".join(parts)
 
 

@@ -84,7 +84,9 @@ def test_a_local_folder_is_a_catalog_entry(model_dir: Path) -> None:
     info = model_info(str(model_dir))
     assert info.task == "classification"
     assert info.lora_targets == ("query", "value")  # peft's default for bert
-    assert info.num_params == sum(p.numel() for p in BertForSequenceClassification.from_pretrained(model_dir).parameters())
+    assert info.num_params == sum(
+        p.numel() for p in BertForSequenceClassification.from_pretrained(model_dir).parameters()
+    )
 
 
 def test_folders_pwff_will_not_load_are_refused_in_plain_words(tmp_path: Path, model_dir: Path) -> None:
@@ -105,7 +107,7 @@ def test_folders_pwff_will_not_load_are_refused_in_plain_words(tmp_path: Path, m
     (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
     with pytest.raises(ModelFolderError, match="custom code"):
         model_info(str(custom))
-    with pytest.raises(SpecError, match="model: .*no such folder"):
+    with pytest.raises(SpecError, match=r"model: .*no such folder"):
         parse_spec({"model": str(tmp_path / "missing")})
 
 
@@ -160,7 +162,7 @@ def test_data_that_does_not_fit_is_a_clear_error(tmp_path: Path, model_dir: Path
         data.check_local_data(byo_spec(model_dir, {"path": str(jsonl), "text_field": "text"}))
     with pytest.raises(data.DataMismatch, match="label 'money' is not one of the classes"):
         data.check_local_data(byo_spec(model_dir, {"path": str(jsonl), "labels": ["sport", "weather"]}))
-    with pytest.raises(SpecError, match="dataset.*labels"):
+    with pytest.raises(SpecError, match=r"dataset.*labels"):
         parse_spec({"dataset": {"path": str(jsonl), "label_field": "topic", "labels": ["one"]}})
 
 

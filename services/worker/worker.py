@@ -39,6 +39,7 @@ from shared.codec import (
 )
 from shared.messages import (
     ClientEvaluated,
+    ClientFailed,
     EvaluateTask,
     InvalidMessage,
     TrainTask,
@@ -132,6 +133,11 @@ class Worker:
             # Deterministic: a retry would fail the same way. Dead-lettered (and counted) by the bus.
             TASKS_PROCESSED.labels(outcome="failed").inc()
             log.error("%s: task of %s round %d client %d failed: %s", self.name, job_id, task.round, task.client, error)
+            reason = str(error)[:4000]
+            self.bus.publish(
+                self.queues.events,
+                encode(ClientFailed(job_id=job_id, round=task.round, client=task.client, reason=reason)),
+            )
             raise InvalidMessage(f"task failed: {error}") from None
         TASKS_PROCESSED.labels(outcome=outcome).inc()
 
