@@ -636,11 +636,12 @@ def format_validation_error(error: ValidationError) -> str:
         loc = tuple(item["loc"])
         # A union (dataset: a name or a local source) reports each branch; name the branch in words.
         loc = tuple(p for p in loc if p not in (_NAME_TAG, _LOCAL_TAG))
-        where = ".".join(str(p) for p in loc) or "spec"
+        where = ".".join(str(p) for p in loc)
         if item["type"] == "extra_forbidden":
             parts.append(f"{where}: unknown field{did_you_mean(loc)}")
         else:
-            parts.append(f"{where}: {plain_message(item['msg'])}")
+            # A rule between fields has no single place: its message names the fields itself.
+            parts.append(f"{where}: {plain_message(item['msg'])}" if where else plain_message(item["msg"]))
     return "; ".join(parts)
 
 

@@ -25,7 +25,7 @@ def test_unknown_top_level_key_is_rejected_and_named() -> None:
 
 
 def test_errors_are_in_plain_words_with_a_suggestion_for_near_misses() -> None:
-    with pytest.raises(SpecError, match=r"^spec: clients_per_round \(3\) exceeds num_clients \(2\)$"):
+    with pytest.raises(SpecError, match=r"^clients_per_round \(3\) exceeds num_clients \(2\)$"):
         parse_spec({"num_clients": 2, "clients_per_round": 3})  # no pydantic "Value error," prefix
     with pytest.raises(SpecError, match=r"^dataset\.lable_field: unknown field \(did you mean 'label_field'\?\)$"):
         parse_spec({"dataset": {"path": "/data/x.jsonl", "lable_field": "y"}})
