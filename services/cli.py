@@ -466,7 +466,7 @@ def adapt(
 def jobs(api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
     """List jobs, newest first."""
     with _client(api, token) as client:
-        listed = client.list()
+        listed = client.jobs()
     table = Table()
     for column in ("id", "name", "state", "round"):
         table.add_column(column)

@@ -135,7 +135,7 @@ class Client:
         """The job: its state, spec and every committed round's figures."""
         return JobView.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
 
-    def list(self) -> list[JobSummary]:
+    def jobs(self) -> list[JobSummary]:
         """Every job, newest first."""
         return [JobSummary.model_validate(job) for job in self._request("GET", "/v1/jobs").json()]
 

@@ -193,3 +193,18 @@ def test_a_worker_whose_data_does_not_match_fails_its_task_and_the_round_goes_on
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in records()), encoding="utf-8")
         data._splits.cache_clear()
         data._partition_cached.cache_clear()
+
+
+def test_the_readme_example_validates_with_a_model_folder(model_dir: Path) -> None:
+    """examples/byo/spec.yaml as the README runs it, with this test's model folder for ./my-model."""
+    from shared.spec import load_spec_file
+
+    repo = Path(__file__).resolve().parents[1]
+    example = repo / "examples" / "byo" / "spec.yaml"
+    spec = load_spec_file(str(example), [f"model={model_dir}", f"dataset.path={repo}/examples/byo/tickets.jsonl"])
+    spec = data.check_local_data(spec)
+    assert spec.name == "byo" and isinstance(spec.dataset, LocalData)
+    assert spec.dataset.labels == ["account", "billing", "shipping"]
+    # The natural partition gives each client one site.
+    sites = [{e.group for e in data.client_examples(spec, c)} for c in range(spec.num_clients)]
+    assert sorted(len(s) for s in sites) == [1, 1, 1] and len(set().union(*sites)) == 3

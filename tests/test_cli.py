@@ -102,12 +102,11 @@ def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     from fastapi.testclient import TestClient
 
     from services import cli
+    from services.client import Client
     from services.scheduler.api import create_app
     from services.scheduler.core import Scheduler
     from shared.bus.memory import MemoryBus
     from shared.store.memory import MemoryStore
-
-    from services.client import Client
 
     app_ = create_app(Scheduler(MemoryBus(), MemoryStore()), TOKEN)
 

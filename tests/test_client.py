@@ -51,7 +51,7 @@ def test_submit_wait_events_download_and_list(
         assert (out / "global" / "adapter_config.json").is_file()
         assert json.loads((out / "metrics.json").read_text())["id"] == job_id
         assert (pwff.download(job_id, tmp_path / "c0", client=0) / "adapter_model.safetensors").is_file()
-        assert job_id in [job.id for job in pwff.list()]
+        assert job_id in [job.id for job in pwff.jobs()]
         with pytest.raises(Conflict, match="already succeeded"):
             pwff.cancel(job_id)
 
@@ -67,7 +67,7 @@ def test_api_errors_are_typed_with_the_apis_message(cluster: EmbeddedCluster) ->
         assert invalid.value.status_code == 422
         assert invalid.value.message == "clients_per_round (3) exceeds num_clients (2)"
     with client_of(cluster, token="wrong") as pwff, pytest.raises(Unauthorized):
-        pwff.list()
+        pwff.jobs()
 
 
 def test_connection_errors_are_retried_then_reported() -> None:
@@ -79,7 +79,7 @@ def test_connection_errors_are_retried_then_reported() -> None:
 
     http = httpx.Client(base_url="http://pwff.invalid", transport=httpx.MockTransport(refuse))
     with Client(http=http, attempts=3) as pwff, pytest.raises(Unreachable, match="cannot reach the API"):
-        pwff.list()
+        pwff.jobs()
     assert calls == ["GET"] * 3
 
     answers = iter([503, 503, 200])
@@ -89,7 +89,7 @@ def test_connection_errors_are_retried_then_reported() -> None:
 
     http = httpx.Client(base_url="http://pwff.invalid", transport=httpx.MockTransport(flaky))
     with Client(http=http, attempts=3) as pwff:
-        assert pwff.list() == []
+        assert pwff.jobs() == []
 
     posted: list[str] = []
 

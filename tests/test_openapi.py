@@ -23,7 +23,7 @@ from schemathesis.generation.modes import GenerationMode
 from services.scheduler.api import create_app
 from services.scheduler.core import Scheduler
 from shared.bus.memory import MemoryBus
-from shared.catalog import DATASETS, dataset_info, model_info
+from shared.catalog import DATASETS, MODELS, dataset_info, model_info
 from shared.registry import PRESETS
 from shared.spec import FULL_FINETUNING_MAX_STATE_BYTES, JobSpec
 from shared.state.records import RoundRecord
@@ -104,6 +104,12 @@ def consistent(body: Any) -> Any:
     num_clients: int = spec.get("num_clients", defaults.num_clients)
     if spec.get("clients_per_round", defaults.clients_per_round) > num_clients:
         spec["clients_per_round"] = num_clients
+    # No local model folder or data file exists here: a generated path becomes a packaged entry
+    # (the 422s for folders and files are tested in tests/test_byo.py).
+    if spec.get("model", defaults.model) not in MODELS:
+        spec["model"] = defaults.model
+    if isinstance(spec.get("dataset"), dict):
+        spec["dataset"] = defaults.dataset
     task = model_info(spec.get("model", defaults.model)).task
     partition: dict[str, Any] = spec.get("partition") or {}
     natural = partition.get("kind", defaults.partition.kind) == "natural"
@@ -118,6 +124,8 @@ def consistent(body: Any) -> Any:
         if task != "causal-lm":
             spec["model"] = "tiny-llama"
         spec["dataset"] = body.get("dataset", defaults.dataset)  # any data set gives prompts
+        if isinstance(spec["dataset"], dict):  # but no local source exists here
+            spec["dataset"] = defaults.dataset
     _consistent_alignment(spec)
     lora: dict[str, Any] = spec.get("lora") or {}
     if lora.get("full"):  # full fine-tuning: backprop, a preset without LoRA tensors, a model that fits
