@@ -208,3 +208,50 @@ def test_the_readme_example_validates_with_a_model_folder(model_dir: Path) -> No
     # The natural partition gives each client one site.
     sites = [{e.group for e in data.client_examples(spec, c)} for c in range(spec.num_clients)]
     assert sorted(len(s) for s in sites) == [1, 1, 1] and len(set().union(*sites)) == 3
+
+
+def test_a_causal_lm_folder_trains_on_a_text_file(tmp_path: Path, cache_dir: Path) -> None:
+    """A tiny Llama saved to disk, on text-only records (no label field): a causal-LM job, natural by site."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path / "my-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert model_info(str(folder)).task == "causal-lm"
+    assert model_info(str(folder)).lora_targets == ("q_proj", "v_proj")
+    parquet = tmp_path / "notes.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records()), parquet)
+    spec = JobSpec.model_validate(
+        {
+            "name": "byo-lm",
+            "model": str(folder),
+            "dataset": {"path": str(parquet), "text_field": "body", "group_field": "site"},
+            "partition": {"kind": "natural", "min_examples": 4},
+            "num_clients": 3,
+            "clients_per_round": 2,
+            "rounds": 1,
+            "local_steps": 2,
+            "batch_size": 4,
+            "max_length": 16,
+            "eval_max_examples": 8,
+            "lora": {"r": 2, "alpha": 4},
+        }
+    )
+    with EmbeddedCluster(cache_dir, workers=1) as cluster:
+        job = cluster.wait(cluster.scheduler.submit(spec), poll_s=0.05)
+    assert job["state"] == "succeeded", job.get("error")
+    assert job["metrics"][-1]["loss"] is not None

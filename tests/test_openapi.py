@@ -24,6 +24,7 @@ from services.scheduler.api import create_app
 from services.scheduler.core import Scheduler
 from shared.bus.memory import MemoryBus
 from shared.catalog import DATASETS, MODELS, dataset_info, model_info
+from shared.messages import ClientFailed, encode
 from shared.registry import PRESETS
 from shared.spec import FULL_FINETUNING_MAX_STATE_BYTES, JobSpec
 from shared.state.records import RoundRecord
@@ -192,6 +193,7 @@ def test_the_property_test_covers_every_operation() -> None:
         ("POST", "/v1/jobs"),
         ("GET", "/v1/jobs"),
         ("GET", "/v1/jobs/{job_id}"),
+        ("GET", "/v1/jobs/{job_id}/events"),
         ("DELETE", "/v1/jobs/{job_id}"),
         ("GET", "/v1/jobs/{job_id}/models/global"),
         ("GET", "/v1/jobs/{job_id}/models/clients/{client}"),
@@ -243,6 +245,17 @@ def test_a_job_with_rounds_validates_against_jobview() -> None:
     assert job["metrics"][1]["loss"] is None  # not a finite number: null, as documented
     assert job["metrics"][1]["per_client"]["2"]["personalized_accuracy"] == 0.75
     assert job["id"] in [listed["id"] for listed in _call("GET", "/v1/jobs").json()]
+
+
+def test_a_jobs_events_validate() -> None:
+    job_id = _committed_job()
+    SCHEDULER.handle_event(encode(ClientFailed(job_id=job_id, round=1, client=3, reason="no field 'text'")))
+    events = _call("GET", "/v1/jobs/{job_id}/events", path_parameters={"job_id": job_id}).json()
+    assert [event["kind"] for event in events] == ["state", "client-failed"]
+    assert events[0]["state"] == "queued" and events[1]["client"] == 3
+    assert events[1]["message"] == "client 3 failed in round 1: no field 'text'"
+    missing = _call("GET", "/v1/jobs/{job_id}/events", path_parameters={"job_id": "no-such-job-0"})
+    assert missing.status_code == 404
 
 
 def test_published_models_validate() -> None:
@@ -307,7 +320,7 @@ def _reachable(root: str) -> dict[str, dict[str, Any]]:
     "root",
     [
         *("JobSpec", "JobView", "JobCreated", "ErrorBody", "ValidationErrors", "Readiness", "Purged"),
-        *("AdaptRequest", "AdaptationView"),
+        *("AdaptRequest", "AdaptationView", "JobEvent"),
     ],
 )
 def test_every_field_has_a_description(root: str) -> None:
@@ -329,6 +342,7 @@ ERRORS = {
     ("post", "/v1/jobs"): {"400", "401", "413", "422"},
     ("get", "/v1/jobs"): {"401"},
     ("get", "/v1/jobs/{job_id}"): {"401", "404"},
+    ("get", "/v1/jobs/{job_id}/events"): {"401", "404"},
     ("delete", "/v1/jobs/{job_id}"): {"401", "404", "409"},
     ("get", "/v1/jobs/{job_id}/models/global"): {"401", "404"},
     ("get", "/v1/jobs/{job_id}/models/clients/{client}"): {"401", "404", "422"},
