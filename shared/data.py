@@ -400,8 +400,8 @@ def _read_local(source: LocalData) -> list[Example]:
         if source.label_field:
             value = _field(source, record, source.label_field, number)
             label = index.get(str(value))
-            if label is None and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-                label = value  # a class index
+            if label is None and not isinstance(value, bool) and str(value).isdigit() and int(value) < len(names):
+                label = int(value)  # a class index (an int, or digits in a CSV cell)
             if label is None:
                 raise DataMismatch(
                     f"{source.path}: record {number}: label {value!r} is not one of the classes {list(names)}"
