@@ -66,6 +66,29 @@ def test_api_errors_are_typed_with_the_apis_message(cluster: EmbeddedCluster) ->
             pwff.submit({"num_clients": 2, "clients_per_round": 3})
         assert invalid.value.status_code == 422
         assert invalid.value.message == "clients_per_round (3) exceeds num_clients (2)"
+        with pytest.raises(InvalidRequest, match=r"^422: model: model '/no/such/model': no such folder$"):
+            pwff.submit({"model": "/no/such/model"})
+
+
+def test_byo_folders_and_files_that_do_not_fit_are_422s(cluster: EmbeddedCluster, tmp_path: Path) -> None:
+    model = save_tiny_classifier(tmp_path / "model")
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps(r) + "\n" for r in records()), encoding="utf-8")
+    (tmp_path / "not-a-model").mkdir()
+    other = [{"text": "hello", "topic": "money"}, {"text": "goal", "topic": "sport"}]
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other), encoding="utf-8")
+    with client_of(cluster) as pwff:
+        spec = byo_spec(model, {"path": str(notes)}).model_dump(mode="json")
+        with pytest.raises(InvalidRequest, match="not a Hugging Face model folder"):
+            pwff.submit({**spec, "model": str(tmp_path / "not-a-model")})
+        with pytest.raises(InvalidRequest, match="record 1 has no field 'body'"):
+            pwff.submit({**spec, "dataset": {**spec["dataset"], "path": str(tmp_path / "other.jsonl")}})
+        with pytest.raises(InvalidRequest, match=r"^422: dataset: .*label 'money' is not one of the classes"):
+            pwff.submit({**spec, "dataset": {**spec["dataset"], "labels": ["sport", "weather"]}})
+        assert pwff.jobs() == []  # nothing was submitted
+
+
+def test_unauthorized(cluster: EmbeddedCluster) -> None:
     with client_of(cluster, token="wrong") as pwff, pytest.raises(Unauthorized):
         pwff.jobs()
 
