@@ -255,3 +255,30 @@ def test_a_causal_lm_folder_trains_on_a_text_file(tmp_path: Path, cache_dir: Pat
         job = cluster.wait(cluster.scheduler.submit(spec), poll_s=0.05)
     assert job["state"] == "succeeded", job.get("error")
     assert job["metrics"][-1]["loss"] is not None
+
+
+def test_a_worker_without_the_model_folder_fails_the_task_with_the_reason(
+    tmp_path: Path, jsonl: Path, cache_dir: Path
+) -> None:
+    """A worker that does not mount the job's model folder: the task fails, and the scheduler hears why."""
+    import shutil
+
+    from services.worker.worker import Worker
+    from shared.bus import Queues
+    from shared.bus.memory import MemoryBus
+    from shared.messages import ClientFailed, InvalidMessage, TrainTask, decode_scheduler, encode
+    from shared.state import JobMeta, Repositories
+    from shared.store.memory import MemoryStore
+    from tests.harness import drain
+
+    folder = save_tiny_classifier(tmp_path / "elsewhere")
+    spec = data.check_local_data(byo_spec(folder, {"path": str(jsonl)}))
+    bus, store = MemoryBus(), MemoryStore()
+    Repositories(store, "pwff").jobs.create(JobMeta(id="byo-job-1", spec=spec, created_at=0.0, updated_at=0.0))
+    shutil.rmtree(folder)  # this worker's machine does not have it
+    worker = Worker(bus, store, cache_dir=cache_dir)
+    with pytest.raises(InvalidMessage, match="no such folder"):
+        worker.handle(encode(TrainTask(job_id="byo-job-1", round=1, client=2, local_steps=1)))
+    [event] = [decode_scheduler(body) for body in drain(bus, Queues().events)]
+    assert isinstance(event, ClientFailed) and event.client == 2
+    assert event.reason == f"the job's spec does not load here: model: model '{folder}': no such folder"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from prometheus_client import Counter
+from pydantic import ValidationError
 
 from shared import data
 from shared.adapters import ModelCache
@@ -51,7 +52,7 @@ from shared.metrics import DOWNLOAD_BYTES, TASK_DURATION, TASKS_PROCESSED, UPLOA
 from shared.models import load_trainable_state, peft_folder_archive
 from shared.modes import mode_of
 from shared.modes.base import EvaluationContext, LocalContext, LocalResult, State, TaskFailed
-from shared.spec import JobSpec
+from shared.spec import JobSpec, format_validation_error
 from shared.state import JobNotFound, JobState, Repositories
 from shared.state.tensors import PersonalVersion
 from shared.store import Store
@@ -117,12 +118,15 @@ class Worker:
         task = decode_task(body, self.max_message_bytes)
         job_id = task.job_id
         try:
-            spec = self._spec(job_id)
-        except JobNotFound:
-            raise InvalidMessage(f"task for unknown job {task.job_id}") from None
-        if task.client >= spec.num_clients:
-            raise InvalidMessage(f"client {task.client} out of range for job {task.job_id}")
-        try:
+            try:
+                spec = self._spec(job_id)
+            except JobNotFound:
+                raise InvalidMessage(f"task for unknown job {task.job_id}") from None
+            except ValidationError as error:
+                # The spec names something this worker lacks (e.g. a local model folder it does not mount).
+                raise TaskFailed(f"the job's spec does not load here: {format_validation_error(error)}") from None
+            if task.client >= spec.num_clients:
+                raise InvalidMessage(f"client {task.client} out of range for job {task.job_id}")
             try:
                 outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
             except data.DataMismatch as error:
