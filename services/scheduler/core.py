@@ -187,6 +187,7 @@ class Scheduler:
             "spec": meta.spec.model_dump(mode="json"),
             "metrics": [self._round_view(job_id, record) for record in self.state.rounds.history(job_id)],
             "pool": read_pool_status(self.store, self.state.keys, job_id),  # its own workers (services.scaler)
+            "clients": self.client_presence(meta.spec),
         }
 
     def _round_view(self, job_id: str, record: RoundRecord) -> dict[str, Any]:
@@ -313,7 +314,7 @@ class Scheduler:
         if spec.personalization.evaluates_after(round_, spec.rounds):
             for client in range(spec.num_clients):
                 task = EvaluateTask(job_id=job_id, round=round_, client=client, publish=last)
-                self.bus.publish(self._tasks_queue(spec, job_id), encode(task))
+                self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
         if not last:
             self._open_round(job_id, round_ + 1)
 
@@ -350,11 +351,28 @@ class Scheduler:
         for client in clients:
             budget = mode.task_fields(spec, task_budget(spec, round_, client, upload))
             task = TrainTask(job_id=job_id, round=round_, client=client, attempt=0, wave=wave, **budget)
-            self.bus.publish(self._tasks_queue(spec, job_id), encode(task))
+            self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
         TASKS_DISPATCHED.inc(len(clients))
 
-    def _tasks_queue(self, spec: JobSpec, job_id: str) -> str:
+    def _tasks_queue(self, spec: JobSpec, job_id: str, client: int) -> str:
+        identity = spec.clients.identity(client)
+        if identity is not None:
+            return self.queues.client_tasks(identity)  # only the worker started for that client gets it
         return self.queues.job_tasks(job_id) if self.job_pools and spec.resources is not None else self.queues.tasks
+
+    def client_presence(self, spec: JobSpec) -> list[dict[str, Any]] | None:
+        """Bound clients: whether a worker is consuming each one's task queue now (absent: a straggler)."""
+        if spec.clients.ids is None:
+            return None
+        presence = []
+        for index, identity in enumerate(spec.clients.ids):
+            try:
+                present = self.bus.consumers(self.queues.client_tasks(identity)) > 0
+            except Exception:  # the job view must answer even when the broker does not
+                log.warning("could not count the consumers of client %s", identity, exc_info=True)
+                present = False
+            presence.append({"client": index, "id": identity, "present": present})
+        return presence
 
     def _recent_upload_bytes(self, job_id: str) -> float:
         """Mean bytes per update of the last committed round: what the budgets expect a device to send."""
