@@ -211,6 +211,22 @@ class ClientRegistry:
             raise IdentityError(f"update signature does not verify as client {identity!r}") from None
 
 
+def broker_permissions(namespace: str, identity: str) -> tuple[str, str, str]:
+    """The RabbitMQ permissions (configure, write, read regexes) of a bound client's own broker user.
+
+    `rabbitmqctl set_permissions -p VHOST USER CONFIGURE WRITE READ`: it may declare only its own task
+    queue and that queue's dead-letter queue, consume only its own task queue, and publish only
+    through the default exchange (its updates to the aggregate queue, its evaluations to the events
+    queue, which the platform's services declared: its worker runs with `declare_published=False`).
+    It can neither read another client's tasks nor the platform's queues, nor delete or purge them.
+    """
+    from shared.bus import Queues
+
+    # Identities and namespaces hold letters, digits, '-', '_' and '.': only the dots need escaping.
+    own = Queues(namespace).client_tasks(identity).replace(".", "\\.")
+    return f"^{own}(\\.dead)?$", "^amq\\.default$", f"^{own}$"
+
+
 def enroll(identity: str, key_path: Path, clients_file: Path | None = None) -> str:
     """Make `identity`'s key pair: the private key to `key_path` (0600); the public key, returned, is
     registered in `clients_file` when given (and the identity taken off its revoked list)."""

@@ -82,7 +82,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     clients = parse_args(sys.argv[1:] if argv is None else argv, settings)
     configure_process(settings)
     worker = Worker(
-        RabbitBus(settings.rabbitmq_url, on_dead_letter=dead_letter_counter(settings.namespace)),
+        RabbitBus(
+            settings.rabbitmq_url,
+            on_dead_letter=dead_letter_counter(settings.namespace),
+            # A bound client's broker user may configure only its own queue: it publishes to queues the
+            # aggregator and the scheduler declared.
+            declare_published=not clients,
+        ),
         RedisStore(settings.redis_url),
         namespace=settings.namespace,
         cache_dir=settings.cache_dir,
