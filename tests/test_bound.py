@@ -201,6 +201,9 @@ def test_a_bound_job_trains_each_client_on_its_own_data_and_no_example_leaves_it
     # Each client was evaluated on its own held-out split: 20% of each label's 6 texts in its file, 1 x 5 labels.
     assert {c: f["examples"] for c, f in last["per_client"].items()} == {0: 5.0, 1: 5.0, 2: 5.0}
     markers = [client.marker for client in clients]
+    # The clients' personal heads stayed in their workers too: only updates and models reached the store.
+    assert federation.workers[0].client_tensors.latest_personal(job["id"], 0, (99, 0)) is not None
+    assert not [key for key in federation.store._data if ":personal" in key or ":residual" in key]
     assert markers_in([body for _, body in federation.bus.published], markers) == []
     assert markers_in(_store_values(federation.store), markers) == []
     # The traffic held the clients' signed updates, and the markers are really in their files.

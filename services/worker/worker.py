@@ -56,6 +56,7 @@ from shared.spec import JobSpec
 from shared.state import JobNotFound, JobState, Repositories
 from shared.state.tensors import PersonalVersion
 from shared.store import Store
+from shared.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,11 @@ class Worker:
         self.task_queues = [self.queues.client_tasks(identity) for identity in self.clients] or [
             tasks_queue or self.queues.tasks
         ]
+        # A bound client's personal tensors and codec residual never leave its worker: they live in the
+        # worker's memory (a restarted worker starts them afresh); a pool worker keeps them in the store.
+        self.client_tensors = (
+            Repositories(MemoryStore(), namespace, update_ttl_s).tensors if self.clients else self.state.tensors
+        )
         self.tasks_queue = self.task_queues[0]
         """The shared task queue, a per-job pool's (PWFF_TASKS_QUEUE, set by services.scaler), or the first
         bound client's."""
@@ -215,11 +221,11 @@ class Worker:
         personal_after, residual_after = split_residual(result.personal)
         if personal_after:
             blob = encode_tensors(personal_after, "float32", spec.compression.zstd_level)
-            self.state.tensors.put_personal(job_id, task.client, version, blob)
+            self.client_tensors.put_personal(job_id, task.client, version, blob)
         if residual_after:
             blob = encode_tensors(residual_after, "float32", spec.compression.zstd_level)
             CLIENT_STATE_BYTES.labels(direction="write").inc(len(blob))
-            self.state.tensors.put_residual(job_id, task.client, version, blob, read=residual_from)
+            self.client_tensors.put_residual(job_id, task.client, version, blob, read=residual_from)
         compute_s = time.perf_counter() - began
         TASK_DURATION.observe(compute_s)
         self._upload(task, result, num_samples=len(context.examples), compute_s=compute_s)
@@ -359,7 +365,7 @@ class Worker:
 
     def _residual(self, job_id: str, client: int, before: PersonalVersion) -> tuple[PersonalVersion | None, State]:
         """The client's error-feedback residual as its last task left it: (version, residual)."""
-        found = self.state.tensors.latest_residual(job_id, client, before)
+        found = self.client_tensors.latest_residual(job_id, client, before)
         if found is None:
             return None, {}
         version, blob = found
@@ -368,7 +374,7 @@ class Worker:
 
     def _personal_state(self, job_id: str, client: int, before: PersonalVersion) -> tuple[str, State]:
         """The client's personal tensors as it left them last time (before `before`): (version, state)."""
-        found = self.state.tensors.latest_personal(job_id, client, before)
+        found = self.client_tensors.latest_personal(job_id, client, before)
         if found is None:
             return "", {}
         version, blob = found

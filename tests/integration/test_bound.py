@@ -233,4 +233,6 @@ def test_three_bound_workers_train_a_job_and_no_example_reaches_the_store_or_the
     stored = _redis_values(cluster.settings.redis_url, f"{cluster.namespace}:")
     assert len(stored) > 10
     assert markers_in(stored, markers) == []
+    # Each client's personal head stayed in its worker: no personal or residual key in the store.
+    assert not [key for key in stored if b":personal" in key or b":residual" in key]
     assert all(client.marker in client.data.read_text() for client in cluster.clients)
