@@ -458,7 +458,9 @@ class JobSpec(_Strict):
     clients: ClientsSpec = Field(
         ClientsSpec(), description="pool clients (shards of `dataset`) or bound clients (their own workers and data)"
     )
-    clients_per_round: int = Field(8, ge=1, description="clients sampled each round")
+    clients_per_round: int = Field(
+        8, ge=1, description="clients sampled each round (bound clients: all of them unless given)"
+    )
     rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
     local_steps: int = Field(10, ge=1, le=100_000, description="backprop: local optimizer steps per task")
     batch_size: int = Field(16, ge=1, le=4096, description="examples per local step")
