@@ -33,15 +33,18 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-_DOMAIN = b"pwff-update-v1"
-"""Prefixed to every signed payload, so a signature made for something else never verifies as an update's."""
+_DOMAIN = b"pwff-client-v1"
+"""Prefixed to every signed payload, so a signature made for something else never verifies as a client's."""
+
+SignedKind = Literal["update", "evaluation"]
+"""What a client signs: its updates (verified by the aggregator) and its evaluations (by the scheduler)."""
 
 
 class IdentityError(ValueError):
@@ -53,14 +56,15 @@ def payload_digest(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def signed_bytes(identity: str, fields: Mapping[str, Any]) -> bytes:
-    """The bytes a client signs for an update: the domain, its identity and the announcement's fields.
+def signed_bytes(identity: str, fields: Mapping[str, Any], kind: SignedKind = "update") -> bytes:
+    """The bytes a client signs: the domain, what it is (an update's signature never verifies as an
+    evaluation's), its identity and the message's fields.
 
     `fields` is the message's JSON form without its signature; sorted keys and fixed separators make
     the encoding the same in the worker and in the aggregator.
     """
     body = json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
-    return b"\n".join((_DOMAIN, identity.encode(), body))
+    return b"\n".join((_DOMAIN, kind.encode(), identity.encode(), body))
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -126,9 +130,9 @@ class UpdateSigner:
     def from_file(cls, identity: str, path: Path) -> UpdateSigner:
         return cls(identity, load_private_key(path))
 
-    def sign(self, fields: Mapping[str, Any]) -> str:
+    def sign(self, fields: Mapping[str, Any], kind: SignedKind = "update") -> str:
         """Base64 signature of `fields` (a message's JSON form without its signature) as this client."""
-        return base64.b64encode(self.key.sign(signed_bytes(self.identity, fields))).decode()
+        return base64.b64encode(self.key.sign(signed_bytes(self.identity, fields, kind))).decode()
 
 
 @dataclass(frozen=True)
@@ -195,7 +199,7 @@ class ClientRegistry:
                 self._stamp = stamp
             return self._enrolled
 
-    def verify(self, identity: str, fields: Mapping[str, Any], signature: str) -> None:
+    def verify(self, identity: str, fields: Mapping[str, Any], signature: str, kind: SignedKind = "update") -> None:
         """Raise IdentityError unless `signature` is `identity`'s, by its enrolled and unrevoked key."""
         enrolled = self._current()
         if identity in enrolled.revoked:
@@ -204,11 +208,11 @@ class ClientRegistry:
         if key is None:
             raise IdentityError(f"client {identity!r} is not enrolled in {self.path}")
         if not signature:
-            raise IdentityError(f"update of client {identity!r} is not signed")
+            raise IdentityError(f"{kind} of client {identity!r} is not signed")
         try:
-            key.verify(base64.b64decode(signature, validate=True), signed_bytes(identity, fields))
+            key.verify(base64.b64decode(signature, validate=True), signed_bytes(identity, fields, kind))
         except (InvalidSignature, binascii.Error, ValueError):
-            raise IdentityError(f"update signature does not verify as client {identity!r}") from None
+            raise IdentityError(f"{kind} signature does not verify as client {identity!r}") from None
 
 
 def broker_permissions(namespace: str, identity: str) -> tuple[str, str, str]:

@@ -155,6 +155,7 @@ class ClientEvaluated(_Message):
     metrics: dict[str, float]
     samples: list[dict[str, Annotated[str, Field(max_length=1000)]]] = Field(default_factory=list, max_length=32)
     """A few responses a person can read (align mode): prompt, global and personalized answers."""
+    signature: str = Field("", max_length=128, description="bound clients: the client's signature of every other field")
 
 
 class JobFailed(_Message):

@@ -58,6 +58,10 @@ for _state in ("succeeded", "failed", "cancelled"):
     JOBS_FINISHED.labels(state=_state)
 for _outcome in ("done", "stale", "duplicate", "failed"):
     TASKS_PROCESSED.labels(outcome=_outcome)
+EVALUATIONS_REJECTED = Counter(
+    "pwff_evaluations_unauthenticated_total",
+    "Bound clients' evaluations the scheduler refused: unsigned, signed by another key, or of a revoked client",
+)
 for _outcome in ("merged", "duplicate", "late", "invalid", "unauthenticated"):
     UPDATES_RECEIVED.labels(outcome=_outcome)
 

@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     tasks_queue: str = Field("", description="worker: the queue it consumes ('': the shared one; a per-job pool's)")
     clients_file: Path | None = Field(
         None,
-        description="aggregator: the enrolled bound clients' public keys and the revoked list (YAML, see "
-        "shared.identity); re-read when it changes. Without it, bound clients' updates are refused",
+        description="aggregator and scheduler: the enrolled bound clients' public keys and the revoked list (YAML, "
+        "see shared.identity); re-read when it changes. Without it, bound clients' updates and evaluations are "
+        "refused",
     )
     clients: str = Field(
         "", description="worker: comma-separated bound client identities it serves ('': a pool worker); --client"

@@ -21,8 +21,16 @@ from services.worker.worker import BoundClient, Worker
 from shared import data, identity, local_data
 from shared.bus import Queues
 from shared.bus.memory import MemoryBus
-from shared.messages import InvalidMessage, TrainTask, UpdateReady, decode_aggregator, decode_task, encode
-from shared.metrics import UPDATES_RECEIVED
+from shared.messages import (
+    ClientEvaluated,
+    InvalidMessage,
+    TrainTask,
+    UpdateReady,
+    decode_aggregator,
+    decode_task,
+    encode,
+)
+from shared.metrics import EVALUATIONS_REJECTED, UPDATES_RECEIVED
 from shared.spec import parse_spec
 from shared.state import JobState
 from shared.store.memory import MemoryStore
@@ -68,10 +76,9 @@ class Federation:
     def __init__(self, cache_dir: Path, clients_file: Path, enrolled: list[Enrolled]) -> None:
         self.bus = RecordingBus()
         self.store = MemoryStore()
-        self.scheduler = Scheduler(self.bus, self.store, tick_s=0.1)
-        self.aggregator = Aggregator(
-            self.bus, self.store, cache_dir=cache_dir, identities=identity.ClientRegistry(clients_file)
-        )
+        registry = identity.ClientRegistry(clients_file)
+        self.scheduler = Scheduler(self.bus, self.store, tick_s=0.1, identities=registry)
+        self.aggregator = Aggregator(self.bus, self.store, cache_dir=cache_dir, identities=registry)
         self.workers = [
             Worker(
                 self.bus,
@@ -236,8 +243,9 @@ def round_one(enrolled: tuple[Path, list[Enrolled]], cache_dir: Path) -> Iterato
     """A bound job in round 1 with its initial state, an aggregator that knows the clients file."""
     clients_file, clients = enrolled
     bus, store = MemoryBus(), MemoryStore()
-    scheduler = Scheduler(bus, store)
-    aggregator = Aggregator(bus, store, cache_dir=cache_dir, identities=identity.ClientRegistry(clients_file))
+    registry = identity.ClientRegistry(clients_file)
+    scheduler = Scheduler(bus, store, identities=registry)
+    aggregator = Aggregator(bus, store, cache_dir=cache_dir, identities=registry)
     spec = parse_spec(bound_spec())
     job_id = scheduler.submit(spec)
     (init,) = drain(bus, Queues().aggregate)
@@ -248,6 +256,7 @@ def round_one(enrolled: tuple[Path, list[Enrolled]], cache_dir: Path) -> Iterato
         "job_id": job_id,
         "spec": spec,
         "aggregator": aggregator,
+        "scheduler": scheduler,
         "store": store,
         "clients": clients,
         "file": clients_file,
@@ -334,3 +343,25 @@ def test_bound_updates_are_refused_without_a_clients_file(round_one: dict[str, A
     with pytest.raises(InvalidMessage, match="PWFF_CLIENTS_FILE"):
         blind.handle(encode(own))
     assert aggregator.identities is not None
+
+
+def test_a_bound_clients_evaluation_counts_only_signed_by_that_client(round_one: dict[str, Any]) -> None:
+    scheduler: Scheduler = round_one["scheduler"]
+    job_id, clients = round_one["job_id"], round_one["clients"]
+    event = ClientEvaluated(job_id=job_id, round=1, client=1, metrics={"global_accuracy": 1.0})
+    fields = event.model_dump(mode="json", exclude={"signature"})
+    site_a = identity.UpdateSigner.from_file("site-b", clients[0].key)  # A's key, in B's name
+    rejected = EVALUATIONS_REJECTED._value.get()
+    for forged in (
+        event,  # unsigned
+        event.model_copy(update={"signature": site_a.sign(fields, "evaluation")}),
+        # B's own key, but an update's signature: never valid as an evaluation's
+        event.model_copy(update={"signature": identity.UpdateSigner.from_file("site-b", clients[1].key).sign(fields)}),
+    ):
+        with pytest.raises(InvalidMessage, match="client 'site-b'"):
+            scheduler.handle_event(encode(forged))
+    assert EVALUATIONS_REJECTED._value.get() == rejected + 3
+    assert scheduler.jobs.client_figures(job_id, 1) == {}
+    own = identity.UpdateSigner.from_file("site-b", clients[1].key).sign(fields, "evaluation")
+    scheduler.handle_event(encode(event.model_copy(update={"signature": own})))
+    assert scheduler.jobs.client_figures(job_id, 1) == {1: {"global_accuracy": 1.0}}

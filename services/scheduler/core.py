@@ -23,12 +23,14 @@ import numpy as np
 from services.scaler.status import read_pool_status
 from services.scheduler.budgets import sample_clients, task_budget
 from shared.bus import Bus, Queues
+from shared.identity import ClientRegistry, IdentityError
 from shared.messages import (
     ClientEvaluated,
     CloseRound,
     DropJob,
     EvaluateTask,
     InitJob,
+    InvalidMessage,
     JobFailed,
     JobInitialized,
     MoreWork,
@@ -40,6 +42,7 @@ from shared.messages import (
 )
 from shared.metrics import (
     CLIENT_MEAN_FIGURE,
+    EVALUATIONS_REJECTED,
     FWD_EXTRA_WAVES,
     JOBS_FINISHED,
     JOBS_RUNNING,
@@ -105,6 +108,7 @@ class Scheduler:
         tick_s: float = 0.5,
         retention_s: int = 0,
         job_pools: bool = False,
+        identities: ClientRegistry | None = None,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -118,6 +122,8 @@ class Scheduler:
         self._lock = threading.RLock()
         self.job_pools = job_pools
         """A job with `resources` goes to its own task queue, served by its pool (services.scaler)."""
+        self.identities = identities
+        """Enrolled bound clients' keys (PWFF_CLIENTS_FILE): a bound client's evaluation must be signed by it."""
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -320,6 +326,9 @@ class Scheduler:
 
     def _on_client_evaluated(self, event: ClientEvaluated) -> None:
         job_id, round_ = event.job_id, event.round
+        identity = self.jobs.spec(job_id).clients.identity(event.client)
+        if identity is not None:
+            self._authenticate(event, identity)
         figures: dict[str, Any] = dict(event.metrics)
         if event.samples:
             figures["samples"] = event.samples
@@ -331,6 +340,20 @@ class Scheduler:
         if reported >= self.jobs.spec(job_id).num_clients:
             self.jobs.update_plan(job_id, round_, status=RoundStatus.COMMITTED)
             self._finish(job_id, JobState.SUCCEEDED, "")
+
+    def _authenticate(self, event: ClientEvaluated, identity: str) -> None:
+        """A bound client's figures count only signed by its enrolled, unrevoked key (else dead-lettered)."""
+        try:
+            if self.identities is None:
+                raise IdentityError(
+                    "no clients file is configured (PWFF_CLIENTS_FILE): bound clients cannot be verified"
+                )
+            fields = event.model_dump(mode="json", exclude={"signature"})
+            self.identities.verify(identity, fields, event.signature, "evaluation")
+        except IdentityError as error:
+            EVALUATIONS_REJECTED.inc()
+            log.warning("rejected evaluation of %s round %d: %s", event.job_id, event.round, error)
+            raise InvalidMessage(f"evaluation of {event.job_id} round {event.round}: {error}") from None
 
     # -- rounds -----------------------------------------------------------------------------
 

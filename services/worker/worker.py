@@ -300,18 +300,18 @@ class Worker:
         )
         if task.publish:  # the mode left the client's personalized state in the model
             self.state.tensors.put_archive(task.job_id, f"client-{task.client}", peft_folder_archive(model))
-        self.bus.publish(
-            self.queues.events,
-            encode(
-                ClientEvaluated(
-                    job_id=task.job_id,
-                    round=task.round,
-                    client=task.client,
-                    metrics=evaluation.figures,
-                    samples=evaluation.samples,
-                )
-            ),
+        event = ClientEvaluated(
+            job_id=task.job_id,
+            round=task.round,
+            client=task.client,
+            metrics=evaluation.figures,
+            samples=evaluation.samples,
         )
+        identity = spec.clients.identity(task.client)
+        if identity is not None:  # the scheduler takes a bound client's figures only signed by that client
+            fields = event.model_dump(mode="json", exclude={"signature"})
+            event = event.model_copy(update={"signature": self.clients[identity].signer.sign(fields, "evaluation")})
+        self.bus.publish(self.queues.events, encode(event))
         return "evaluated"
 
     # -- state kept in the store between tasks ----------------------------------------------

@@ -100,13 +100,10 @@ class BoundCluster:
         self.clients_file, self.clients = enroll_clients(folder)
         self.bus = RecordingRabbitBus(self.settings.rabbitmq_url)
         self.store = RedisStore(self.settings.redis_url)
-        self.scheduler = Scheduler(self.bus, self.store, namespace=self.namespace, tick_s=0.3)
+        registry = identity.ClientRegistry(self.clients_file)
+        self.scheduler = Scheduler(self.bus, self.store, namespace=self.namespace, tick_s=0.3, identities=registry)
         self.aggregator = Aggregator(
-            self.bus,
-            self.store,
-            namespace=self.namespace,
-            cache_dir=cache_dir,
-            identities=identity.ClientRegistry(self.clients_file),
+            self.bus, self.store, namespace=self.namespace, cache_dir=cache_dir, identities=registry
         )
         self._stop = threading.Event()
         self._threads = [
