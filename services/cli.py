@@ -78,6 +78,13 @@ def run(
 ) -> None:
     """Run a job embedded: scheduler, aggregator and workers in this process."""
     spec = _spec_or_exit(spec_path, set_)
+    if spec.clients.kind == "bound":
+        # Its clients' data lives with their own workers: nothing in this process may train them.
+        console.print(
+            "[red]a job with bound clients runs on a deployment:[/red] pwff submit it, and start each client's "
+            "worker with pwff worker --client ID --data FILE --key KEY"
+        )
+        raise typer.Exit(2)
     from services.embedded import EmbeddedCluster
     from services.results import write_results
     from shared.settings import Settings, configure_process

@@ -149,3 +149,8 @@ def test_worker_clients_come_from_the_environment_too(monkeypatch: pytest.Monkey
     assert parse_args([], Settings()) == {}  # a pool worker
     with pytest.raises(SystemExit):
         parse_args(["--client", "site-a"], Settings())  # no data file: a usage error
+
+
+def test_pwff_run_refuses_a_bound_job_with_what_to_do_instead() -> None:
+    ran = CliRunner().invoke(app, ["run", "examples/bound.yaml"])
+    assert ran.exit_code == 2 and "pwff worker --client" in ran.output
