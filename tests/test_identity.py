@@ -152,5 +152,5 @@ def test_worker_clients_come_from_the_environment_too(monkeypatch: pytest.Monkey
 
 
 def test_pwff_run_refuses_a_bound_job_with_what_to_do_instead() -> None:
-    ran = CliRunner().invoke(app, ["run", "examples/bound.yaml"])
+    ran = CliRunner().invoke(app, ["run", str(Path(__file__).parents[1] / "examples" / "bound.yaml")])
     assert ran.exit_code == 2 and "pwff worker --client" in ran.output
