@@ -381,7 +381,8 @@ def infer_labels(source: LocalData) -> tuple[str, ...]:
     return _sorted_values(values)
 
 
-def _read_local(source: LocalData) -> list[Example]:
+def read_local(source: LocalData) -> list[Example]:
+    """A local source's records as examples; DataMismatch for a record that does not fit."""
     records = _read_records(source)
     if not records:
         raise DataMismatch(f"{source.path}: no records")
@@ -415,7 +416,7 @@ def _read_local(source: LocalData) -> list[Example]:
 
 def _read(key: str) -> list[Example]:
     ref = dataset_ref(key)
-    return _read_local(ref) if isinstance(ref, LocalData) else _READERS[ref]()
+    return read_local(ref) if isinstance(ref, LocalData) else _READERS[ref]()
 
 
 def check_local_data(spec: JobSpec) -> JobSpec:
@@ -427,6 +428,12 @@ def check_local_data(spec: JobSpec) -> JobSpec:
     """
     source = spec.dataset
     if not isinstance(source, LocalData):
+        return spec
+    if spec.clients.kind == "bound":
+        # Each bound client reads its own file in its own worker (shared.local_data): nothing to read
+        # here, so the classes cannot be inferred and every worker must map labels alike.
+        if source.label_field and source.labels is None:
+            raise DataMismatch("a bound job's clients each read their own file: list the classes in dataset.labels")
         return spec
     if source.label_field and source.labels is None:
         source = source.model_copy(update={"labels": list(infer_labels(source))})
@@ -626,6 +633,10 @@ def _test_text_set(key: str) -> frozenset[str]:
 
 def client_examples(spec: JobSpec, client_id: int) -> list[Example]:
     """A client's training shard; of an `own` set, its shard less its held-out part."""
+    if spec.clients.kind == "bound":  # the client's own file, readable only in its own worker
+        from shared import local_data
+
+        return local_data.train_examples(spec, client_id)
     key = dataset_key(spec.dataset)
     pool = _pool(key)
     shard = [pool[i] for i in client_indices(spec, client_id)]
@@ -745,6 +756,10 @@ def client_test_examples(spec: JobSpec, client_id: int, limit: int | None = None
         raise ValueError(f"client_id {client_id} is out of range for a job with {spec.num_clients} clients")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if spec.clients.kind == "bound":  # drawn from the client's own file, in its own worker
+        from shared import local_data
+
+        return local_data.test_examples(spec, client_id, limit)
     p = spec.partition
     key = dataset_key(spec.dataset)
     indices = _client_test_cached(key, spec.num_clients, p.kind, p.alpha, p.min_examples, spec.seed, client_id, limit)

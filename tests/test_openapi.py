@@ -8,6 +8,7 @@ Operations on one job need a job that exists to get past 404, so a few explicit 
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +27,7 @@ from shared.bus.memory import MemoryBus
 from shared.catalog import DATASETS, MODELS, dataset_info, model_info
 from shared.messages import ClientFailed, encode
 from shared.registry import PRESETS
-from shared.spec import FULL_FINETUNING_MAX_STATE_BYTES, JobSpec
+from shared.spec import _LABEL_KEY, FULL_FINETUNING_MAX_STATE_BYTES, JobSpec
 from shared.state.records import RoundRecord
 from shared.state.rounds import RoundCommit
 from shared.store import Keys
@@ -102,9 +103,22 @@ def consistent(body: Any) -> Any:
             ceiling = population.get(high, getattr(preset_defaults, high))
             if floor > ceiling:
                 population[low], population[high] = ceiling, floor
+    clients: dict[str, Any] = spec.get("clients") or {}
+    if clients.get("kind", defaults.clients.kind) == "bound":  # distinct ids, one per client
+        ids = list(dict.fromkeys(clients.get("ids") or [])) or ["site-a"]
+        spec["clients"], spec["num_clients"] = {**clients, "ids": ids}, len(ids)
+    elif clients.get("ids") is not None:
+        spec["clients"] = {key: value for key, value in clients.items() if key != "ids"}
     num_clients: int = spec.get("num_clients", defaults.num_clients)
     if spec.get("clients_per_round", defaults.clients_per_round) > num_clients:
         spec["clients_per_round"] = num_clients
+    resources = spec.get("resources")
+    if isinstance(resources, dict) and isinstance(resources.get("node_selector"), dict):
+        # The generator does not always keep to propertyNames and additionalProperties of a map (a
+        # key off the label pattern, a non-string value): keep the entries the schema allows.
+        allowed = re.compile(_LABEL_KEY)
+        selector = {k: v for k, v in resources["node_selector"].items() if allowed.match(k) and isinstance(v, str)}
+        spec["resources"] = {**resources, "node_selector": {k: v for k, v in selector.items() if len(v) <= 63}}
     # No local model folder or data file exists here: a generated path becomes a packaged entry
     # (the 422s for folders and files are tested in tests/test_byo.py).
     if spec.get("model", defaults.model) not in MODELS:
