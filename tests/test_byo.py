@@ -282,3 +282,26 @@ def test_a_worker_without_the_model_folder_fails_the_task_with_the_reason(
     [event] = [decode_scheduler(body) for body in drain(bus, Queues().events)]
     assert isinstance(event, ClientFailed) and event.client == 2
     assert event.reason == f"the job's spec does not load here: model: model '{folder}': no such folder"
+
+
+def test_bound_clients_read_their_own_files_with_the_jobs_fields(
+    model_dir: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    """A bound job over a BYO model and a local source: each client's worker reads its own file with the
+    spec's fields; dataset.path is the platform's held-out file the aggregator evaluates the global model on."""
+    from tests.bound import LABELS, bound_spec, enroll_clients, write_client_data
+    from tests.test_bound import Federation
+
+    clients_file, clients = enroll_clients(tmp_path)
+    held_out = tmp_path / "platform-eval.jsonl"
+    write_client_data(held_out, "EVAL")
+    source = {"path": str(held_out), "text_field": "text", "label_field": "label"}
+    spec = bound_spec(model=str(model_dir), dataset=source)
+    with pytest.raises(data.DataMismatch, match=r"list the classes in dataset\.labels"):
+        data.check_local_data(parse_spec(spec))
+    spec["dataset"] = {**source, "labels": list(LABELS)}
+    with Federation(cache_dir, clients_file, clients) as federation:
+        job = federation.run(spec)
+    assert job["state"] == "succeeded", job.get("error")
+    assert [m["clients"] for m in job["metrics"][1:]] == [[0, 1, 2], [0, 1, 2]]
+    assert {c: f["examples"] for c, f in job["metrics"][-1]["per_client"].items()} == {0: 5.0, 1: 5.0, 2: 5.0}
