@@ -177,11 +177,23 @@ class Aggregator:
         except (UpdateRejected, MissingState) as error:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"update {announce.key}: {error}") from None
+        if open_round.accumulator.closes_waves and announce.wave < self._current_wave(job_id, round_):
+            # The next wave was built on this wave's set without it (secure aggregation's U1, U2).
+            UPDATES_RECEIVED.labels(outcome="late").inc()
+            self.state.tensors.drop_update(announce.key)
+            log.info(
+                "late wave-%d update for %s round %d client %d dropped", announce.wave, job_id, round_, announce.client
+            )
+            return
         _apply(open_round, announce, update)
         self.state.rounds.add_merged(job_id, round_, announce.client, announce.wave)
         UPDATES_RECEIVED.labels(outcome="merged").inc()
         count = len(open_round.tally.merged)
         self._emit(UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=count))
+
+    def _current_wave(self, job_id: str, round_: int) -> int:
+        plan = self.state.jobs.plan(job_id, round_)
+        return plan.wave if plan is not None else 0
 
     def _global(self, job_id: str, round_: int) -> tuple[State, int]:
         """The global state committed at `round_`, and its size on the wire."""

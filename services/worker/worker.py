@@ -43,6 +43,7 @@ from shared.messages import (
     InvalidMessage,
     TrainTask,
     UpdateReady,
+    decode_aggregator,
     decode_task,
     encode,
 )
@@ -52,7 +53,7 @@ from shared.modes import mode_of
 from shared.modes.base import EvaluationContext, LocalContext, LocalResult, State, TaskFailed
 from shared.spec import JobSpec
 from shared.state import JobNotFound, JobState, Repositories
-from shared.state.tensors import PersonalVersion
+from shared.state.tensors import PersonalVersion, TensorRepository
 from shared.store import Store
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,8 @@ class Worker:
             personal={**personal, **{RESIDUAL_PREFIX + name: value for name, value in residual.items()}},
             artifact=lambda name, round_: self._artifact(job_id, name, round_),
             cache_dir=self.cache_dir,
+            round_uploads=lambda wave: self._round_uploads(job_id, task.round, wave),
+            secrets=_ClientSecrets(self.state.tensors, job_id, task.client),
         )
         result = mode_of(spec).run_local(context)
         personal_after, residual_after = split_residual(result.personal)
@@ -330,9 +333,39 @@ class Worker:
         DOWNLOAD_BYTES.inc(len(blob))
         return f"{version[0]}.{version[1]}", decode_tensors(blob)
 
+    def _round_uploads(self, job_id: str, round_: int, wave: int) -> dict[int, bytes]:
+        """The uploads merged into the round in `wave`, by client (what the server broadcasts)."""
+        uploads = {}
+        for client, merged_wave in self.state.rounds.merged(job_id, round_):
+            if merged_wave != wave:
+                continue
+            raw = self.state.tensors.announcement(job_id, round_, client, wave)
+            announce = decode_aggregator(raw, self.max_message_bytes) if raw is not None else None
+            blob = self.state.tensors.update(announce.key) if isinstance(announce, UpdateReady) else None
+            if blob is None:
+                raise RuntimeError(f"merged upload of client {client} wave {wave} in {job_id} round {round_} is gone")
+            DOWNLOAD_BYTES.inc(len(blob))
+            uploads[client] = blob
+        return uploads
+
     def _artifact(self, job_id: str, name: str, round_: int) -> dict[str, torch.Tensor] | None:
         blob = self.state.tensors.artifact(job_id, name, round_)
         return decode_tensors(blob) if blob is not None else None
+
+
+@dataclass(frozen=True)
+class _ClientSecrets:
+    """`shared.modes.base.ClientSecrets` of one client, in the store under the client's key."""
+
+    tensors: TensorRepository
+    job_id: str
+    client: int
+
+    def get(self, name: str) -> bytes | None:
+        return self.tensors.client_secret(self.job_id, self.client, name)
+
+    def put(self, name: str, value: bytes) -> None:
+        self.tensors.put_client_secret(self.job_id, self.client, name, value)
 
 
 def _where(task: TrainTask) -> tuple[str, int, int, int]:
