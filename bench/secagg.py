@@ -2,6 +2,7 @@
 difference from the unmasked run.
 
     flock /tmp/pwff-bench.lock .venv/bin/python bench/secagg.py [--rounds 3] [--only plain,secagg-32]
+    .venv/bin/python bench/secagg.py --model tiny-bert --out secagg-tiny    # the same jobs on tiny-bert, seconds
 
 examples/quickstart.yaml (MiniLM-L6, LoRA r=8 on query/value + head, BBC News, 8 clients, all of them
 every round, 10 local AdamW steps) runs embedded with one worker, `--rounds` rounds, once per variant:
@@ -60,8 +61,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
 }
 
 
-def variant_spec(name: str, rounds: int) -> JobSpec:
-    overrides = [f"name=bench-{name}", f"rounds={rounds}"]
+def variant_spec(name: str, rounds: int, model: str | None) -> JobSpec:
+    overrides = [f"name=bench-{name}", f"rounds={rounds}"] + ([f"model={model}"] if model else [])
     for section, values in VARIANTS[name][0].items():
         overrides += [f"{section}.{key}={json.dumps(value)}" for key, value in values.items()]
     return load_spec_file(str(QUICKSTART), overrides)
@@ -91,7 +92,7 @@ def run(spec: JobSpec, cache_dir: Path) -> dict[str, Any]:
     }
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(results: dict[str, Any], path: Path, specs: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +112,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axis.tick_params(axis="x", rotation=30)
         if key == "max_abs_diff":
             axis.set_yscale("symlog", linthresh=1e-12)
-    fig.suptitle("Secure aggregation on the quickstart job (MiniLM-L6 LoRA, 8 clients)")
+    first = next(iter(specs.values()))
+    fig.suptitle(f"Secure aggregation on the quickstart job ({first['model']} LoRA, {first['num_clients']} clients)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -120,6 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variant names")
+    parser.add_argument("--model", default=None, help="another model than the quickstart's (e.g. tiny-bert)")
+    parser.add_argument("--out", default="secagg", help="results file stem under bench/results/")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import transformers
@@ -132,7 +136,7 @@ def main() -> None:
     names = args.only.split(",")
     # Unmasked references first, so each secure run is compared as soon as it ends.
     for name in sorted(names, key=lambda n: VARIANTS[n][1] is not None):
-        spec = variant_spec(name, args.rounds)
+        spec = variant_spec(name, args.rounds, args.model)
         outcome = run(spec, cache_dir)
         states[name] = outcome.pop("state")
         reference = VARIANTS[name][1]
@@ -161,8 +165,8 @@ def main() -> None:
         for name, result in results.items()
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_report(RESULTS / "secagg.json", summary, results, specs)
-    plot(results, RESULTS / "secagg.png")
+    write_report(RESULTS / f"{args.out}.json", summary, results, specs)
+    plot(results, RESULTS / f"{args.out}.png", specs)
     print(json.dumps(summary))
 
 

@@ -11,15 +11,21 @@ import numpy as np
 import pytest
 import torch
 
+from services.aggregator.aggregator import Aggregator
 from services.embedded import EmbeddedCluster
 from services.scheduler.core import sample_clients
 from services.worker.worker import Worker
 from shared import secagg
 from shared.codec import decode_tensors
-from shared.messages import TrainTask, decode_task
+from shared.messages import MoreWork, RoundCommitted, TrainTask, UpdateReady, decode_scheduler, decode_task, encode
+from shared.modes.secure import _flatten, _pack, _unpack
 from shared.spec import JobSpec, SpecError, parse_spec
 from shared.store import Keys
 from tests.conftest import TINY
+from tests.harness import drain
+from tests.test_aggregator import World, assert_states_close, make_world, received, weighted_step
+
+__all__ = ["make_world"]  # a fixture this module uses
 
 BITS = 32
 CONTEXT = secagg.round_context("job-x", 3)
@@ -215,3 +221,114 @@ def test_a_dropped_client_leaves_the_sum_of_the_others(
     assert last["secagg_shared"] == shared and last["secagg_dropped"] == dropped
     assert last["secagg_survivors"] == spec.clients_per_round - 1
     assert _max_diff(secure["state"], dropout_reference["state"]) < 1e-6
+
+
+# -- the aggregator's side, step by step ---------------------------------------------------------
+
+
+def _upload(world: World, client: int, wave: int, payload: bytes, num_samples: int) -> bytes:
+    """Store an upload and its announcement as a worker would; returns the UpdateReady body."""
+    key = world.update_key(client, wave=wave)
+    world.store.put(key, payload)
+    message = encode(
+        UpdateReady(
+            job_id=world.job_id,
+            round=1,
+            client=client,
+            wave=wave,
+            attempt=0,
+            key=key,
+            num_samples=num_samples,
+            train_loss=1.0,
+            compute_s=0.1,
+            upload_bytes=len(payload),
+        )
+    )
+    world.store.put(world.meta_key(client, wave=wave), message)
+    return message
+
+
+def _pump(world: World, aggregator: Aggregator) -> list[object]:
+    """Deliver events to the scheduler and control messages to the aggregator until both are quiet."""
+    seen: list[object] = []
+    while True:
+        events = drain(world.bus, world.queues.events)
+        controls = drain(world.bus, world.queues.aggregate)
+        drain(world.bus, world.queues.tasks)
+        if not events and not controls:
+            return seen
+        for body in events:
+            seen.append(decode_scheduler(body))
+            world.scheduler.handle_event(body)
+        for body in controls:
+            aggregator.handle(body)
+
+
+def test_the_aggregator_sees_only_masked_vectors_drops_late_waves_and_rebuilds_after_a_restart(
+    make_world: Callable[..., World],
+) -> None:
+    world = make_world(quorum=0.5, secure_aggregation={"enabled": True})
+    spec, context = world.spec, secagg.round_context(world.job_id, 1)
+    settings = spec.secure_aggregation
+    live, late = sorted(world.clients[:2]), world.clients[2]
+    weights = {c: 10 + 7 * c for c in world.clients}
+    previous = world.global_state(0)
+    names = sorted(previous)
+    deltas = {c: world.delta(c) for c in live}
+    keys = {c: secagg.ClientKeys.generate() for c in world.clients}
+    public = {c: k.public() for c, k in keys.items()}
+
+    # Wave 0: two clients advertise; the third misses the deadline.
+    for c in live:
+        advert = {"phase": "advertise", "enc": public[c].enc, "mask": public[c].mask, "weight": float(weights[c])}
+        world.aggregator.handle(_upload(world, c, 0, _pack(advert), weights[c]))
+    world.scheduler.jobs.update_plan(world.job_id, 1, deadline_at=0.0)
+    world.scheduler.tick()
+    assert any(isinstance(e, MoreWork) and e.wave == 1 for e in _pump(world, world.aggregator))
+    # Its advertisement arrives after wave 1 went out: the sets the clients build on are fixed.
+    before = received("late")
+    advert = {"phase": "advertise", "enc": public[late].enc, "mask": public[late].mask, "weight": 1.0}
+    world.aggregator.handle(_upload(world, late, 0, _pack(advert), weights[late]))
+    assert received("late") == before + 1
+
+    # Wave 1: shares among U1; wave 2: masked vectors; wave 3: reveals. The late client abstains.
+    seeds = {c: os.urandom(32) for c in live}
+    u1 = {c: public[c] for c in live}
+    sealed = {c: secagg.share_secrets(c, keys[c], seeds[c], u1, 2, context) for c in live}
+    scale = secagg.fixed_point_scale(settings.bits, settings.clip, sum(weights[c] for c in live))
+    plain = {
+        c: secagg.encode_fixed(_flatten(deltas[c], names), scale, settings.clip, weights[c], settings.bits)
+        for c in live
+    }
+    masked = {c: secagg.mask_vector(plain[c], settings.bits, c, keys[c], u1, seeds[c], context) for c in live}
+    waves = {
+        1: {c: {"phase": "shares", "u1": live, "shares": sealed[c]} for c in live},
+        2: {c: {"phase": "masked", "u2": live, "masked": masked[c].tobytes()} for c in live},
+        3: {
+            c: {
+                "phase": "reveal",
+                "u3": live,
+                "mask_key": {},
+                "b": {s: secagg.share_bytes(v) for s, v in r["b"].items()},
+            }
+            for c in live
+            for r in [secagg.reveal(c, keys[c], {s: sealed[s][c] for s in live}, u1, live, context)]
+        },
+    }
+    aggregator = world.aggregator
+    for wave in (1, 2, 3):
+        if wave == 3:
+            # What the aggregator stored and read of each client is indistinguishable from noise.
+            for c in live:
+                upload = _unpack(world.store.get(world.update_key(c, wave=2)) or b"")["masked"]
+                assert not np.any(np.frombuffer(upload, np.uint32).astype(np.uint64) == plain[c])
+            # A restarted aggregator rebuilds the round from the store (uploads sorted by client, not by wave).
+            aggregator = Aggregator(world.bus, world.store, cache_dir=world.cache_dir)
+        for c in world.clients:
+            message = waves[wave].get(c, {"phase": "abstain"})
+            aggregator.handle(_upload(world, c, wave, _pack(message), weights[c]))
+        events = _pump(world, aggregator)
+    [committed] = [e for e in events if isinstance(e, RoundCommitted)]
+    assert committed.metrics["secagg_survivors"] == 2 and committed.metrics["secagg_advertised"] == 2
+    expected = weighted_step(previous, [deltas[c] for c in live], [float(weights[c]) for c in live])
+    assert_states_close(world.global_state(1), expected, atol=1e-6)
