@@ -223,6 +223,24 @@ def test_a_dropped_client_leaves_the_sum_of_the_others(
     assert _max_diff(secure["state"], dropout_reference["state"]) < 1e-6
 
 
+@pytest.mark.timeout(120)  # the bug this guards against hangs
+def test_a_wave_that_brings_nothing_ends_the_round_instead_of_hanging(
+    tiny_spec: Callable[..., JobSpec], cache_dir: Path
+) -> None:
+    """Every client of round 2 drops after sharing: nothing was masked, so nothing can be summed; the
+    round commits the previous state (it does not ask for the same wave forever) and the job ends."""
+    spec = tiny_spec(**DROPOUT, secure_aggregation={"enabled": True})
+    cluster = EmbeddedCluster(cache_dir, workers=1)
+    _drop_tasks(cluster.workers[0], lambda t: t.round == 2 and t.wave == 2)
+    with cluster:
+        job_id = cluster.scheduler.submit(spec)
+        job = cluster.wait(job_id, poll_s=0.05)
+        states = [cluster.store.get(Keys().global_state(job_id, r)) for r in (1, 2)]
+    assert job["state"] == "succeeded", job["error"]
+    assert job["metrics"][-1]["secagg_survivors"] == 0 and job["metrics"][-1]["secagg_shared"] == 3
+    assert states[0] is not None and states[0] == states[1]
+
+
 # -- the aggregator's side, step by step ---------------------------------------------------------
 
 

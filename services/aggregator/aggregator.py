@@ -236,6 +236,13 @@ class Aggregator:
             return
         open_round = self._open_round(job_id, round_, spec)
         more = open_round.accumulator.wants_more_work(close.force)
+        if more is not None and open_round.tally.next_wave() <= self._current_wave(job_id, round_):
+            # That wave went out and closed with nothing of it merged: asking again would be ignored
+            # (the scheduler dedups waves) and the round would never end. Commit what there is.
+            log.warning(
+                "job %s round %d: wave %d brought no update; committing", job_id, round_, open_round.tally.next_wave()
+            )
+            more = None
         if more is not None:
             log.info(
                 "job %s round %d: variance %.3g after %d perturbations; asking for more",
