@@ -15,7 +15,7 @@ every round, 10 local AdamW steps) runs embedded with one worker, `--rounds` rou
 
 Per variant: bytes uploaded per client per round (every wave's uploads: keys, encrypted shares, the
 masked vector, revealed shares), what the worker downloaded over the job (global state, deltas, and
-under secure aggregation its peers' keys and shares: the worker reads whole uploads from the store),
+under secure aggregation its peers' advertisements and share uploads, read whole from the store),
 seconds per round (the round's open to commit, which includes the server's evaluation), the
 commit's own seconds (unmasking), and the final adapter's largest difference from its unmasked
 counterpart. Writes bench/results/secagg.json and .png; the last stdout line is the summary.

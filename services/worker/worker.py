@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,24 +334,46 @@ class Worker:
         DOWNLOAD_BYTES.inc(len(blob))
         return f"{version[0]}.{version[1]}", decode_tensors(blob)
 
-    def _round_uploads(self, job_id: str, round_: int, wave: int) -> dict[int, bytes]:
+    def _round_uploads(self, job_id: str, round_: int, wave: int) -> _RoundUploads:
         """The uploads merged into the round in `wave`, by client (what the server broadcasts)."""
-        uploads = {}
-        for client, merged_wave in self.state.rounds.merged(job_id, round_):
-            if merged_wave != wave:
-                continue
-            raw = self.state.tensors.announcement(job_id, round_, client, wave)
-            announce = decode_aggregator(raw, self.max_message_bytes) if raw is not None else None
-            blob = self.state.tensors.update(announce.key) if isinstance(announce, UpdateReady) else None
-            if blob is None:
-                raise RuntimeError(f"merged upload of client {client} wave {wave} in {job_id} round {round_} is gone")
-            DOWNLOAD_BYTES.inc(len(blob))
-            uploads[client] = blob
-        return uploads
+        clients = [client for client, merged in self.state.rounds.merged(job_id, round_) if merged == wave]
+        return _RoundUploads(self, job_id, round_, wave, clients)
 
     def _artifact(self, job_id: str, name: str, round_: int) -> dict[str, torch.Tensor] | None:
         blob = self.state.tensors.artifact(job_id, name, round_)
         return decode_tensors(blob) if blob is not None else None
+
+
+class _RoundUploads(Mapping[int, bytes]):
+    """A wave's merged uploads by client, each read from the store when first looked up (a client
+    reads only what it needs of its peers' uploads, e.g. their keys and not their masked vectors)."""
+
+    def __init__(self, worker: Worker, job_id: str, round_: int, wave: int, clients: list[int]) -> None:
+        self.worker, self.job_id, self.round, self.wave = worker, job_id, round_, wave
+        self.clients = clients
+        self._read: dict[int, bytes] = {}
+
+    def __getitem__(self, client: int) -> bytes:
+        if client not in self.clients:
+            raise KeyError(client)
+        if client not in self._read:
+            tensors = self.worker.state.tensors
+            raw = tensors.announcement(self.job_id, self.round, client, self.wave)
+            announce = decode_aggregator(raw, self.worker.max_message_bytes) if raw is not None else None
+            blob = tensors.update(announce.key) if isinstance(announce, UpdateReady) else None
+            if blob is None:
+                raise RuntimeError(
+                    f"merged upload of client {client} wave {self.wave} in {self.job_id} round {self.round} is gone"
+                )
+            DOWNLOAD_BYTES.inc(len(blob))
+            self._read[client] = blob
+        return self._read[client]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.clients)
+
+    def __len__(self) -> int:
+        return len(self.clients)
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,10 @@ class LocalContext:
     """Reads what the mode committed beside the global state in earlier rounds."""
     cache_dir: Path | None = None
     """The worker's model cache (reward models live there too); None: the settings' default."""
-    round_uploads: Callable[[int], dict[int, bytes]] | None = None
-    """Wave -> the uploads merged into this task's round in that wave, by client: what the server
-    broadcasts to the round's clients (secure aggregation's keys and encrypted shares)."""
+    round_uploads: Callable[[int], Mapping[int, bytes]] | None = None
+    """Wave -> the uploads merged into this task's round in that wave, by client (each read from the
+    store when first looked up): what the server broadcasts to the round's clients (secure
+    aggregation's keys and encrypted shares)."""
     secrets: ClientSecrets | None = None
     """The client's own secrets (secure aggregation's private keys): stored under the client's key,
     never read by the aggregator."""

@@ -183,8 +183,11 @@ def _shared(context: LocalContext, advertised: Mapping[int, Any]) -> dict[int, d
 def _mask(context: LocalContext) -> LocalResult:
     assert context.secrets is not None
     spec, task, settings = context.spec, context.task, context.spec.secure_aggregation
-    advertised = _advertisements(context.round_uploads(ADVERTISE)) if context.round_uploads else {}
-    shared = _shared(context, advertised)
+    assert context.round_uploads is not None
+    advertised = _advertisements(context.round_uploads(ADVERTISE))
+    # U2 without reading the share uploads: a client of U1 always uploads its shares, one outside
+    # abstains (the aggregator checks every upload's claimed sets at commit).
+    shared = sorted(set(context.round_uploads(SHARE)) & set(advertised))
     keys = _own_keys(context)
     self_seed = context.secrets.get(_seed_name(task.round))
     if task.client not in shared or keys is None or self_seed is None:
@@ -210,7 +213,7 @@ def _mask(context: LocalContext) -> LocalResult:
     masked = secagg.mask_vector(
         values, settings.bits, task.client, keys, peers, self_seed, secagg.round_context(task.job_id, task.round)
     )
-    payload = _pack({"phase": "masked", "u2": sorted(shared), "masked": masked.tobytes()})
+    payload = _pack({"phase": "masked", "u2": shared, "masked": masked.tobytes()})
     return LocalResult(payload=payload, loss=trained.loss, flops=trained.flops, personal=personal)
 
 
@@ -219,11 +222,8 @@ def _unmask(context: LocalContext) -> LocalResult:
     task = context.task
     advertised = _advertisements(context.round_uploads(ADVERTISE))
     shared = _shared(context, advertised)
-    survivors = []
-    for client, blob in context.round_uploads(MASK).items():
-        message = _unpack(blob)
-        if message["phase"] == "masked" and message["u2"] == sorted(shared):
-            survivors.append(client)
+    # U3 without reading the masked vectors: a client of U2 always uploads one, one outside abstains.
+    survivors = sorted(set(context.round_uploads(MASK)) & set(shared))
     keys = _own_keys(context)
     if task.client not in survivors or keys is None:
         return _abstain()
@@ -235,7 +235,7 @@ def _unmask(context: LocalContext) -> LocalResult:
     payload = _pack(
         {
             "phase": "reveal",
-            "u3": sorted(survivors),
+            "u3": survivors,
             "b": {c: secagg.share_bytes(v) for c, v in revealed["b"].items()},
             "mask_key": {c: secagg.share_bytes(v) for c, v in revealed["mask_key"].items()},
         }
