@@ -220,6 +220,7 @@ def test_a_dropped_client_leaves_the_sum_of_the_others(
     assert last["secagg_advertised"] == spec.clients_per_round
     assert last["secagg_shared"] == shared and last["secagg_dropped"] == dropped
     assert last["secagg_survivors"] == spec.clients_per_round - 1
+    assert last["clients"] == sorted(set(sample_clients(spec, 2)) - {gone})  # the sum's clients
     assert _max_diff(secure["state"], dropout_reference["state"]) < 1e-6
 
 

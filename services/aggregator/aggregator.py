@@ -280,7 +280,8 @@ class Aggregator:
             eval_s=time.perf_counter() - began,
             download_delta_bytes=float(len(downloads[DOWNLOAD_DELTA])),
         )
-        record = RoundRecord(round=round_, clients=tally.clients, metrics=metrics, extra=tally.extra())
+        clients = step.clients if step.clients is not None else tally.clients
+        record = RoundRecord(round=round_, clients=clients, metrics=metrics, extra=tally.extra())
         commit = RoundCommit(
             record=record,
             state=encode_tensors(state, _STATE_DTYPE),
@@ -303,7 +304,7 @@ class Aggregator:
             mode.observe(job_id, step.figures)
         if round_ >= spec.rounds:
             forget_job(job_id)  # the last round: the job's series go (after a last scrape)
-        log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(tally.clients), _fmt(metrics))
+        log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(clients), _fmt(metrics))
         self._emit(RoundCommitted(job_id=job_id, round=round_, clients=record.clients, metrics=metrics))
 
     def _downloadable(

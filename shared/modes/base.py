@@ -135,6 +135,9 @@ class Step:
     artifacts: dict[str, State] = field(default_factory=dict)
     """Named tensors stored with the round (e.g. fwd's gradient estimate and server momentum)."""
     figures: dict[str, float] = field(default_factory=dict)
+    clients: list[int] | None = None
+    """The clients the new state is built on, when not every client that uploaded something this
+    round (secure aggregation: the survivors, not those that only advertised keys or abstained)."""
 
 
 U = TypeVar("U")

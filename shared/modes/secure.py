@@ -396,7 +396,7 @@ class SecureAccumulator(RoundAccumulator[_Parsed]):
                 raise secagg.SecAggError(
                     f"round {round_}: {len(u2)} of {len(u1)} clients shared their secrets, {threshold} needed"
                 )
-            return Step(dict(state), figures=figures)  # nothing was masked: the state stays
+            return Step(dict(state), figures=figures, clients=[])  # nothing was masked: the state stays
         for name, expected in (("u1", u1), ("u2", u2), ("u3", u3)):
             claimed = rnd.claims[name]
             if claimed and claimed != {expected}:
@@ -413,4 +413,4 @@ class SecureAccumulator(RoundAccumulator[_Parsed]):
         scale = secagg.fixed_point_scale(settings.bits, settings.clip, sum(rnd.advertised[c][1] for c in u2))
         mean = secagg.decode_fixed(plain, scale, settings.bits) / sum(rnd.advertised[c][1] for c in u3)
         delta = _unflatten(mean, self.start_state, self.names)
-        return Step(apply_update(state, delta, self.spec.aggregation.server_lr), figures=figures)
+        return Step(apply_update(state, delta, self.spec.aggregation.server_lr), figures=figures, clients=list(u3))
