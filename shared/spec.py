@@ -396,6 +396,33 @@ class CompressionSpec(_Strict):
     )
 
 
+SUMMING_STRATEGIES = frozenset({"fedavg"})
+"""Strategies that need only the (weighted) sum of a round's updates, so secure aggregation can
+hide each one; median, trimmed mean, Krum and the like read individual updates."""
+
+
+class SecureAggregationSpec(_Strict):
+    """Pairwise-masked secure aggregation (`shared.secagg`): the server learns only the sum of a round's updates.
+
+    Each round runs three waves of tasks: key advertisement, training with the masked upload and
+    encrypted Shamir shares, then unmasking by the survivors. Updates are clipped per coordinate to
+    [-clip, clip], pre-multiplied by the client's FedAvg weight (its examples, or 1 with uniform
+    weighting), and fixed-point encoded as integers mod 2^bits, with the largest power-of-two scale
+    that cannot overflow the round's total weight.
+    """
+
+    enabled: bool = Field(False, description="mask every upload; the aggregator sees only the round's sum")
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="fraction of the round's advertised clients whose shares rebuild a secret "
+        "(t = max(2, ceil(threshold x clients))); fewer survivors than t fail the round",
+    )
+    bits: int = Field(32, ge=16, le=62, description="masks and fixed-point values are integers modulo 2^bits")
+    clip: float = Field(1.0, gt=0, le=1e6, description="each update coordinate is clipped to [-clip, clip]")
+
+
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 _LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 
@@ -519,6 +546,9 @@ class JobSpec(_Strict):
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of the round's clients needed at the deadline")
     eval_max_examples: int = Field(512, ge=1, description="cap on held-out examples evaluated per round")
     align: AlignSpec = Field(AlignSpec(), description="rewards, preferences and the alignment loss (mode align)")
+    secure_aggregation: SecureAggregationSpec = Field(
+        SecureAggregationSpec(), description="secure aggregation: the server learns only the sum of the updates"
+    )
     resources: ResourcesSpec | None = Field(
         None, description="run this job on its own worker pool with these resources (None: the shared workers)"
     )
@@ -571,6 +601,8 @@ class JobSpec(_Strict):
             )
         if self.lora.full:
             _check_full_finetuning(self)
+        if self.secure_aggregation.enabled:
+            _check_secure_aggregation(self)
         if self.devices.profiles is not None and len(self.devices.profiles) != self.num_clients:
             raise ValueError(
                 f"devices.profiles lists {len(self.devices.profiles)} profiles but num_clients is {self.num_clients}"
@@ -626,6 +658,18 @@ def _check_alignment(spec: JobSpec) -> None:
             raise ValueError(f"align.preferences.{where}: weights must be non-negative, got {weights}")
         if abs(sum(weights) - 1.0) > 1e-6:
             raise ValueError(f"align.preferences.{where}: weights must sum to 1, got {sum(weights):g}")
+
+
+def _check_secure_aggregation(spec: JobSpec) -> None:
+    if spec.mode != "backprop":
+        raise ValueError(f"secure_aggregation masks backprop deltas; mode {spec.mode!r} is not supported")
+    if spec.aggregation.strategy not in SUMMING_STRATEGIES:
+        raise ValueError(
+            f"secure_aggregation hides individual updates, but aggregation.strategy {spec.aggregation.strategy!r} "
+            f"needs them; use one of {', '.join(sorted(SUMMING_STRATEGIES))}"
+        )
+    if spec.clients_per_round < 2:
+        raise ValueError("secure_aggregation needs clients_per_round >= 2 (the sum of one update is that update)")
 
 
 FULL_FINETUNING_MAX_STATE_BYTES = 512 * 1024 * 1024

@@ -187,6 +187,14 @@ class Aggregator:
         except (UpdateRejected, MissingState) as error:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"update {announce.key}: {error}") from None
+        if open_round.accumulator.closes_waves and announce.wave < self._current_wave(job_id, round_):
+            # The next wave was built on this wave's set without it (secure aggregation's U1, U2).
+            UPDATES_RECEIVED.labels(outcome="late").inc()
+            self.state.tensors.drop_update(announce.key)
+            log.info(
+                "late wave-%d update for %s round %d client %d dropped", announce.wave, job_id, round_, announce.client
+            )
+            return
         _apply(open_round, announce, update)
         self.state.rounds.add_merged(job_id, round_, announce.client, announce.wave)
         UPDATES_RECEIVED.labels(outcome="merged").inc()
@@ -207,6 +215,10 @@ class Aggregator:
             UPDATES_RECEIVED.labels(outcome="unauthenticated").inc()
             log.warning("rejected update %s: %s", announce.key, error)
             raise InvalidMessage(f"update {announce.key}: {error}") from None
+
+    def _current_wave(self, job_id: str, round_: int) -> int:
+        plan = self.state.jobs.plan(job_id, round_)
+        return plan.wave if plan is not None else 0
 
     def _global(self, job_id: str, round_: int) -> tuple[State, int]:
         """The global state committed at `round_`, and its size on the wire."""
@@ -249,6 +261,13 @@ class Aggregator:
             return
         open_round = self._open_round(job_id, round_, spec)
         more = open_round.accumulator.wants_more_work(close.force)
+        if more is not None and open_round.tally.next_wave() <= self._current_wave(job_id, round_):
+            # That wave went out and closed with nothing of it merged: asking again would be ignored
+            # (the scheduler dedups waves) and the round would never end. Commit what there is.
+            log.warning(
+                "job %s round %d: wave %d brought no update; committing", job_id, round_, open_round.tally.next_wave()
+            )
+            more = None
         if more is not None:
             log.info(
                 "job %s round %d: variance %.3g after %d perturbations; asking for more",
@@ -286,7 +305,8 @@ class Aggregator:
             eval_s=time.perf_counter() - began,
             download_delta_bytes=float(len(downloads[DOWNLOAD_DELTA])),
         )
-        record = RoundRecord(round=round_, clients=tally.clients, metrics=metrics, extra=tally.extra())
+        clients = step.clients if step.clients is not None else tally.clients
+        record = RoundRecord(round=round_, clients=clients, metrics=metrics, extra=tally.extra())
         commit = RoundCommit(
             record=record,
             state=encode_tensors(state, _STATE_DTYPE),
@@ -309,7 +329,7 @@ class Aggregator:
             mode.observe(job_id, step.figures)
         if round_ >= spec.rounds:
             forget_job(job_id)  # the last round: the job's series go (after a last scrape)
-        log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(tally.clients), _fmt(metrics))
+        log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(clients), _fmt(metrics))
         self._emit(RoundCommitted(job_id=job_id, round=round_, clients=record.clients, metrics=metrics))
 
     def _downloadable(

@@ -305,12 +305,15 @@ class Scheduler:
         # Rotate through the round's clients so a partial wave does not always land on the same ones.
         start = (event.wave * count) % len(clients)
         chosen = [clients[(start + i) % len(clients)] for i in range(count)]
+        # The wave expects what is merged so far plus its own tasks: an update an earlier wave closed
+        # without (at its deadline) is not waited for again.
+        merged = len(self.state.rounds.merged(job_id, round_))
         self.jobs.update_plan(
             job_id,
             round_,
             status=RoundStatus.OPEN,
             wave=event.wave,
-            expected=plan.expected + count,
+            expected=merged + count,
             deadline_at=self.clock() + spec.round_deadline_s,
         )
         self._dispatch(spec, job_id, round_, chosen, event.wave)
