@@ -34,6 +34,7 @@ from shared.messages import (
     MoreWork,
     RoundCommitted,
     TrainTask,
+    UpdateInvalid,
     UpdateMerged,
     decode_scheduler,
     encode,
@@ -248,7 +249,7 @@ class Scheduler:
                     self._set(event.job_id, state=JobState.RUNNING)
                     JOBS_RUNNING.inc()
                     self._open_round(event.job_id, 1)
-            elif isinstance(event, UpdateMerged):
+            elif isinstance(event, UpdateMerged | UpdateInvalid):
                 self._on_merged(event)
             elif isinstance(event, MoreWork):
                 self._on_more_work(event)
@@ -257,9 +258,11 @@ class Scheduler:
             elif isinstance(event, RoundCommitted):
                 self._on_committed(event)
 
-    def _on_merged(self, event: UpdateMerged) -> None:
+    def _on_merged(self, event: UpdateMerged | UpdateInvalid) -> None:
+        """Close the round once every update is in: merged, or rejected (it will never come)."""
         plan = self.jobs.plan(event.job_id, event.round)
-        if plan is not None and plan.status == RoundStatus.OPEN and event.merged_count >= plan.expected:
+        arrived = event.merged_count + event.rejected_count
+        if plan is not None and plan.status == RoundStatus.OPEN and arrived >= plan.expected:
             self._close_round(event.job_id, event.round)
 
     def _on_more_work(self, event: MoreWork) -> None:
