@@ -72,9 +72,19 @@ def job_spec(name: str, args: argparse.Namespace, strategy: str, kind: str | Non
 
 
 def run(cluster: EmbeddedCluster, spec: JobSpec) -> dict[str, Any]:
+    return run_batch(cluster, [spec])[0]
+
+
+def run_batch(cluster: EmbeddedCluster, batch: list[JobSpec]) -> list[dict[str, Any]]:
+    """The jobs submitted at once (the cluster's workers share them), each waited for."""
     began = time.perf_counter()
-    job_id = cluster.scheduler.submit(spec)
-    job = cluster.wait(job_id)
+    job_ids = [cluster.scheduler.submit(spec) for spec in batch]
+    return [
+        outcome(cluster, spec, job_id, cluster.wait(job_id), began) for spec, job_id in zip(batch, job_ids, strict=True)
+    ]
+
+
+def outcome(cluster: EmbeddedCluster, spec: JobSpec, job_id: str, job: dict[str, Any], began: float) -> dict[str, Any]:
     if job["state"] != "succeeded":
         raise RuntimeError(f"{spec.name}: job {job['state']}: {job.get('error')}")
     steps = [m for m in job["metrics"] if m["round"] > 0]
@@ -156,6 +166,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="spec override key=value (every job)")
     parser.add_argument("--name", default="robust", help="report name under bench/results")
     parser.add_argument(
+        "--runs", default=None, help="comma-separated kind:strategy pairs to run instead of kinds x strategies"
+    )
+    parser.add_argument("--parallel", type=int, default=1, help="jobs submitted at once (one worker each)")
+    parser.add_argument(
         "--stop-at", type=float, default=None, help="Unix time: start no job that would end past it (report what ran)"
     )
     args = parser.parse_args()
@@ -171,7 +185,7 @@ def main() -> None:
         results, specs = {}, {}  # a different job: nothing to merge with
     results.update(rounds=args.rounds, eval_examples=args.eval_examples)
 
-    with EmbeddedCluster(Settings().cache_dir) as cluster:
+    with EmbeddedCluster(Settings().cache_dir, workers=args.parallel) as cluster:
         if "clean" not in results:
             spec = job_spec("clean", args, "fedavg", None, 1.0)
             results["clean"] = run(cluster, spec)
@@ -181,24 +195,29 @@ def main() -> None:
         results["clip_norm"] = clip_norm
         poisoned = results.setdefault("poisoned", {})
         last_wall = results["clean"]["wall_s"]
-        for strategy in args.strategies.split(","):
-            for kind in args.kinds.split(","):
-                if args.stop_at is not None and time.time() + last_wall > args.stop_at:
-                    print(f"{kind}-{strategy}: skipped (--stop-at)", flush=True)
-                    continue
-                name = f"{kind}-{strategy}"
-                spec = job_spec(name, args, strategy, kind, clip_norm)
-                outcome = run(cluster, spec)
+        if args.runs:
+            pairs = [tuple(item.split(":", 1)) for item in args.runs.split(",")]
+        else:
+            pairs = [(kind, strategy) for strategy in args.strategies.split(",") for kind in args.kinds.split(",")]
+        for start in range(0, len(pairs), args.parallel):
+            batch = pairs[start : start + args.parallel]
+            if args.stop_at is not None and time.time() + last_wall > args.stop_at:
+                print(f"{batch}: skipped (--stop-at)", flush=True)
+                continue
+            batch_specs = {f"{k}-{s}": job_spec(f"{k}-{s}", args, s, k, clip_norm) for k, s in batch}
+            began = time.perf_counter()
+            outcomes = run_batch(cluster, list(batch_specs.values()))
+            last_wall = time.perf_counter() - began
+            for (kind, strategy), (name, spec), outcome in zip(batch, batch_specs.items(), outcomes, strict=True):
                 poisoned.setdefault(kind, {})[strategy] = outcome
-                last_wall = outcome["wall_s"]
                 specs[name] = spec.model_dump(mode="json")
                 print(
                     f"{name}: {outcome['final_accuracy']:.4f} by round {outcome['accuracy_by_round']}, "
-                    f"{outcome['rejected']} rejected ({outcome['wall_s']:.0f} s)",
+                    f"{outcome['rejected']} rejected ({outcome['wall_s']:.0f} s, {len(batch)} at once)",
                     flush=True,
                 )
-                write_report(out, summarize(results), results, specs)
-                plot(results, out.with_suffix(".png"))
+            write_report(out, summarize(results), results, specs)
+            plot(results, out.with_suffix(".png"))
     summary = summarize(results)
     write_report(out, summary, results, specs)
     plot(results, out.with_suffix(".png"))
