@@ -138,8 +138,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(10, 4.8))
     width = 0.8 / max(1, len(strategies))
     for j, strategy in enumerate(strategies):
-        xs = [i + (j - (len(strategies) - 1) / 2) * width for i in range(len(kinds))]
-        values = [runs[k][strategy]["final_accuracy"] if strategy in runs[k] else 0.0 for k in kinds]
+        # A combination that did not run gets no bar (not a zero).
+        ran = [i for i, k in enumerate(kinds) if strategy in runs[k]]
+        xs = [i + (j - (len(strategies) - 1) / 2) * width for i in ran]
+        values = [runs[kinds[i]][strategy]["final_accuracy"] for i in ran]
         bars = axis.bar(xs, values, width=width, label=strategy)
         for bar, value in zip(bars, values, strict=True):
             axis.annotate(
