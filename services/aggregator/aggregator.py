@@ -44,6 +44,7 @@ from shared.messages import (
     MoreWork,
     RoundCommitted,
     SchedulerEvent,
+    UpdateInvalid,
     UpdateMerged,
     UpdateReady,
     decode_aggregator,
@@ -169,7 +170,16 @@ class Aggregator:
         if (announce.client, announce.wave) in merged:
             UPDATES_RECEIVED.labels(outcome="duplicate").inc()
             # Say it again: the first announcement may have died with a previous process.
-            self._emit(UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=len(merged)))
+            rejected = len(self.state.rounds.rejected(job_id, round_))
+            self._emit(
+                UpdateMerged(
+                    job_id=job_id,
+                    round=round_,
+                    client=announce.client,
+                    merged_count=len(merged),
+                    rejected_count=rejected,
+                )
+            )
             return
         planned = self.state.jobs.planned_clients(job_id, round_)
         if planned is None or announce.client not in planned:
@@ -184,7 +194,10 @@ class Aggregator:
                 UPDATES_RECEIVED.labels(outcome="unauthenticated").inc()
                 raise InvalidMessage(f"update {announce.key}: the stored blob is not the one client {identity} signed")
             update = open_round.accumulator.validate(announce, blob, self.max_update_bytes)
-        except (UpdateRejected, MissingState) as error:
+        except UpdateRejected as error:
+            self._reject(announce, str(error))
+            raise InvalidMessage(f"update {announce.key}: {error}") from None
+        except MissingState as error:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"update {announce.key}: {error}") from None
         if open_round.accumulator.closes_waves and announce.wave < self._current_wave(job_id, round_):
@@ -199,7 +212,31 @@ class Aggregator:
         self.state.rounds.add_merged(job_id, round_, announce.client, announce.wave)
         UPDATES_RECEIVED.labels(outcome="merged").inc()
         count = len(open_round.tally.merged)
-        self._emit(UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=count))
+        rejected = len(self.state.rounds.rejected(job_id, round_))
+        self._emit(
+            UpdateMerged(
+                job_id=job_id, round=round_, client=announce.client, merged_count=count, rejected_count=rejected
+            )
+        )
+
+    def _reject(self, announce: UpdateReady, reason: str) -> None:
+        """A sampled client's upload that can never be merged (NaN/Inf, malformed, past a strategy's bound):
+        counted, remembered for the round's record, and announced so the round closes from the valid ones
+        instead of waiting for its deadline. The caller dead-letters the message."""
+        job_id, round_ = announce.job_id, announce.round
+        UPDATES_RECEIVED.labels(outcome="invalid").inc()
+        self.state.rounds.add_rejected(job_id, round_, announce.client, announce.wave)
+        log.warning("job %s round %d: update of client %d rejected: %s", job_id, round_, announce.client, reason)
+        self._emit(
+            UpdateInvalid(
+                job_id=job_id,
+                round=round_,
+                client=announce.client,
+                merged_count=len(self.state.rounds.merged(job_id, round_)),
+                rejected_count=max(1, len(self.state.rounds.rejected(job_id, round_))),
+                reason=reason[:1000],
+            )
+        )
 
     def _authenticate(self, announce: UpdateReady, identity: str) -> None:
         """A bound client's update must carry that client's signature, by its enrolled, unrevoked key."""
@@ -304,6 +341,7 @@ class Aggregator:
             aggregate_s=aggregate_s,
             eval_s=time.perf_counter() - began,
             download_delta_bytes=float(len(downloads[DOWNLOAD_DELTA])),
+            rejected=float(len(self.state.rounds.rejected(job_id, round_))),
         )
         clients = step.clients if step.clients is not None else tally.clients
         record = RoundRecord(round=round_, clients=clients, metrics=metrics, extra=tally.extra())

@@ -24,11 +24,20 @@ from transformers import PreTrainedTokenizerBase
 from shared.aggregation import DeltaAggregate
 from shared.batches import collate, minibatches
 from shared.catalog import Task, model_info
-from shared.codec import RESIDUAL_PREFIX, Codec, Encoded, decode_update, encode_update, split_residual
+from shared.codec import (
+    RESIDUAL_PREFIX,
+    Codec,
+    Encoded,
+    decode_update,
+    encode_tensors,
+    encode_update,
+    split_residual,
+)
 from shared.models import GLOBAL_RNG_LOCK, parameter_count
 from shared.modes.base import LocalContext, LocalResult, RoundAccumulator, State, Step, TrainingMode
 from shared.personalization import is_personal
 from shared.registry import STRATEGIES
+from shared.robust import poison_delta, poisoned_clients
 from shared.seeding import derive_seed
 from shared.wireless import backprop_step_flops
 
@@ -115,6 +124,11 @@ def encode_delta(context: LocalContext, residual: State, seed: int) -> tuple[Enc
                 personal[name] = param.detach().to("cpu", torch.float32, copy=True)
             else:
                 delta[name] = param.detach().to("cpu", torch.float32) - context.start_state[name]
+    task = context.task
+    if spec.simulation.poison.fraction > 0 and task.client in poisoned_clients(spec):
+        # Test/benchmark simulation: a bad client. Dense float32, so even NaN reaches the aggregator.
+        poisoned = poison_delta(spec, delta, derive_seed("poison", spec.seed, task.round, task.client, task.wave))
+        return Encoded(blob=encode_tensors(poisoned, "float32"), decoded=poisoned), personal
     if spec.compression.error_feedback:
         for name, value in residual.items():
             if name in delta:
@@ -272,7 +286,10 @@ class DeltaAccumulator(RoundAccumulator[State]):
 
     def _validate(self, announce: UpdateReady, blob: bytes, max_bytes: int) -> State:
         # The header is checked against the global part's names and shapes before any tensor is built.
-        return decode_update(blob, max_bytes, expected=self.shared_state).tensors
+        tensors = decode_update(blob, max_bytes, expected=self.shared_state).tensors
+        # The strategy's own checks (NaN/Inf, a buffered strategy's memory bound) reject here, before merging.
+        self.aggregate.check(tensors)
+        return tensors
 
     def weight(self, announce: UpdateReady) -> float:
         return float(announce.num_samples) if self.spec.aggregation.weighting == "samples" else 1.0
