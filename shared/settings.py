@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         False, description="scheduler: a job with `resources` gets its own task queue, which services.scaler serves"
     )
     tasks_queue: str = Field("", description="worker: the queue it consumes ('': the shared one; a per-job pool's)")
+    dp_noise_key: SecretStr = Field(
+        SecretStr(""),
+        description="secret mixed into the seeds of differential-privacy noise (shared.privacy); without it the noise "
+        "can be regenerated from the job seed, which suits experiments only",
+    )
 
 
 class ScalerSettings(BaseSettings):

@@ -364,6 +364,31 @@ class CompressionSpec(_Strict):
     )
 
 
+class PrivacySpec(_Strict):
+    """Client-level differential privacy (DP-FedAvg, `shared.privacy`); absent: none.
+
+    Each client's update of the global part is clipped to L2 norm `clip_norm` (over all its tensors)
+    and Gaussian noise of std noise_multiplier x clip_norm is added to the round's sum, which is
+    divided by clients_per_round. Needs aggregation strategy fedavg with weighting uniform, and a
+    mode whose uploads are deltas (backprop, align, auto, fwd with regime local; client noise:
+    backprop or align).
+    """
+
+    clip_norm: float = Field(gt=0, le=1e6, description="C: the L2 norm each client's update is clipped to")
+    noise_multiplier: float = Field(
+        ge=0, le=100, description="z: the noise on the round's sum has std z x C (0: clipping only, no privacy)"
+    )
+    noise: Literal["server", "client"] = Field(
+        "server",
+        description="server: the aggregator clips each update and adds the noise to the sum once per round; "
+        "client: each client clips its own update and adds a share of std z C / sqrt(clients_per_round)",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta epsilon is reported at")
+    accountant: Literal["rdp", "pld"] = Field(
+        "rdp", description="dp-accounting's Renyi-DP or privacy-loss-distribution accountant"
+    )
+
+
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 _LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 
@@ -388,7 +413,10 @@ class ResourcesSpec(_Strict):
     memory: str | None = Field(None, pattern=_QUANTITY, description="memory per worker (request = limit), e.g. 16Gi")
     cpu: str | None = Field(None, pattern=_QUANTITY, description="CPU request per worker, e.g. 2 or 500m")
     node_selector: dict[Annotated[str, Field(pattern=_LABEL_KEY)], Annotated[str, Field(max_length=63)]] = Field(
-        default_factory=dict, description="node labels the pool's pods must have"
+        default_factory=dict,
+        description="node labels the pool's pods must have",
+        # patternProperties alone would let any other key through in the schema; the validator rejects it.
+        json_schema_extra={"additionalProperties": False},
     )
     tolerations: list[TolerationSpec] = Field(default_factory=list, max_length=32, description="taints tolerated")
     max_workers: int = Field(4, ge=1, le=1000, description="most workers the pool scales to")
@@ -402,7 +430,9 @@ class JobSpec(_Strict):
     text set); fwd.perturbations_per_task <= fwd.max_perturbations_per_step;
     fwd.perturbations_per_local_step <= fwd.max_perturbations_per_local_step; fwd.upload `pool` needs
     fwd.regime `local`; partition `natural`
-    needs a data set with natural groups; devices.profiles, when given, lists num_clients profiles.
+    needs a data set with natural groups; devices.profiles, when given, lists num_clients profiles;
+    privacy needs aggregation strategy fedavg with weighting uniform, not fwd with regime fedsgd, and
+    privacy.noise `client` needs mode backprop or align.
     """
 
     name: str = Field(
@@ -438,6 +468,9 @@ class JobSpec(_Strict):
     resources: ResourcesSpec | None = Field(
         None, description="run this job on its own worker pool with these resources (None: the shared workers)"
     )
+    privacy: PrivacySpec | None = Field(
+        None, description="client-level differential privacy: clipping, Gaussian noise, epsilon (None: off)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -459,6 +492,8 @@ class JobSpec(_Strict):
             raise ValueError(f"partition 'natural' needs a data set with natural groups, not {self.dataset!r}")
         if self.lora.full:
             _check_full_finetuning(self)
+        if self.privacy is not None:
+            _check_privacy(self)
         if self.devices.profiles is not None and len(self.devices.profiles) != self.num_clients:
             raise ValueError(
                 f"devices.profiles lists {len(self.devices.profiles)} profiles but num_clients is {self.num_clients}"
@@ -506,6 +541,21 @@ def _check_alignment(spec: JobSpec) -> None:
             raise ValueError(f"align.preferences.{where}: weights must be non-negative, got {weights}")
         if abs(sum(weights) - 1.0) > 1e-6:
             raise ValueError(f"align.preferences.{where}: weights must sum to 1, got {sum(weights):g}")
+
+
+def _check_privacy(spec: JobSpec) -> None:
+    # DP-FedAvg's sensitivity bound needs every client to weigh alike and the sum to be a plain sum.
+    if spec.aggregation.strategy != "fedavg":
+        raise ValueError(f"privacy needs aggregation.strategy 'fedavg', not {spec.aggregation.strategy!r}")
+    if spec.aggregation.weighting != "uniform":
+        raise ValueError("privacy needs aggregation.weighting 'uniform': a client's weight must not depend on its data")
+    if spec.mode == "fwd" and spec.fwd.regime != "local":
+        raise ValueError("privacy clips each client's delta; fwd regime 'fedsgd' uploads gradient estimates")
+    assert spec.privacy is not None
+    if spec.privacy.noise == "client" and spec.mode not in ("backprop", "align"):
+        raise ValueError(
+            f"privacy.noise 'client' needs mode backprop or align (dense delta uploads), not {spec.mode!r}"
+        )
 
 
 FULL_FINETUNING_MAX_STATE_BYTES = 512 * 1024 * 1024

@@ -137,6 +137,13 @@ def consistent(body: Any) -> Any:
         fwd["max_perturbations_per_local_step"] = per_local_step
     if fwd.get("upload", defaults.fwd.upload) == "pool":
         fwd["regime"] = "local"
+    if spec.get("privacy"):  # DP-FedAvg: fedavg over uniform weights, on modes that upload deltas
+        spec["aggregation"] = {**(spec.get("aggregation") or {}), "strategy": "fedavg", "weighting": "uniform"}
+        mode = spec.get("mode", defaults.mode)
+        if mode == "fwd":
+            spec["fwd"] = {**fwd, "regime": "local"}
+        if mode not in ("backprop", "align"):
+            spec["privacy"] = {**spec["privacy"], "noise": "server"}
     return spec
 
 
