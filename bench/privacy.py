@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=None, help="clip norm C (default: calibrated, or the saved one)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of every job")
     parser.add_argument("--eval", type=int, default=256, help="held-out examples evaluated per round")
+    parser.add_argument("--stop-at", type=float, default=None, help="Unix time after which no further job starts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import transformers
@@ -173,6 +174,9 @@ def main() -> None:
     save()
     levels = results.setdefault("levels", {})
     for noise in (float(z) for z in args.noise.split(",")):
+        if args.stop_at is not None and time.time() > args.stop_at:
+            print(f"z={noise:g} not run: past --stop-at", flush=True)
+            continue
         spec = level_spec(noise, clip, args.rounds, args.eval)
         outcome = run(spec, cache_dir)
         levels[f"{noise:g}"] = outcome
