@@ -265,3 +265,21 @@ def test_a_job_without_noise_reports_an_unbounded_epsilon_as_null(tiny_spec: Cal
     rendered = json.loads(rendered)
     assert rendered["privacy"]["epsilon_total"] is None
     assert rendered["metrics"][0]["dp_epsilon"] is None
+
+
+def test_the_cli_summary_says_the_epsilon_spent() -> None:
+    from services import cli
+
+    job = {
+        "id": "j",
+        "state": "succeeded",
+        "metrics": [{"accuracy": 0.5}],
+        "privacy": {"epsilon_spent": 3.21, "delta": 1e-5},
+    }
+    with cli.console.capture() as captured:
+        cli._summary(job)
+    assert "privacy epsilon 3.21 at delta 1e-05" in captured.get()
+    job["privacy"] = {"epsilon_spent": None, "delta": 1e-5}
+    with cli.console.capture() as captured:
+        cli._summary(job)
+    assert "privacy epsilon unbounded" in captured.get()
