@@ -278,7 +278,7 @@ def test_the_cli_summary_says_the_epsilon_spent() -> None:
     }
     with cli.console.capture() as captured:
         cli._summary(job)
-    assert "privacy epsilon 3.21 at delta 1e-05" in captured.get()
+    assert "privacy epsilon 3.21 at delta 1e-05" in " ".join(captured.get().split())  # rich wraps lines
     job["privacy"] = {"epsilon_spent": None, "delta": 1e-5}
     with cli.console.capture() as captured:
         cli._summary(job)
