@@ -1,6 +1,6 @@
 """Accuracy against epsilon: the quickstart job under client-level differential privacy (DP-FedAvg).
 
-    .venv/bin/python bench/privacy.py                               # calibrate C, then z = 0.3, 0.7, 1.5
+    .venv/bin/python bench/privacy.py                               # calibrate C, then z = 0.1, 0.3, 0.7, 1.5
     .venv/bin/python bench/privacy.py --noise 0.3 --clip 1.2        # one level, a given clip norm
 
 examples/quickstart.yaml (MiniLM-L6, LoRA r=8 on query/value + head, BBC News, 8 clients, Dirichlet(0.5),
@@ -140,10 +140,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--noise", default="0.3,0.7,1.5", help="comma-separated noise multipliers z")
+    parser.add_argument("--noise", default="0.1,0.3,0.7,1.5", help="comma-separated noise multipliers z")
     parser.add_argument("--clip", type=float, default=None, help="clip norm C (default: calibrated, or the saved one)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds of every job")
-    parser.add_argument("--eval", type=int, default=256, help="held-out examples evaluated per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every job")
+    parser.add_argument("--eval", type=int, default=200, help="held-out examples evaluated per round")
     parser.add_argument("--stop-at", type=float, default=None, help="Unix time after which no further job starts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
