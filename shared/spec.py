@@ -384,9 +384,6 @@ class PrivacySpec(_Strict):
         "client: each client clips its own update and adds a share of std z C / sqrt(clients_per_round)",
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta epsilon is reported at")
-    accountant: Literal["rdp", "pld"] = Field(
-        "rdp", description="dp-accounting's Renyi-DP or privacy-loss-distribution accountant"
-    )
 
 
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,7 @@ def test_epsilon_is_dp_accountings_own(q: float, z: float, rounds: int) -> None:
     )
     rdp = rdp_privacy_accountant.RdpAccountant(list(privacy._RDP_ORDERS)).compose(event).get_epsilon(1e-5)
     pld = pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(1e-5)
-    assert privacy.accountant_epsilon("rdp", q, z, rounds, 1e-5) == rdp
-    assert privacy.accountant_epsilon("pld", q, z, rounds, 1e-5) == pld
+    assert privacy.accountant_epsilon(q, z, rounds, 1e-5) == rdp
     # The integer orders lose little against the library's default set, and PLD is the tighter bound.
     default = rdp_privacy_accountant.RdpAccountant().compose(event).get_epsilon(1e-5)
     assert default <= rdp <= default * 1.05
@@ -171,15 +171,24 @@ def test_epsilon_of_the_full_gaussian_mechanism_by_hand() -> None:
         rounds * a / (2 * z * z) + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
         for a in privacy._RDP_ORDERS
     )
-    assert privacy.accountant_epsilon("rdp", 1.0, z, rounds, delta) == pytest.approx(by_hand, rel=1e-9)
+    assert privacy.accountant_epsilon(1.0, z, rounds, delta) == pytest.approx(by_hand, rel=1e-9)
 
 
 def test_epsilon_grows_with_rounds_and_shrinks_with_noise() -> None:
-    eps = [privacy.accountant_epsilon("rdp", 0.5, 1.0, r, 1e-5) for r in range(1, 6)]
+    eps = [privacy.accountant_epsilon(0.5, 1.0, r, 1e-5) for r in range(1, 6)]
     assert eps == sorted(eps) and len(set(eps)) == 5
-    assert privacy.accountant_epsilon("rdp", 0.5, 2.0, 5, 1e-5) < eps[-1]
-    assert privacy.accountant_epsilon("rdp", 0.5, 0.0, 5, 1e-5) == math.inf
-    assert privacy.accountant_epsilon("rdp", 0.5, 1.0, 0, 1e-5) == 0.0
+    assert privacy.accountant_epsilon(0.5, 2.0, 5, 1e-5) < eps[-1]
+    assert privacy.accountant_epsilon(0.5, 0.0, 5, 1e-5) == math.inf
+    assert privacy.accountant_epsilon(0.5, 1.0, 0, 1e-5) == 0.0
+    assert privacy.accountant_epsilon(0.5, 1e-300, 10, 1e-5) == math.inf  # z^2 underflows: no bound
+
+
+def test_epsilon_is_quick_for_any_spec_the_api_accepts() -> None:
+    # The job view computes it on request: the extremes of the spec's ranges must not stall the scheduler.
+    began = time.perf_counter()
+    for q, z, rounds, delta in [(1e-4, 1e-9, 10_000, 1e-5), (1.0, 100.0, 10_000, 5e-324), (1.0, 1e-3, 10_000, 0.99)]:
+        assert privacy.accountant_epsilon(q, z, rounds, delta) > 0
+    assert time.perf_counter() - began < 10
 
 
 # -- the spec -----------------------------------------------------------------------------------
@@ -194,6 +203,7 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise() -> None:
         ({"privacy": {**PRIVATE, "delta": 1}}, "privacy.delta"),
         ({"privacy": {"clip_norm": 1}}, "privacy.noise_multiplier"),
         ({"privacy": {**PRIVATE, "noise": "both"}}, "privacy.noise"),
+        ({"privacy": {**PRIVATE, "accountant": "pld"}}, "privacy.accountant"),
         ({"privacy": PRIVATE, "aggregation": {"weighting": "uniform"}, "mode": "fwd"}, "fedsgd"),
         (
             {"privacy": {**PRIVATE, "noise": "client"}, "aggregation": {"weighting": "uniform"}, "mode": "auto"},

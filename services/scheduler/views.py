@@ -128,8 +128,10 @@ class PrivacyView(BaseModel):
         description="epsilon through the latest committed round (0 before round 1; null: no noise, no guarantee)"
     )
     epsilon_total: Figure = Field(description="epsilon the job spends once all its rounds commit (null: no noise)")
-    sampling_rate: float = Field(description="q = clients_per_round / num_clients, as the accountant assumes")
-    accountant: str = Field(description="rdp or pld (dp-accounting), Poisson-subsampled Gaussian per round")
+    sampling_rate: float = Field(
+        description="q = clients_per_round / num_clients: dp-accounting's RDP accountant takes each round as a "
+        "Poisson-subsampled Gaussian mechanism at this rate"
+    )
 
 
 class JobView(JobSummary):
