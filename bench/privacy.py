@@ -159,11 +159,15 @@ def main() -> None:
         results, specs = {}, {}  # figures of another length do not compare
     results["rounds"] = args.rounds
 
-    def save() -> None:
+    def save() -> None:  # after every job: a bench cut short still leaves its figures
         write_report(path, summarize(results), results, specs)
+        if results.get("baseline") or results.get("levels"):
+            plot(results, RESULTS / "privacy.png")
 
     clip = args.clip or results.get("clip_norm")
-    if clip is None:
+    if args.stop_at is not None and time.time() > args.stop_at:
+        print("nothing run: past --stop-at", flush=True)
+    elif clip is None:
         spec = level_spec(0.0, NO_CLIP, args.rounds, args.eval)
         baseline = run(spec, cache_dir)
         clip = float(f"{statistics.median(baseline['update_norm_median']):.2g}")
@@ -174,7 +178,7 @@ def main() -> None:
     save()
     levels = results.setdefault("levels", {})
     for noise in (float(z) for z in args.noise.split(",")):
-        if args.stop_at is not None and time.time() > args.stop_at:
+        if clip is None or (args.stop_at is not None and time.time() > args.stop_at):
             print(f"z={noise:g} not run: past --stop-at", flush=True)
             continue
         spec = level_spec(noise, clip, args.rounds, args.eval)
@@ -187,7 +191,6 @@ def main() -> None:
             flush=True,
         )
         save()
-    plot(results, RESULTS / "privacy.png")
     print(json.dumps(summarize(results)))
 
 
