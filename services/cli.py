@@ -166,6 +166,11 @@ def _summary(job: dict[str, Any], elapsed: float | None = None) -> None:
     if job["metrics"]:
         best = max(m["accuracy"] for m in job["metrics"])
         line += f": final accuracy {job['metrics'][-1]['accuracy']:.4f} (best {best:.4f})"
+    private = job.get("privacy")
+    if private:  # epsilon is null (JSON) or inf (embedded) without noise: no guarantee
+        epsilon = private["epsilon_spent"]
+        spent = f"{epsilon:.3g}" if isinstance(epsilon, (int, float)) and epsilon != float("inf") else "unbounded"
+        line += f", privacy epsilon {spent} at delta {private['delta']:g}"
     if elapsed is not None:
         line += f" in {elapsed:.0f}s"
     console.print(line)

@@ -58,7 +58,8 @@ def _replace(folder: Path, archive: bytes) -> None:
 
 def plot_metrics(job: dict[str, Any], path: Path) -> None:
     """Accuracy, loss and traffic per round; with personalization, every client's global vs personalized
-    accuracy; the simulated delay and energy of each round; for `fwd`, perturbations and variance."""
+    accuracy; the simulated delay and energy of each round; for `fwd`, perturbations and variance; with
+    `privacy`, epsilon spent per round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,8 +70,10 @@ def plot_metrics(job: dict[str, Any], path: Path) -> None:
     evaluated = [m for m in metrics if m.get("per_client")]
     costed = [m for m in metrics if "delay_s" in m]
     forward = [m for m in metrics if "perturbations" in m]
-    extra = sum(1 for panel in (evaluated, costed, forward) if panel)
-    figure, axes = plt.subplots(2 if extra else 1, 3, figsize=(14, 8 if extra else 4), squeeze=False)
+    private = [m for m in metrics if "dp_epsilon" in m]
+    extra = sum(1 for panel in (evaluated, costed, forward, private) if panel)
+    rows = 1 + -(-extra // 3)
+    figure, axes = plt.subplots(rows, 3, figsize=(14, 4 * rows), squeeze=False)
     acc_ax, loss_ax, bytes_ax = axes[0]
     acc_ax.plot(rounds, [m["accuracy"] for m in metrics], marker="o")
     acc_ax.set(title="held-out accuracy (global model)", xlabel="round", ylabel="accuracy")
@@ -84,13 +87,15 @@ def plot_metrics(job: dict[str, Any], path: Path) -> None:
     bytes_ax.plot(rounds, [m.get("bytes_down", 0) / 1e6 for m in metrics], "k.-", label="down")
     bytes_ax.set(title="traffic per round", xlabel="round", ylabel="MB")
     bytes_ax.legend()
-    free = iter(axes[1] if extra else [])
+    free = iter([axis for row in axes[1:] for axis in row])
     if evaluated:
         _plot_per_client(next(free), evaluated)
     if costed:
         _plot_device_costs(next(free), costed)
     if forward:
         _plot_forward(next(free), forward)
+    if private:
+        _plot_privacy(next(free), private, job["spec"].get("privacy") or {})
     for unused in free:
         unused.set_visible(False)
     figure.suptitle(f"{job['id']}: {job['spec']['model']} on {job['spec']['dataset']} ({job['state']})")
@@ -148,3 +153,15 @@ def _plot_forward(axis: Any, forward: list[dict[str, Any]]) -> None:
     variance = axis.twinx()
     variance.plot(rounds, [m["variance"] for m in forward], "k.-")
     variance.set_ylabel("normalized variance")
+
+
+def _plot_privacy(axis: Any, private: list[dict[str, Any]], privacy: dict[str, Any]) -> None:
+    rounds = [m["round"] for m in private]
+    # An epsilon that is not finite (no noise) comes back from the API as null: nothing to draw.
+    epsilons = [m["dp_epsilon"] if isinstance(m["dp_epsilon"], (int, float)) else float("nan") for m in private]
+    axis.plot(rounds, epsilons, "o-", color="tab:brown")
+    axis.set(
+        title=f"privacy spent (z={privacy.get('noise_multiplier')}, C={privacy.get('clip_norm')})",
+        xlabel="round",
+        ylabel=f"epsilon at delta={privacy.get('delta')}",
+    )

@@ -97,8 +97,13 @@ DEVICE_DELAY = Histogram(
 )
 DEVICE_ENERGY = Counter("pwff_device_energy_joules_total", "Simulated energy spent by devices (compute + upload)")
 
+DP_EPSILON = Gauge(
+    "pwff_dp_epsilon",
+    "Differential privacy: epsilon spent by a job through its latest committed round, at its privacy.delta",
+    ["job_id"],
+)
 # Every metric with a `job_id` label: their series of a job go when it ends (see `forget_job`).
-PER_JOB: tuple[Gauge, ...] = (GLOBAL_ACCURACY, GLOBAL_LOSS, CLIENT_MEAN_FIGURE, FWD_VARIANCE, FWD_COSINE)
+PER_JOB: tuple[Gauge, ...] = (GLOBAL_ACCURACY, GLOBAL_LOSS, CLIENT_MEAN_FIGURE, FWD_VARIANCE, FWD_COSINE, DP_EPSILON)
 
 
 def forget_job(job_id: str, linger_s: float | None = None) -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     client_data: str = Field("", description="worker: comma-separated data files, one per client in `clients`; --data")
     client_keys: str = Field(
         "", description="worker: comma-separated private key files, one per client in `clients`; --key"
+    )
+    dp_noise_key: SecretStr = Field(
+        SecretStr(""),
+        description="secret mixed into the seeds of differential-privacy noise (shared.privacy); without it the noise "
+        "can be regenerated from the job seed, which suits experiments only",
     )
 
 

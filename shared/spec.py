@@ -464,6 +464,28 @@ class SecureAggregationSpec(_Strict):
     clip: float = Field(1.0, gt=0, le=1e6, description="each update coordinate is clipped to [-clip, clip]")
 
 
+class PrivacySpec(_Strict):
+    """Client-level differential privacy (DP-FedAvg, `shared.privacy`); absent: none.
+
+    Each client's update of the global part is clipped to L2 norm `clip_norm` (over all its tensors)
+    and Gaussian noise of std noise_multiplier x clip_norm is added to the round's sum, which is
+    divided by clients_per_round. Needs aggregation strategy fedavg with weighting uniform, and a
+    mode whose uploads are deltas (backprop, align, auto, fwd with regime local; client noise:
+    backprop or align).
+    """
+
+    clip_norm: float = Field(gt=0, le=1e6, description="C: the L2 norm each client's update is clipped to")
+    noise_multiplier: float = Field(
+        ge=0, le=100, description="z: the noise on the round's sum has std z x C (0: clipping only, no privacy)"
+    )
+    noise: Literal["server", "client"] = Field(
+        "server",
+        description="server: the aggregator clips each update and adds the noise to the sum once per round; "
+        "client: each client clips its own update and adds a share of std z C / sqrt(clients_per_round)",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta epsilon is reported at")
+
+
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 _LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 
@@ -488,7 +510,10 @@ class ResourcesSpec(_Strict):
     memory: str | None = Field(None, pattern=_QUANTITY, description="memory per worker (request = limit), e.g. 16Gi")
     cpu: str | None = Field(None, pattern=_QUANTITY, description="CPU request per worker, e.g. 2 or 500m")
     node_selector: dict[Annotated[str, Field(pattern=_LABEL_KEY)], Annotated[str, Field(max_length=63)]] = Field(
-        default_factory=dict, description="node labels the pool's pods must have"
+        default_factory=dict,
+        description="node labels the pool's pods must have",
+        # patternProperties alone would let any other key through in the schema; the validator rejects it.
+        json_schema_extra={"additionalProperties": False},
     )
     tolerations: list[TolerationSpec] = Field(default_factory=list, max_length=32, description="taints tolerated")
     max_workers: int = Field(4, ge=1, le=1000, description="most workers the pool scales to")
@@ -573,6 +598,8 @@ class JobSpec(_Strict):
     krum_selected <= clients_per_round - byzantine; `trimmed_mean` must trim at least one client per
     side; robust strategies need deltas (not fwd.regime `fedsgd`); simulation.poison needs mode
     backprop or align.
+    privacy needs aggregation strategy fedavg with weighting uniform, not fwd with regime fedsgd, and
+    privacy.noise `client` needs mode backprop or align.
     """
 
     name: str = Field(
@@ -628,6 +655,9 @@ class JobSpec(_Strict):
     simulation: SimulationSpec = Field(
         SimulationSpec(), description="TEST/BENCHMARK SIMULATION ONLY: injected faults (poisoned clients)"
     )
+    privacy: PrivacySpec | None = Field(
+        None, description="client-level differential privacy: clipping, Gaussian noise, epsilon (None: off)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -681,6 +711,8 @@ class JobSpec(_Strict):
             _check_secure_aggregation(self)
 
         _check_robust(self)
+        if self.privacy is not None:
+            _check_privacy(self)
         if self.devices.profiles is not None and len(self.devices.profiles) != self.num_clients:
             raise ValueError(
                 f"devices.profiles lists {len(self.devices.profiles)} profiles but num_clients is {self.num_clients}"
@@ -778,6 +810,26 @@ def _check_secure_aggregation(spec: JobSpec) -> None:
         )
     if spec.clients_per_round < 2:
         raise ValueError("secure_aggregation needs clients_per_round >= 2 (the sum of one update is that update)")
+
+
+def _check_privacy(spec: JobSpec) -> None:
+    # DP-FedAvg's sensitivity bound needs every client to weigh alike and the sum to be a plain sum.
+    if spec.aggregation.strategy != "fedavg":
+        raise ValueError(f"privacy needs aggregation.strategy 'fedavg', not {spec.aggregation.strategy!r}")
+    if spec.aggregation.weighting != "uniform":
+        raise ValueError("privacy needs aggregation.weighting 'uniform': a client's weight must not depend on its data")
+    if spec.mode == "fwd" and spec.fwd.regime != "local":
+        raise ValueError("privacy clips each client's delta; fwd regime 'fedsgd' uploads gradient estimates")
+    assert spec.privacy is not None
+    if spec.secure_aggregation.enabled and spec.privacy.noise == "server":
+        raise ValueError(
+            "privacy.noise 'server' needs each update in the clear to clip it; with secure_aggregation use "
+            "privacy.noise 'client'"
+        )
+    if spec.privacy.noise == "client" and spec.mode not in ("backprop", "align"):
+        raise ValueError(
+            f"privacy.noise 'client' needs mode backprop or align (dense delta uploads), not {spec.mode!r}"
+        )
 
 
 FULL_FINETUNING_MAX_STATE_BYTES = 512 * 1024 * 1024

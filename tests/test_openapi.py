@@ -161,6 +161,13 @@ def consistent(body: Any) -> Any:
     if fwd.get("upload", defaults.fwd.upload) == "pool":
         fwd["regime"] = "local"
     _consistent_robust(spec, defaults)
+    if spec.get("privacy"):  # DP-FedAvg: fedavg over uniform weights, on modes that upload deltas
+        spec["aggregation"] = {**(spec.get("aggregation") or {}), "strategy": "fedavg", "weighting": "uniform"}
+        mode = spec.get("mode", defaults.mode)
+        if mode == "fwd":
+            spec["fwd"] = {**fwd, "regime": "local"}
+        if mode not in ("backprop", "align"):
+            spec["privacy"] = {**spec["privacy"], "noise": "server"}
     return spec
 
 

@@ -50,7 +50,14 @@ from shared.messages import (
     decode_aggregator,
     encode,
 )
-from shared.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, ROUNDS_COMMITTED, UPDATES_RECEIVED, forget_job
+from shared.metrics import (
+    DP_EPSILON,
+    GLOBAL_ACCURACY,
+    GLOBAL_LOSS,
+    ROUNDS_COMMITTED,
+    UPDATES_RECEIVED,
+    forget_job,
+)
 from shared.models import initial_state, load_trainable_state, peft_folder_archive
 from shared.modes import mode_of
 from shared.modes.base import State, UpdateRejected
@@ -363,6 +370,8 @@ class Aggregator:
         tally.observe_devices()
         GLOBAL_ACCURACY.labels(job_id=job_id).set(metrics["accuracy"])
         GLOBAL_LOSS.labels(job_id=job_id).set(metrics["loss"])
+        if "dp_epsilon" in metrics:
+            DP_EPSILON.labels(job_id=job_id).set(metrics["dp_epsilon"])
         if step.figures:
             mode.observe(job_id, step.figures)
         if round_ >= spec.rounds:

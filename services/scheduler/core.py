@@ -56,6 +56,7 @@ from shared.metrics import (
     forget_job,
 )
 from shared.modes import mode_of
+from shared.privacy import privacy_view
 from shared.spec import JobSpec
 from shared.state import JobEvent, JobMeta, JobNotFound, JobState, Repositories, RoundPlan, RoundRecord, RoundStatus
 from shared.state.records import EventKind
@@ -192,15 +193,17 @@ class Scheduler:
     def get_job(self, job_id: str) -> dict[str, Any]:
         """The job view (`services.scheduler.views.JobView`) as plain data."""
         meta = self.jobs.require(job_id)
+        history = self.state.rounds.history(job_id)
         return {
             **self._summary(meta),
             "rounds": meta.spec.rounds,
             "updated_at": meta.updated_at,
             "error": meta.error or None,
             "spec": meta.spec.model_dump(mode="json"),
-            "metrics": [self._round_view(job_id, record) for record in self.state.rounds.history(job_id)],
+            "metrics": [self._round_view(job_id, record) for record in history],
             "pool": read_pool_status(self.store, self.state.keys, job_id),  # its own workers (services.scaler)
             "clients": self.client_presence(meta.spec),
+            "privacy": privacy_view(meta.spec, history),
         }
 
     def events(self, job_id: str) -> list[JobEvent]:

@@ -86,6 +86,18 @@ class RoundView(BaseModel):
     client_mean_personalized_weighted_reward: float | None = Field(
         None, description="align: mean over per_client of personalized_weighted_reward"
     )
+    dp_epsilon: Figure = Field(
+        None,
+        description="privacy: epsilon spent through this round at the spec's privacy.delta (null: no noise, "
+        "no guarantee)",
+    )
+    dp_noise_std: float | None = Field(None, description="privacy: std of the noise on each averaged coordinate")
+    dp_update_norm_median: float | None = Field(
+        None, description="privacy, server noise: median L2 norm of the round's updates before clipping"
+    )
+    dp_clipped_fraction: float | None = Field(
+        None, description="privacy, server noise: share of the round's updates whose norm exceeded clip_norm"
+    )
 
     @model_serializer(mode="wrap")
     def _without_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -119,6 +131,20 @@ class ClientPresence(BaseModel):
     )
 
 
+class PrivacyView(BaseModel):
+    """A job's differential-privacy budget (a spec with `privacy`): (epsilon, delta)-DP at the client level."""
+
+    delta: float = Field(description="the spec's privacy.delta")
+    epsilon_spent: Figure = Field(
+        description="epsilon through the latest committed round (0 before round 1; null: no noise, no guarantee)"
+    )
+    epsilon_total: Figure = Field(description="epsilon the job spends once all its rounds commit (null: no noise)")
+    sampling_rate: float = Field(
+        description="q = clients_per_round / num_clients: dp-accounting's RDP accountant takes each round as a "
+        "Poisson-subsampled Gaussian mechanism at this rate"
+    )
+
+
 class JobView(JobSummary):
     """A job with its spec and every committed round's figures."""
 
@@ -133,6 +159,7 @@ class JobView(JobSummary):
     clients: list[ClientPresence] | None = Field(
         None, description="bound clients (clients.kind bound): each one's identity and whether its worker is present"
     )
+    privacy: PrivacyView | None = Field(None, description="the differential-privacy budget (a spec with `privacy`)")
 
 
 class JobCreated(BaseModel):

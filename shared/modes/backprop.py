@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from shared import privacy
 from shared.aggregation import DeltaAggregate
 from shared.batches import collate, minibatches
 from shared.catalog import Task, model_info
@@ -133,6 +134,8 @@ def encode_delta(context: LocalContext, residual: State, seed: int) -> tuple[Enc
         for name, value in residual.items():
             if name in delta:
                 delta[name] += value
+    if spec.privacy is not None and spec.privacy.noise == "client":
+        delta = privacy.privatize_client(spec, delta, task.round, task.client)
     encoded = encode_update(delta, Codec.for_uploads(spec.compression), seed)
     if spec.compression.error_feedback:
         personal.update({RESIDUAL_PREFIX + name: delta[name] - encoded.decoded[name] for name in delta})
@@ -281,7 +284,10 @@ class DeltaAccumulator(RoundAccumulator[State]):
     def __init__(self, spec: JobSpec, start_state: State) -> None:
         super().__init__(spec, start_state)
         self.strategy = STRATEGIES[spec.aggregation.strategy]
-        self.aggregate: DeltaAggregate = self.strategy.start(spec)
+        # With `privacy` the round is DP-FedAvg's clipped (and noised) sum instead of the strategy's aggregate.
+        self.aggregate: DeltaAggregate = (
+            privacy.PrivateSum(spec.privacy) if spec.privacy is not None else self.strategy.start(spec)
+        )
         self.shared_state = {n: t for n, t in start_state.items() if not is_personal(spec, n)}
 
     def _validate(self, announce: UpdateReady, blob: bytes, max_bytes: int) -> State:
@@ -300,4 +306,7 @@ class DeltaAccumulator(RoundAccumulator[State]):
     def commit(self, state: State, previous: Callable[[str], State | None], round_: int) -> Step:
         if not self.aggregate.count:
             return Step(dict(state))
+        if isinstance(self.aggregate, privacy.PrivateSum):
+            private = privacy.commit(self.spec, state, self.aggregate, round_)
+            return Step(private.state, figures=private.figures)
         return Step(self.strategy.apply(self.spec, state, self.aggregate))
