@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     client_keys: str = Field(
         "", description="worker: comma-separated private key files, one per client in `clients`; --key"
     )
+    client_state_dir: Path | None = Field(
+        None,
+        description="worker: where bound clients' personal tensors and error-feedback residuals are kept between "
+        "tasks and across restarts, on the client's own machine (None: <cache_dir>/client-state); --state-dir",
+    )
 
 
 class ScalerSettings(BaseSettings):

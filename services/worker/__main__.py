@@ -66,7 +66,15 @@ def parse_args(argv: Sequence[str] | None, settings: Settings) -> dict[str, Boun
     parser.add_argument("--data", action="append", default=[], help="that client's data (JSON lines of text, label)")
     parser.add_argument("--key", action="append", default=[], help="that client's private key (pwff client enroll)")
     parser.add_argument("--key-dir", type=Path, default=None, help="keys as <dir>/<client>.key instead of --key")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where bound clients' personal state is kept across restarts (default <cache dir>/client-state)",
+    )
     args = parser.parse_args(argv)
+    if args.state_dir is not None:
+        settings.client_state_dir = args.state_dir
     clients = args.client or _split(settings.clients)
     data = args.data or _split(settings.client_data)
     keys = args.key or _split(settings.client_keys)
@@ -97,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         name=f"worker@{socket.gethostname()}:{os.getpid()}" + (f"[{','.join(clients)}]" if clients else ""),
         tasks_queue=settings.tasks_queue,
         clients=clients,
+        state_dir=settings.client_state_dir,
     )
     # /healthz, /readyz (consume loop, broker and store, from the connections it already has) and /metrics.
     probes = serve_probes(

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from shared import data, local_data
 from shared.adapters import ModelCache
 from shared.bus import Bus, Queues
+from shared.client_state import ClientStateDir
 from shared.codec import (
     RESIDUAL_PREFIX,
     CodecError,
@@ -56,9 +57,8 @@ from shared.modes import mode_of
 from shared.modes.base import EvaluationContext, LocalContext, LocalResult, State, TaskFailed
 from shared.spec import JobSpec, format_validation_error
 from shared.state import JobNotFound, JobState, Repositories
-from shared.state.tensors import PersonalVersion
+from shared.state.tensors import PersonalVersion, TensorRepository
 from shared.store import Store
-from shared.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class Worker:
         name: str = "worker",
         tasks_queue: str = "",
         clients: Mapping[str, BoundClient] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.bus = bus
         self.state = Repositories(store, namespace, update_ttl_s)
@@ -116,10 +117,11 @@ class Worker:
         self.task_queues = [self.queues.client_tasks(identity) for identity in self.clients] or [
             tasks_queue or self.queues.tasks
         ]
-        # A bound client's personal tensors and codec residual never leave its worker: they live in the
-        # worker's memory (a restarted worker starts them afresh); a pool worker keeps them in the store.
-        self.client_tensors = (
-            Repositories(MemoryStore(), namespace, update_ttl_s).tensors if self.clients else self.state.tensors
+        # A bound client's personal tensors and codec residual never leave its machine: they live in its
+        # state directory (shared.client_state), read back when the worker restarts; a pool worker keeps
+        # them in the store, where any worker picks its clients up.
+        self.client_tensors: TensorRepository | ClientStateDir = (
+            ClientStateDir(state_dir or cache_dir / "client-state") if self.clients else self.state.tensors
         )
         self.tasks_queue = self.task_queues[0]
         """The shared task queue, a per-job pool's (PWFF_TASKS_QUEUE, set by services.scaler), or the first
