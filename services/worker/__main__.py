@@ -6,7 +6,8 @@ bound clients, it serves only them, each from its own data file and with its own
     python -m services.worker --client site-a --data /data/site-a.jsonl --key /keys/site-a.key
 
 (`--client/--data/--key` repeat, in order, for several clients; or PWFF_CLIENTS, PWFF_CLIENT_DATA and
-PWFF_CLIENT_KEYS, comma-separated.)
+PWFF_CLIENT_KEYS, comma-separated.) Their personal state is kept across restarts in `--state-dir`
+(PWFF_CLIENT_STATE_DIR; default <cache dir>/client-state).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ the whole state. The bus acks a task only after `handle` returns, i.e. after the
 is stored and announced; a worker killed mid-task leaves the task to be redelivered to
 another. How a client trains is its job's training mode (`shared.modes`); this class only
 moves state in and out, including a client's error-feedback residual (client-side codec
-state, stored apart from its personal tensors).
+state, stored apart from its personal tensors). A bound client's personal tensors and residual
+are kept in its state directory on its own machine (`shared.client_state`), not in Redis.
 """
 
 from __future__ import annotations
