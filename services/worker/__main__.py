@@ -108,10 +108,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         clients=clients,
         state_dir=settings.client_state_dir,
     )
-    # /healthz, /readyz (consume loop, broker and store, from the connections it already has) and /metrics.
+    # /healthz, /readyz (every consume loop, broker and store, from the connections it already has) and /metrics.
     probes = serve_probes(
         settings.metrics_port,
-        Readiness(worker.bus, worker.tasks_queue, worker.state.store, stale_after_s=settings.probe_stale_s),
+        Readiness(worker.bus, worker.task_queues, worker.state.store, stale_after_s=settings.probe_stale_s),
     )
     try:
         run_until_signalled(worker.run)
