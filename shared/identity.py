@@ -43,8 +43,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 _DOMAIN = b"pwff-client-v1"
 """Prefixed to every signed payload, so a signature made for something else never verifies as a client's."""
 
-SignedKind = Literal["update", "evaluation"]
-"""What a client signs: its updates (verified by the aggregator) and its evaluations (by the scheduler)."""
+SignedKind = Literal["update", "evaluation", "failure"]
+"""What a client signs: its updates (verified by the aggregator), its evaluations and its task failures
+(`ClientFailed`, by the scheduler)."""
 
 
 class IdentityError(ValueError):

@@ -179,6 +179,7 @@ class ClientFailed(_Message):
     round: Round
     client: ClientId
     reason: str = Field(max_length=4000)
+    signature: str = Field("", max_length=128, description="bound clients: the client's signature of every other field")
 
 
 WorkerTask = TrainTask | EvaluateTask

@@ -62,6 +62,11 @@ EVALUATIONS_REJECTED = Counter(
     "pwff_evaluations_unauthenticated_total",
     "Bound clients' evaluations the scheduler refused: unsigned, signed by another key, or of a revoked client",
 )
+CLIENT_FAILURES_REJECTED = Counter(
+    "pwff_client_failures_unauthenticated_total",
+    "Bound clients' task failures (ClientFailed) the scheduler refused: unsigned, signed by another key, or of a "
+    "revoked client",
+)
 for _outcome in ("merged", "duplicate", "late", "invalid", "unauthenticated"):
     UPDATES_RECEIVED.labels(outcome=_outcome)
 

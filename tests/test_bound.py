@@ -23,14 +23,16 @@ from shared.bus import Queues
 from shared.bus.memory import MemoryBus
 from shared.messages import (
     ClientEvaluated,
+    ClientFailed,
     InvalidMessage,
     TrainTask,
     UpdateReady,
     decode_aggregator,
+    decode_scheduler,
     decode_task,
     encode,
 )
-from shared.metrics import EVALUATIONS_REJECTED, UPDATES_RECEIVED
+from shared.metrics import CLIENT_FAILURES_REJECTED, EVALUATIONS_REJECTED, UPDATES_RECEIVED
 from shared.spec import parse_spec
 from shared.state import JobState
 from shared.store.memory import MemoryStore
@@ -276,6 +278,28 @@ def test_a_file_that_does_not_fit_the_job_is_a_clear_task_failure(
     task = TrainTask(job_id=round_one["job_id"], round=1, client=0, local_steps=1)
     with pytest.raises(InvalidMessage, match=r"task failed: local data of this client does not fit the job.*weather"):
         worker.handle(encode(task))
+    # The failure reaches the job's event log signed by site-a; unsigned or in another client's name, it is
+    # dead-lettered and counted: one client cannot write into another's record.
+    scheduler: Scheduler = round_one["scheduler"]
+    (body,) = [b for b in drain(aggregator.bus, Queues().events) if isinstance(decode_scheduler(b), ClientFailed)]
+    failed = decode_scheduler(body)
+    assert isinstance(failed, ClientFailed) and failed.signature
+    site_a = identity.UpdateSigner.from_file("site-b", round_one["clients"][0].key)  # A's key, B's name
+    as_b = failed.model_copy(update={"client": 1, "signature": ""})
+    as_b_fields = as_b.model_dump(mode="json", exclude={"signature"})
+    rejected = CLIENT_FAILURES_REJECTED._value.get()
+    for forged in (
+        failed.model_copy(update={"signature": ""}),
+        as_b.model_copy(update={"signature": site_a.sign(as_b_fields, "failure")}),
+        failed.model_copy(update={"reason": "something else"}),  # altered after signing
+    ):
+        with pytest.raises(InvalidMessage, match=r"failure of .*client 'site-"):
+            scheduler.handle_event(encode(forged))
+    assert CLIENT_FAILURES_REJECTED._value.get() == rejected + 3
+    assert not [e for e in scheduler.events(round_one["job_id"]) if e.kind == "client-failed"]
+    scheduler.handle_event(body)
+    (logged,) = [e for e in scheduler.events(round_one["job_id"]) if e.kind == "client-failed"]
+    assert logged.client == 0 and "weather" in logged.message
 
 
 def _update(

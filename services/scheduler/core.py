@@ -24,7 +24,7 @@ from services.scaler.status import read_pool_status
 from services.scheduler.budgets import sample_clients, task_budget
 from shared.bus import Bus, Queues
 from shared.data import check_local_data
-from shared.identity import ClientRegistry, IdentityError
+from shared.identity import ClientRegistry, IdentityError, SignedKind
 from shared.messages import (
     ClientEvaluated,
     ClientFailed,
@@ -43,6 +43,7 @@ from shared.messages import (
     encode,
 )
 from shared.metrics import (
+    CLIENT_FAILURES_REJECTED,
     CLIENT_MEAN_FIGURE,
     EVALUATIONS_REJECTED,
     FWD_EXTRA_WAVES,
@@ -262,6 +263,9 @@ class Scheduler:
             if state.final:
                 return  # e.g. a round that committed after the job was cancelled
             if isinstance(event, ClientFailed):
+                identity = self.jobs.spec(event.job_id).clients.identity(event.client)
+                if identity is not None:  # one client must not put words in another's event log
+                    self._authenticate(event, identity)
                 self._event(
                     event.job_id,
                     "client-failed",
@@ -365,19 +369,21 @@ class Scheduler:
             self.jobs.update_plan(job_id, round_, status=RoundStatus.COMMITTED)
             self._finish(job_id, JobState.SUCCEEDED, "")
 
-    def _authenticate(self, event: ClientEvaluated, identity: str) -> None:
-        """A bound client's figures count only signed by its enrolled, unrevoked key (else dead-lettered)."""
+    def _authenticate(self, event: ClientEvaluated | ClientFailed, identity: str) -> None:
+        """A bound client's figures and failures count only signed by its enrolled, unrevoked key (else
+        dead-lettered and counted)."""
+        kind: SignedKind = "evaluation" if isinstance(event, ClientEvaluated) else "failure"
         try:
             if self.identities is None:
                 raise IdentityError(
                     "no clients file is configured (PWFF_CLIENTS_FILE): bound clients cannot be verified"
                 )
             fields = event.model_dump(mode="json", exclude={"signature"})
-            self.identities.verify(identity, fields, event.signature, "evaluation")
+            self.identities.verify(identity, fields, event.signature, kind)
         except IdentityError as error:
-            EVALUATIONS_REJECTED.inc()
-            log.warning("rejected evaluation of %s round %d: %s", event.job_id, event.round, error)
-            raise InvalidMessage(f"evaluation of {event.job_id} round {event.round}: {error}") from None
+            (EVALUATIONS_REJECTED if kind == "evaluation" else CLIENT_FAILURES_REJECTED).inc()
+            log.warning("rejected %s of %s round %d: %s", kind, event.job_id, event.round, error)
+            raise InvalidMessage(f"{kind} of {event.job_id} round {event.round}: {error}") from None
 
     # -- rounds -----------------------------------------------------------------------------
 

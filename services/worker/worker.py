@@ -155,6 +155,7 @@ class Worker:
     def handle(self, body: bytes) -> None:
         task = decode_task(body, self.max_message_bytes)
         job_id = task.job_id
+        identity: str | None = None
         try:
             try:
                 spec = self._spec(job_id)
@@ -182,13 +183,21 @@ class Worker:
             # Deterministic: a retry would fail the same way. Dead-lettered (and counted) by the bus.
             TASKS_PROCESSED.labels(outcome="failed").inc()
             log.error("%s: task of %s round %d client %d failed: %s", self.name, job_id, task.round, task.client, error)
-            reason = str(error)[:4000]
-            self.bus.publish(
-                self.queues.events,
-                encode(ClientFailed(job_id=job_id, round=task.round, client=task.client, reason=reason)),
-            )
+            failed = ClientFailed(job_id=job_id, round=task.round, client=task.client, reason=str(error)[:4000])
+            self.bus.publish(self.queues.events, encode(self._signed_failure(failed, identity)))
             raise InvalidMessage(f"task failed: {error}") from None
         TASKS_PROCESSED.labels(outcome=outcome).inc()
+
+    def _signed_failure(self, failed: ClientFailed, identity: str | None) -> ClientFailed:
+        """A bound client's failure, signed with its key: the scheduler logs it only so signed."""
+        if identity is None and len(self.clients) == 1:
+            # The spec did not load here, so the task's identity is unknown: this worker speaks only for its
+            # one client (a task for another is refused by the scheduler's check of the signature).
+            identity = next(iter(self.clients))
+        if identity is None or identity not in self.clients:
+            return failed  # a pool client's: nothing to sign
+        fields = failed.model_dump(mode="json", exclude={"signature"})
+        return failed.model_copy(update={"signature": self.clients[identity].signer.sign(fields, "failure")})
 
     def _spec(self, job_id: str) -> JobSpec:
         if job_id not in self._specs:
