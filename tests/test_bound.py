@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from shared.spec import parse_spec
 from shared.state import JobState
 from shared.store.memory import MemoryStore
 from tests.bound import CLIENTS, Enrolled, bound_spec, enroll_clients, markers_in
-from tests.harness import drain
+from tests.harness import drain, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -231,6 +231,54 @@ def test_an_absent_client_is_a_straggler_and_shows_as_absent(
     assert job["state"] == "succeeded", job
     assert job["metrics"][1]["clients"] == [0, 1]
     assert [(c["id"], c["present"]) for c in job["clients"]] == [("site-a", True), ("site-b", True), ("site-c", False)]
+
+
+class CountingBus(MemoryBus):
+    """MemoryBus counting the broker exchanges a job view causes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[list[str]] = []
+
+    def consumer_counts(self, queues: Sequence[str]) -> dict[str, int]:
+        self.asked.append(list(queues))
+        return super().consumer_counts(queues)
+
+    def consumers(self, queue: str) -> int:
+        raise AssertionError("a job view counts every client's consumers in one exchange")
+
+
+def test_presence_is_one_exchange_with_the_broker_for_all_clients_and_reused_for_a_while() -> None:
+    bus = CountingBus()
+    scheduler = Scheduler(bus, MemoryStore(), presence_ttl_s=0.3)
+    job_id = scheduler.submit(parse_spec(bound_spec()))
+    stop = threading.Event()
+    loop = threading.Thread(target=bus.consume, args=(Queues().client_tasks("site-b"), lambda body: None, stop))
+    loop.start()
+    try:
+        wait_until(lambda: MemoryBus.consumers(bus, Queues().client_tasks("site-b")) == 1, 5, "site-b's consumer")
+        views = [scheduler.get_job(job_id) for _ in range(20)]
+        assert bus.asked == [[Queues().client_tasks(c) for c in CLIENTS]]  # 20 views, one exchange
+        assert [c["present"] for c in views[-1]["clients"]] == [False, True, False]
+        stop.set()
+        loop.join(timeout=5)
+        time.sleep(0.35)  # the answer is too old now: asked again, and site-b's worker is gone
+        assert [c["present"] for c in scheduler.get_job(job_id)["clients"]] == [False, False, False]
+        assert len(bus.asked) == 2
+    finally:
+        stop.set()
+        loop.join(timeout=5)
+
+
+def test_a_broker_that_does_not_answer_shows_clients_absent_and_is_asked_again() -> None:
+    bus = CountingBus()
+    scheduler = Scheduler(bus, MemoryStore())
+    job_id = scheduler.submit(parse_spec(bound_spec()))
+    down = RuntimeError("broker down")
+    bus.consumer_counts = lambda queues: (_ for _ in ()).throw(down)  # type: ignore[method-assign]
+    assert [c["present"] for c in scheduler.get_job(job_id)["clients"]] == [False, False, False]
+    del bus.consumer_counts  # answers again: not cached as absent
+    assert scheduler.get_job(job_id)["clients"][0]["present"] is False and len(bus.asked) == 1
 
 
 # -- credentials ------------------------------------------------------------------------------

@@ -113,6 +113,7 @@ class Scheduler:
         retention_s: int = 0,
         job_pools: bool = False,
         identities: ClientRegistry | None = None,
+        presence_ttl_s: float = 2.0,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -128,6 +129,10 @@ class Scheduler:
         """A job with `resources` goes to its own task queue, served by its pool (services.scaler)."""
         self.identities = identities
         """Enrolled bound clients' keys (PWFF_CLIENTS_FILE): a bound client's evaluation must be signed by it."""
+        self.presence_ttl_s = presence_ttl_s
+        """How long a bound client's presence (a consumer on its queue) is reused by job views."""
+        self._presence: dict[str, tuple[float, bool]] = {}
+        self._presence_lock = threading.Lock()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -417,15 +422,34 @@ class Scheduler:
         """Bound clients: whether a worker is consuming each one's task queue now (absent: a straggler)."""
         if spec.clients.ids is None:
             return None
-        presence = []
-        for index, identity in enumerate(spec.clients.ids):
-            try:
-                present = self.bus.consumers(self.queues.client_tasks(identity)) > 0
-            except Exception:  # the job view must answer even when the broker does not
-                log.warning("could not count the consumers of client %s", identity, exc_info=True)
-                present = False
-            presence.append({"client": index, "id": identity, "present": present})
-        return presence
+        now = time.monotonic()
+        # Job views are polled (by every `pwff status`, every dashboard): the clients whose presence is older
+        # than presence_ttl_s are asked together, in one exchange with the broker, and the answer is reused
+        # by every view until then. The lock makes concurrent views wait for one query, not each send theirs.
+        with self._presence_lock:
+            stale = {
+                self.queues.client_tasks(identity): identity
+                for identity in spec.clients.ids
+                if (known := self._presence.get(identity)) is None or now - known[0] > self.presence_ttl_s
+            }
+            if stale:
+                try:
+                    counts = self.bus.consumer_counts(list(stale))
+                except Exception:  # the job view must answer even when the broker does not
+                    log.warning("could not count the consumers of clients %s", ", ".join(stale.values()), exc_info=True)
+                    counts = None
+                if len(self._presence) > 10_000:
+                    self._presence.clear()  # only bounds memory: entries are re-asked when needed
+                for queue, identity in stale.items():
+                    if counts is None:
+                        self._presence.pop(identity, None)  # unknown: absent now, asked again next time
+                    else:
+                        self._presence[identity] = (now, counts.get(queue, 0) > 0)
+            present = {identity: known[1] for identity, known in self._presence.items()}
+        return [
+            {"client": index, "id": identity, "present": present.get(identity, False)}
+            for index, identity in enumerate(spec.clients.ids)
+        ]
 
     def _recent_upload_bytes(self, job_id: str) -> float:
         """Mean bytes per update of the last committed round: what the budgets expect a device to send."""

@@ -297,3 +297,32 @@ def test_a_bound_worker_killed_mid_job_resumes_from_its_state_directory(cluster:
     # Nothing of a client's own state reached the platform's store.
     stored = _redis_values(cluster.settings.redis_url, f"{cluster.namespace}:")
     assert not [key for key in stored if b":personal" in key or b":residual" in key]
+
+
+def test_rabbitmq_counts_every_clients_consumers_over_one_connection() -> None:
+    """The job view's presence check: one connection and channel for all the clients' queues."""
+    settings = Settings(namespace=f"it-presence-{uuid.uuid4().hex[:8]}")
+    queues = Queues(settings.namespace)
+    names = [queues.client_tasks(c) for c in CLIENTS]
+    bus, worker_bus = RabbitBus(settings.rabbitmq_url), RabbitBus(settings.rabbitmq_url)
+    connects = [0]
+    connect = bus._connect
+
+    def counted() -> Any:
+        connects[0] += 1
+        return connect()
+
+    bus._connect = counted  # type: ignore[method-assign]
+    stop = threading.Event()
+    loop = threading.Thread(target=worker_bus.consume, args=(names[1], lambda body: None, stop), daemon=True)
+    loop.start()
+    try:
+        wait_until(lambda: worker_bus.consumer_status(names[1]).connected, 30, "site-b's consumer")
+        assert bus.consumer_counts(names) == {names[0]: 0, names[1]: 1, names[2]: 0}
+        assert connects[0] == 1
+    finally:
+        stop.set()
+        loop.join(timeout=30)
+        bus.delete_queues(*names)
+        bus.close()
+        worker_bus.close()
