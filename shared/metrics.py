@@ -56,7 +56,7 @@ LATE_TASKS = Counter("pwff_rounds_closed_at_deadline_total", "Rounds closed at t
 # value known in advance starts at 0 (dead-letter queues depend on the namespace: `dead_letter_counter`).
 for _state in ("succeeded", "failed", "cancelled"):
     JOBS_FINISHED.labels(state=_state)
-for _outcome in ("done", "stale", "duplicate", "failed"):
+for _outcome in ("done", "stale", "duplicate", "failed", "unauthenticated"):
     TASKS_PROCESSED.labels(outcome=_outcome)
 EVALUATIONS_REJECTED = Counter(
     "pwff_evaluations_unauthenticated_total",

@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     client_keys: str = Field(
         "", description="worker: comma-separated private key files, one per client in `clients`; --key"
     )
+    scheduler_key: Path | None = Field(
+        None,
+        description="scheduler: its private key (PEM, `pwff client scheduler-key`), which signs every task it sends "
+        "to a bound client. Without it, bound clients' workers refuse its tasks",
+    )
+    scheduler_public_key: str = Field(
+        "",
+        description="worker: the scheduler's public key (base64), handed to the client at enrollment; a bound "
+        "worker runs only tasks it signed; --scheduler-key",
+    )
     client_state_dir: Path | None = Field(
         None,
         description="worker: where bound clients' personal tensors and error-feedback residuals are kept between "

@@ -141,10 +141,17 @@ def test_worker_clients_come_from_the_environment_too(monkeypatch: pytest.Monkey
     monkeypatch.setenv("PWFF_CLIENTS", "site-a")
     monkeypatch.setenv("PWFF_CLIENT_DATA", str(data))
     monkeypatch.setenv("PWFF_CLIENT_KEYS", str(tmp_path / "site-a.key"))
+    with pytest.raises(SystemExit):
+        parse_args([], Settings())  # a bound worker without the scheduler's public key would run nothing
+    with pytest.raises(SystemExit):
+        parse_args(["--scheduler-key", "bm90IGEga2V5"], Settings())  # not an Ed25519 public key
+    scheduler_key = identity.enroll_scheduler(tmp_path / "scheduler.key")
+    assert list(parse_args(["--scheduler-key", scheduler_key], Settings())) == ["site-a"]
+    monkeypatch.setenv("PWFF_SCHEDULER_PUBLIC_KEY", scheduler_key)
     assert list(parse_args([], Settings())) == ["site-a"]
     with pytest.raises(SystemExit):
         parse_args([], Settings(clients=""))  # data files without their clients: a usage error
-    for name in ("PWFF_CLIENTS", "PWFF_CLIENT_DATA", "PWFF_CLIENT_KEYS"):
+    for name in ("PWFF_CLIENTS", "PWFF_CLIENT_DATA", "PWFF_CLIENT_KEYS", "PWFF_SCHEDULER_PUBLIC_KEY"):
         monkeypatch.delenv(name)
     assert parse_args([], Settings()) == {}  # a pool worker
     with pytest.raises(SystemExit):

@@ -24,7 +24,7 @@ from services.scaler.status import read_pool_status
 from services.scheduler.budgets import sample_clients, task_budget
 from shared.bus import Bus, Queues
 from shared.data import check_local_data
-from shared.identity import ClientRegistry, IdentityError, SignedKind
+from shared.identity import ClientRegistry, IdentityError, SignedKind, TaskSigner
 from shared.messages import (
     ClientEvaluated,
     ClientFailed,
@@ -114,6 +114,7 @@ class Scheduler:
         job_pools: bool = False,
         identities: ClientRegistry | None = None,
         presence_ttl_s: float = 2.0,
+        task_signer: TaskSigner | None = None,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -129,6 +130,8 @@ class Scheduler:
         """A job with `resources` goes to its own task queue, served by its pool (services.scaler)."""
         self.identities = identities
         """Enrolled bound clients' keys (PWFF_CLIENTS_FILE): a bound client's evaluation must be signed by it."""
+        self.task_signer = task_signer
+        """The scheduler's key (PWFF_SCHEDULER_KEY): it signs the tasks of bound clients."""
         self.presence_ttl_s = presence_ttl_s
         """How long a bound client's presence (a consumer on its queue) is reused by job views."""
         self._presence: dict[str, tuple[float, bool]] = {}
@@ -353,7 +356,7 @@ class Scheduler:
         if spec.personalization.evaluates_after(round_, spec.rounds):
             for client in range(spec.num_clients):
                 task = EvaluateTask(job_id=job_id, round=round_, client=client, publish=last)
-                self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
+                self._send(spec, job_id, client, task)
         if not last:
             self._open_round(job_id, round_ + 1)
 
@@ -409,8 +412,21 @@ class Scheduler:
         for client in clients:
             budget = mode.task_fields(spec, task_budget(spec, round_, client, upload))
             task = TrainTask(job_id=job_id, round=round_, client=client, attempt=0, wave=wave, **budget)
-            self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
+            self._send(spec, job_id, client, task)
         TASKS_DISPATCHED.inc(len(clients))
+
+    def _send(self, spec: JobSpec, job_id: str, client: int, task: TrainTask | EvaluateTask) -> None:
+        """Publish a task on its client's queue; a bound client's signed with the scheduler's key, which
+        its worker checks before it runs anything (others may write to that queue too)."""
+        if spec.clients.identity(client) is not None:
+            if self.task_signer is None:
+                log.warning(
+                    "no scheduler key (PWFF_SCHEDULER_KEY): bound client %d of %s will refuse its task", client, job_id
+                )
+            else:
+                fields = task.model_dump(mode="json", exclude={"signature"})
+                task = task.model_copy(update={"signature": self.task_signer.sign(fields)})
+        self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
 
     def _tasks_queue(self, spec: JobSpec, job_id: str, client: int) -> str:
         identity = spec.clients.identity(client)

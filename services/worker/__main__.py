@@ -22,7 +22,7 @@ from pathlib import Path
 from services.worker.worker import BoundClient, Worker
 from shared.bus.rabbitmq import RabbitBus
 from shared.health import Readiness, serve_probes
-from shared.identity import IdentityError, UpdateSigner
+from shared.identity import IdentityError, TaskVerifier, UpdateSigner
 from shared.metrics import dead_letter_counter
 from shared.runtime import run_until_signalled
 from shared.settings import Settings, configure_process
@@ -68,6 +68,11 @@ def parse_args(argv: Sequence[str] | None, settings: Settings) -> dict[str, Boun
     parser.add_argument("--key", action="append", default=[], help="that client's private key (pwff client enroll)")
     parser.add_argument("--key-dir", type=Path, default=None, help="keys as <dir>/<client>.key instead of --key")
     parser.add_argument(
+        "--scheduler-key",
+        default=None,
+        help="the scheduler's public key (base64, given at enrollment): only tasks it signed are run",
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         default=None,
@@ -76,10 +81,16 @@ def parse_args(argv: Sequence[str] | None, settings: Settings) -> dict[str, Boun
     args = parser.parse_args(argv)
     if args.state_dir is not None:
         settings.client_state_dir = args.state_dir
+    if args.scheduler_key is not None:
+        settings.scheduler_public_key = args.scheduler_key
     clients = args.client or _split(settings.clients)
     data = args.data or _split(settings.client_data)
     keys = args.key or _split(settings.client_keys)
     try:
+        if clients and not settings.scheduler_public_key:
+            raise ValueError("a bound worker needs the scheduler's public key: --scheduler-key (given at enrollment)")
+        if clients:
+            TaskVerifier.from_text(settings.scheduler_public_key)  # a bad key stops it here, not at each task
         return bound_clients(clients, data, keys, args.key_dir)
     except (ValueError, IdentityError) as error:
         parser.error(str(error))
@@ -107,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tasks_queue=settings.tasks_queue,
         clients=clients,
         state_dir=settings.client_state_dir,
+        scheduler_key=TaskVerifier.from_text(settings.scheduler_public_key) if clients else None,
     )
     # /healthz, /readyz (every consume loop, broker and store, from the connections it already has) and /metrics.
     probes = serve_probes(

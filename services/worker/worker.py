@@ -41,7 +41,7 @@ from shared.codec import (
     split_residual,
     state_digest,
 )
-from shared.identity import UpdateSigner, payload_digest
+from shared.identity import IdentityError, TaskVerifier, UpdateSigner, payload_digest
 from shared.messages import (
     ClientEvaluated,
     ClientFailed,
@@ -109,12 +109,15 @@ class Worker:
         tasks_queue: str = "",
         clients: Mapping[str, BoundClient] | None = None,
         state_dir: Path | None = None,
+        scheduler_key: TaskVerifier | None = None,
     ) -> None:
         self.bus = bus
         self.state = Repositories(store, namespace, update_ttl_s)
         self.queues = Queues(namespace)
         self.clients = dict(clients or {})
         """Bound clients this worker serves (`--client`): it consumes only their queues and reads only their files."""
+        self.scheduler_key = scheduler_key
+        """The scheduler's public key: a bound worker runs only tasks it signed (None: it runs none)."""
         self.task_queues = [self.queues.client_tasks(identity) for identity in self.clients] or [
             tasks_queue or self.queues.tasks
         ]
@@ -154,6 +157,8 @@ class Worker:
 
     def handle(self, body: bytes) -> None:
         task = decode_task(body, self.max_message_bytes)
+        if self.clients:
+            self._authenticate(task)
         job_id = task.job_id
         identity: str | None = None
         try:
@@ -187,6 +192,18 @@ class Worker:
             self.bus.publish(self.queues.events, encode(self._signed_failure(failed, identity)))
             raise InvalidMessage(f"task failed: {error}") from None
         TASKS_PROCESSED.labels(outcome=outcome).inc()
+
+    def _authenticate(self, task: TrainTask | EvaluateTask) -> None:
+        """A bound client's queue takes messages from any broker user that may publish: only a task the
+        scheduler signed runs (else dead-lettered and counted), before anything else is done for it."""
+        try:
+            if self.scheduler_key is None:
+                raise IdentityError("no scheduler key is configured (--scheduler-key): bound tasks cannot be verified")
+            self.scheduler_key.verify(task.model_dump(mode="json", exclude={"signature"}), task.signature)
+        except IdentityError as error:
+            TASKS_PROCESSED.labels(outcome="unauthenticated").inc()
+            log.warning("%s: refused a task of %s client %d: %s", self.name, task.job_id, task.client, error)
+            raise InvalidMessage(f"task of {task.job_id} client {task.client}: {error}") from None
 
     def _signed_failure(self, failed: ClientFailed, identity: str | None) -> ClientFailed:
         """A bound client's failure, signed with its key: the scheduler logs it only so signed."""

@@ -35,13 +35,13 @@ from services.scheduler.core import Scheduler
 from shared import identity
 from shared.bus import Handler, Queues
 from shared.bus.rabbitmq import RabbitBus
-from shared.messages import UpdateReady, encode
+from shared.messages import TrainTask, UpdateReady, encode
 from shared.metrics import UPDATES_RECEIVED
 from shared.settings import Settings
 from shared.spec import parse_spec
 from shared.state import JobState
 from shared.store.redis import RedisStore
-from tests.bound import CLIENTS, Enrolled, bound_spec, enroll_clients, markers_in
+from tests.bound import CLIENTS, Enrolled, bound_spec, enroll_clients, markers_in, scheduler_signer
 from tests.harness import REPO, drain, free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -106,7 +106,14 @@ class BoundCluster:
         self.bus = RecordingRabbitBus(self.settings.rabbitmq_url)
         self.store = RedisStore(self.settings.redis_url)
         registry = identity.ClientRegistry(self.clients_file)
-        self.scheduler = Scheduler(self.bus, self.store, namespace=self.namespace, tick_s=0.3, identities=registry)
+        self.scheduler = Scheduler(
+            self.bus,
+            self.store,
+            namespace=self.namespace,
+            tick_s=0.3,
+            identities=registry,
+            task_signer=scheduler_signer(self.clients_file),
+        )
         self.aggregator = Aggregator(
             self.bus, self.store, namespace=self.namespace, cache_dir=cache_dir, identities=registry
         )
@@ -122,6 +129,8 @@ class BoundCluster:
             "PWFF_TORCH_THREADS": "1",
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            # What each client is handed at enrollment besides its own key: the scheduler's public key.
+            "PWFF_SCHEDULER_PUBLIC_KEY": identity.scheduler_public_key(self.clients_file) or "",
         }
         self.logs = folder / "logs"
         self.logs.mkdir()
@@ -215,7 +224,12 @@ def test_three_bound_workers_train_a_job_and_no_example_reaches_the_store_or_the
     job_id = cluster.scheduler.submit(parse_spec(bound_spec(personalization={"preset": "head"})))
     wait_until(lambda: cluster.scheduler.jobs.current_round(job_id) >= 1, 120, "round 1 opening")
     forged = _forge(cluster, job_id)
-    RabbitBus(cluster.settings.rabbitmq_url).publish(cluster.queues.aggregate, forged)  # a rogue publisher
+    rogue = RabbitBus(cluster.settings.rabbitmq_url)
+    rogue.publish(cluster.queues.aggregate, forged)
+    # A task of the rogue's making in site-a's queue (the default exchange takes it): not the scheduler's.
+    injected = encode(TrainTask(job_id=job_id, round=1, client=0, local_steps=1000))
+    rogue.publish(cluster.queues.client_tasks("site-a"), injected)
+    rogue.close()
 
     def finished() -> bool:
         return JobState(cluster.scheduler.get_job(job_id)["state"]).final
@@ -231,6 +245,8 @@ def test_three_bound_workers_train_a_job_and_no_example_reaches_the_store_or_the
     dead = drain(cluster.bus, Queues.dead(cluster.queues.aggregate))
     assert forged in dead
     assert UPDATES_RECEIVED.labels(outcome="unauthenticated")._value.get() == unauthenticated + 1
+    # The injected task: dead-lettered by site-a's worker, never run.
+    assert drain(cluster.bus, Queues.dead(cluster.queues.client_tasks("site-a"))) == [injected]
 
     # No example text anywhere: every message of the job, anything left in a queue, every key in Redis.
     leftovers = [
