@@ -546,6 +546,9 @@ def client_enroll(
     where = f"registered in {clients_file}" if clients_file else "register it under clients: in the clients file"
     console.print(f"private key of [bold]{client_id}[/bold] in {key_path}: give it to its worker only")
     console.print(f"public key {public} ({where})")
+    scheduler = identity.scheduler_public_key(clients_file) if clients_file else None
+    if scheduler:
+        console.print(f"give it the scheduler's public key too: --scheduler-key {scheduler}")
     print(
         json.dumps(
             {
@@ -553,9 +556,28 @@ def client_enroll(
                 "key": str(key_path),
                 "public_key": public,
                 "clients_file": clients_file and str(clients_file),
+                "scheduler_public_key": scheduler,
             }
         )
     )
+
+
+@client_app.command("scheduler-key")
+def client_scheduler_key(
+    out: Annotated[Path, typer.Option("--out", help="the scheduler's private key file (mode 0600)")] = Path(
+        "keys/scheduler.key"
+    ),
+    clients_file: ClientsFileOption = None,
+) -> None:
+    """Make the scheduler's key pair: the private key for the scheduler (PWFF_SCHEDULER_KEY), which signs the
+    tasks of bound clients; the public key, registered in the clients file, goes to every client's worker
+    (--scheduler-key), which runs only tasks it signed."""
+    from shared import identity
+
+    public = identity.enroll_scheduler(out, clients_file)
+    console.print(f"scheduler's private key in {out}: mount it for the scheduler only (PWFF_SCHEDULER_KEY)")
+    console.print(f"its public key {public}: each bound worker gets it as --scheduler-key")
+    print(json.dumps({"key": str(out), "public_key": public, "clients_file": clients_file and str(clients_file)}))
 
 
 @client_app.command("revoke")
@@ -582,6 +604,12 @@ def worker(
         list[str] | None, typer.Option("--key", help="that client's private key (pwff client enroll)")
     ] = None,
     key_dir: Annotated[Path | None, typer.Option("--key-dir", help="keys as <dir>/<client>.key")] = None,
+    scheduler_key: Annotated[
+        str | None, typer.Option("--scheduler-key", help="the scheduler's public key (given at enrollment)")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="personal state across restarts (default <cache>/client-state)")
+    ] = None,
 ) -> None:
     """Start a worker (python -m services.worker) against PWFF_RABBITMQ_URL and PWFF_REDIS_URL: for the given
     bound clients only, each trained and evaluated on its own data file; without --client, a pool worker."""
@@ -591,8 +619,9 @@ def worker(
     for flag, values in (("--client", client), ("--data", data), ("--key", key)):
         for value in values or []:
             argv += [flag, value]
-    if key_dir is not None:
-        argv += ["--key-dir", str(key_dir)]
+    for flag, option in (("--key-dir", key_dir), ("--scheduler-key", scheduler_key), ("--state-dir", state_dir)):
+        if option is not None:
+            argv += [flag, str(option)]
     worker_main(argv)
 
 

@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -44,19 +44,20 @@ class Checks(Protocol):
 
 
 class Readiness:
-    """The readiness checks of one consume loop (`bus` on `queue`) and one store."""
+    """The readiness checks of a process's consume loops (`bus` on `queue`, or on each of several
+    queues: a worker serving several bound clients consumes one per client) and one store."""
 
     def __init__(
         self,
         bus: Bus,
-        queue: str,
+        queue: str | Sequence[str],
         store: Store,
         stale_after_s: float = STALE_AFTER_S,
         ping_every_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bus = bus
-        self.queue = queue
+        self.queues = (queue,) if isinstance(queue, str) else tuple(queue)
         self.store = store
         self.stale_after_s = stale_after_s
         self.ping_every_s = ping_every_s
@@ -71,10 +72,15 @@ class Readiness:
         return at is not None and self.clock() - at <= self.stale_after_s
 
     def checks(self) -> dict[str, bool]:
-        status = self.bus.consumer_status(self.queue)
-        # An in-process bus has no I/O to go stale (last_io_s None): connected is all there is.
-        broker = status.running and status.connected and (status.last_io_s is None or self._fresh(status.last_io_s))
-        return {"consumer": status.running, "broker": broker, "store": self._store_ready()}
+        statuses = [self.bus.consumer_status(queue) for queue in self.queues]
+        # An in-process bus has no I/O to go stale (last_io_s None): connected is all there is. Every loop
+        # must be up: a client whose loop died would otherwise be absent while the process looks ready.
+        broker = all(
+            status.running and status.connected and (status.last_io_s is None or self._fresh(status.last_io_s))
+            for status in statuses
+        )
+        consumer = all(status.running for status in statuses)
+        return {"consumer": consumer, "broker": broker, "store": self._store_ready()}
 
     def _store_ready(self) -> bool:
         with self._lock:

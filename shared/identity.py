@@ -7,6 +7,12 @@ aggregator reads (`PWFF_CLIENTS_FILE`):
     clients:
       site-a: {public_key: "<base64 of the 32-byte Ed25519 public key>"}
     revoked: [site-b]
+    scheduler: {public_key: "<base64>"}   # the scheduler's own key, which signs the tasks (TaskSigner)
+
+The other way round, the scheduler signs every task it sends to a bound client with its own key
+(`TaskSigner`, PWFF_SCHEDULER_KEY; `pwff client scheduler-key` makes it), and each bound worker
+verifies it with the scheduler's public key (`TaskVerifier`, --scheduler-key/PWFF_SCHEDULER_PUBLIC_KEY,
+handed to the client at enrollment) before it runs anything.
 
 A worker signs every update it uploads for a bound client (`UpdateSigner`); the aggregator verifies
 the signature against the key enrolled for the client the update claims to be (`ClientRegistry`),
@@ -43,8 +49,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 _DOMAIN = b"pwff-client-v1"
 """Prefixed to every signed payload, so a signature made for something else never verifies as a client's."""
 
-SignedKind = Literal["update", "evaluation"]
-"""What a client signs: its updates (verified by the aggregator) and its evaluations (by the scheduler)."""
+SignedKind = Literal["update", "evaluation", "failure"]
+"""What a client signs: its updates (verified by the aggregator), its evaluations and its task failures
+(`ClientFailed`, by the scheduler)."""
 
 
 class IdentityError(ValueError):
@@ -213,6 +220,82 @@ class ClientRegistry:
             key.verify(base64.b64decode(signature, validate=True), signed_bytes(identity, fields, kind))
         except (InvalidSignature, binascii.Error, ValueError):
             raise IdentityError(f"{kind} signature does not verify as client {identity!r}") from None
+
+
+# -- the scheduler's identity: the tasks it sends to bound clients ------------------------------
+
+_SCHEDULER_DOMAIN = b"pwff-scheduler-v1"
+"""Prefixed to what the scheduler signs: nothing a client signs ever verifies as a task, nor the reverse."""
+
+
+def task_signed_bytes(fields: Mapping[str, Any]) -> bytes:
+    """The bytes the scheduler signs for a task: the domain and the task's fields (without its signature).
+
+    The fields name the job and the client index, which the job's spec maps to one identity: a signed
+    task for site-a, copied into site-b's queue, is refused by site-b's worker as not its own."""
+    body = json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+    return b"\n".join((_SCHEDULER_DOMAIN, b"task", body))
+
+
+@dataclass(frozen=True)
+class TaskSigner:
+    """The scheduler's key (PWFF_SCHEDULER_KEY): it signs every task it sends to a bound client, so a
+    party that can publish to a client's queue (any broker user may write to the default exchange)
+    cannot make that client's worker run a task of its own making."""
+
+    key: Ed25519PrivateKey
+
+    @classmethod
+    def from_file(cls, path: Path) -> TaskSigner:
+        return cls(load_private_key(path))
+
+    def sign(self, fields: Mapping[str, Any]) -> str:
+        return base64.b64encode(self.key.sign(task_signed_bytes(fields))).decode()
+
+    @property
+    def public_key(self) -> str:
+        return public_key_text(self.key)
+
+
+@dataclass(frozen=True)
+class TaskVerifier:
+    """What a bound client's worker holds of the scheduler: its public key (PWFF_SCHEDULER_PUBLIC_KEY)."""
+
+    key: Ed25519PublicKey
+
+    @classmethod
+    def from_text(cls, text: str) -> TaskVerifier:
+        return cls(_public_key(text, "scheduler"))
+
+    def verify(self, fields: Mapping[str, Any], signature: str) -> None:
+        """Raise IdentityError unless `signature` is the scheduler's over `fields`."""
+        if not signature:
+            raise IdentityError("the task is not signed by the scheduler")
+        try:
+            self.key.verify(base64.b64decode(signature, validate=True), task_signed_bytes(fields))
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise IdentityError("the task's signature does not verify as the scheduler's") from None
+
+
+def enroll_scheduler(key_path: Path, clients_file: Path | None = None) -> str:
+    """Make the scheduler's key pair: the private key to `key_path` (0600, for PWFF_SCHEDULER_KEY); the
+    public key, returned, is registered in `clients_file` (`scheduler: {public_key}`) when given, where
+    `pwff client enroll` reads it to hand to each client with its own key."""
+    key = new_key()
+    write_private_key(key_path, key)
+    public = public_key_text(key)
+    if clients_file is not None:
+        data = read_clients_file(clients_file)
+        write_clients_file(clients_file, {**data, "scheduler": {"public_key": public}})
+    return public
+
+
+def scheduler_public_key(clients_file: Path) -> str | None:
+    """The scheduler's public key registered in the clients file, if any."""
+    entry = read_clients_file(clients_file).get("scheduler")
+    if isinstance(entry, dict) and isinstance(entry.get("public_key"), str):
+        return str(entry["public_key"])
+    return None
 
 
 def broker_permissions(namespace: str, identity: str) -> tuple[str, str, str]:

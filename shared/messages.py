@@ -44,6 +44,9 @@ class TrainTask(_Message):
     wave: int = Field(0, ge=0, le=10_000, description="fwd: extra perturbation work within the same step")
     local_steps: int = Field(ge=1, le=1_000_000, description="backprop budget: local optimizer steps")
     perturbations: int = Field(0, ge=0, le=100_000, description="fwd budget: directions to evaluate")
+    signature: str = Field(
+        "", max_length=128, description="bound clients: the scheduler's signature of every other field"
+    )
 
 
 class EvaluateTask(_Message):
@@ -58,6 +61,9 @@ class EvaluateTask(_Message):
     round: Round
     client: ClientId
     publish: bool = False
+    signature: str = Field(
+        "", max_length=128, description="bound clients: the scheduler's signature of every other field"
+    )
 
 
 # --- workers and scheduler -> aggregator (aggregate queue) ----------------------------------
@@ -194,6 +200,7 @@ class ClientFailed(_Message):
     round: Round
     client: ClientId
     reason: str = Field(max_length=4000)
+    signature: str = Field("", max_length=128, description="bound clients: the client's signature of every other field")
 
 
 WorkerTask = TrainTask | EvaluateTask

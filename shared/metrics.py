@@ -56,11 +56,16 @@ LATE_TASKS = Counter("pwff_rounds_closed_at_deadline_total", "Rounds closed at t
 # value known in advance starts at 0 (dead-letter queues depend on the namespace: `dead_letter_counter`).
 for _state in ("succeeded", "failed", "cancelled"):
     JOBS_FINISHED.labels(state=_state)
-for _outcome in ("done", "stale", "duplicate", "failed"):
+for _outcome in ("done", "stale", "duplicate", "failed", "unauthenticated"):
     TASKS_PROCESSED.labels(outcome=_outcome)
 EVALUATIONS_REJECTED = Counter(
     "pwff_evaluations_unauthenticated_total",
     "Bound clients' evaluations the scheduler refused: unsigned, signed by another key, or of a revoked client",
+)
+CLIENT_FAILURES_REJECTED = Counter(
+    "pwff_client_failures_unauthenticated_total",
+    "Bound clients' task failures (ClientFailed) the scheduler refused: unsigned, signed by another key, or of a "
+    "revoked client",
 )
 for _outcome in ("merged", "duplicate", "late", "invalid", "unauthenticated"):
     UPDATES_RECEIVED.labels(outcome=_outcome)

@@ -77,6 +77,21 @@ class Settings(BaseSettings):
         description="secret mixed into the seeds of differential-privacy noise (shared.privacy); without it the noise "
         "can be regenerated from the job seed, which suits experiments only",
     )
+    scheduler_key: Path | None = Field(
+        None,
+        description="scheduler: its private key (PEM, `pwff client scheduler-key`), which signs every task it sends "
+        "to a bound client. Without it, bound clients' workers refuse its tasks",
+    )
+    scheduler_public_key: str = Field(
+        "",
+        description="worker: the scheduler's public key (base64), handed to the client at enrollment; a bound "
+        "worker runs only tasks it signed; --scheduler-key",
+    )
+    client_state_dir: Path | None = Field(
+        None,
+        description="worker: where bound clients' personal tensors and error-feedback residuals are kept between "
+        "tasks and across restarts, on the client's own machine (None: <cache_dir>/client-state); --state-dir",
+    )
 
 
 class ScalerSettings(BaseSettings):

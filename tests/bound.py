@@ -34,8 +34,10 @@ def write_client_data(path: Path, marker: str, per_label: int = 6) -> None:
 
 
 def enroll_clients(folder: Path, ids: tuple[str, ...] = CLIENTS) -> tuple[Path, list[Enrolled]]:
-    """A clients file with every id enrolled, and each client's data file and private key."""
+    """A clients file with every id enrolled, and each client's data file and private key; the scheduler's
+    key pair too (its private key `scheduler_signer`, its public key in the file: `scheduler_verifier`)."""
     clients_file = folder / "clients.yaml"
+    identity.enroll_scheduler(folder / "keys" / "scheduler.key", clients_file)
     enrolled = []
     for client in ids:
         marker = f"MARKER{uuid.uuid4().hex[:12]}"
@@ -45,6 +47,18 @@ def enroll_clients(folder: Path, ids: tuple[str, ...] = CLIENTS) -> tuple[Path, 
         identity.enroll(client, key, clients_file)
         enrolled.append(Enrolled(client, data, key, marker))
     return clients_file, enrolled
+
+
+def scheduler_signer(clients_file: Path) -> identity.TaskSigner:
+    """The scheduler's key that `enroll_clients` made beside the clients file."""
+    return identity.TaskSigner.from_file(clients_file.parent / "keys" / "scheduler.key")
+
+
+def scheduler_verifier(clients_file: Path) -> identity.TaskVerifier:
+    """What each bound worker holds of the scheduler: its public key, as registered in the clients file."""
+    public = identity.scheduler_public_key(clients_file)
+    assert public is not None
+    return identity.TaskVerifier.from_text(public)
 
 
 def bound_spec(ids: tuple[str, ...] = CLIENTS, **overrides: Any) -> dict[str, Any]:

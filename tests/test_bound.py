@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +23,29 @@ from shared.bus import Queues
 from shared.bus.memory import MemoryBus
 from shared.messages import (
     ClientEvaluated,
+    ClientFailed,
     InvalidMessage,
     TrainTask,
     UpdateReady,
     decode_aggregator,
+    decode_scheduler,
     decode_task,
     encode,
 )
-from shared.metrics import EVALUATIONS_REJECTED, UPDATES_RECEIVED
+from shared.metrics import CLIENT_FAILURES_REJECTED, EVALUATIONS_REJECTED, TASKS_PROCESSED, UPDATES_RECEIVED
 from shared.spec import parse_spec
 from shared.state import JobState
 from shared.store.memory import MemoryStore
-from tests.bound import CLIENTS, Enrolled, bound_spec, enroll_clients, markers_in
-from tests.harness import drain
+from tests.bound import (
+    CLIENTS,
+    Enrolled,
+    bound_spec,
+    enroll_clients,
+    markers_in,
+    scheduler_signer,
+    scheduler_verifier,
+)
+from tests.harness import drain, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -77,7 +87,9 @@ class Federation:
         self.bus = RecordingBus()
         self.store = MemoryStore()
         registry = identity.ClientRegistry(clients_file)
-        self.scheduler = Scheduler(self.bus, self.store, tick_s=0.1, identities=registry)
+        self.scheduler = Scheduler(
+            self.bus, self.store, tick_s=0.1, identities=registry, task_signer=scheduler_signer(clients_file)
+        )
         self.aggregator = Aggregator(self.bus, self.store, cache_dir=cache_dir, identities=registry)
         self.workers = [
             Worker(
@@ -86,6 +98,7 @@ class Federation:
                 cache_dir=cache_dir,
                 name=f"worker-{client.id}",
                 clients={client.id: BoundClient(client.data, identity.UpdateSigner.from_file(client.id, client.key))},
+                scheduler_key=scheduler_verifier(clients_file),
             )
             for client in enrolled
         ]
@@ -169,27 +182,83 @@ def test_only_the_clients_own_worker_context_reads_its_file(enrolled: tuple[Path
 def test_tasks_go_to_each_clients_own_queue_and_workers_refuse_others(
     enrolled: tuple[Path, list[Enrolled]], cache_dir: Path
 ) -> None:
-    _, clients = enrolled
+    clients_file, clients = enrolled
     bus, store = MemoryBus(), MemoryStore()
-    scheduler = Scheduler(bus, store)
+    scheduler = Scheduler(bus, store, task_signer=scheduler_signer(clients_file))
     job_id = scheduler.submit(parse_spec(bound_spec()))
     scheduler._open_round(job_id, 1)
     queues = Queues()
+    tasks = []
     for index, client in enumerate(CLIENTS):
         (body,) = drain(bus, queues.client_tasks(client))
         task = decode_task(body)
         assert isinstance(task, TrainTask) and task.client == index
+        scheduler_verifier(clients_file).verify(task.model_dump(mode="json", exclude={"signature"}), task.signature)
+        tasks.append(body)
     assert bus.depth(queues.tasks) == 0  # nothing for the pool
 
     signer = identity.UpdateSigner.from_file("site-a", clients[0].key)
-    worker_a = Worker(bus, store, cache_dir=cache_dir, clients={"site-a": BoundClient(clients[0].data, signer)})
+    worker_a = Worker(
+        bus,
+        store,
+        cache_dir=cache_dir,
+        clients={"site-a": BoundClient(clients[0].data, signer)},
+        scheduler_key=scheduler_verifier(clients_file),
+    )
     assert worker_a.task_queues == [queues.client_tasks("site-a")]
-    task_for_b = encode(TrainTask(job_id=job_id, round=1, client=1, local_steps=1))
+    task_for_b = tasks[1]  # signed by the scheduler, but for site-b: copied into site-a's queue, refused
     with pytest.raises(InvalidMessage, match=r"client site-b .* this worker holds site-a"):
         worker_a.handle(task_for_b)
     pool_worker = Worker(bus, store, cache_dir=cache_dir)
     with pytest.raises(InvalidMessage, match=r"none \(a pool worker\)"):
         pool_worker.handle(task_for_b)
+
+
+def test_a_task_the_scheduler_did_not_sign_is_dead_lettered_and_counted_before_it_runs(
+    enrolled: tuple[Path, list[Enrolled]], cache_dir: Path
+) -> None:
+    """Any broker user may publish to site-a's queue through the default exchange: only tasks signed with
+    the scheduler's key run."""
+    clients_file, clients = enrolled
+    bus, store = MemoryBus(), MemoryStore()
+    scheduler = Scheduler(bus, store, task_signer=scheduler_signer(clients_file))
+    job_id = scheduler.submit(parse_spec(bound_spec()))
+    task = TrainTask(job_id=job_id, round=1, client=0, local_steps=1)
+    fields = task.model_dump(mode="json", exclude={"signature"})
+    client_key = identity.TaskSigner.from_file(clients[0].key)  # a client's own key is not the scheduler's
+    signed = task.model_copy(update={"signature": scheduler_signer(clients_file).sign(fields)})
+    injected = [
+        task,  # unsigned
+        task.model_copy(update={"signature": client_key.sign(fields)}),
+        signed.model_copy(update={"local_steps": 1000}),  # altered after signing
+        task.model_copy(update={"signature": identity.UpdateSigner("site-a", client_key.key).sign(fields)}),
+    ]
+    queue = Queues().client_tasks("site-a")
+    signer = identity.UpdateSigner.from_file("site-a", clients[0].key)
+    worker = Worker(
+        bus,
+        store,
+        cache_dir=cache_dir,
+        clients={"site-a": BoundClient(clients[0].data, signer)},
+        scheduler_key=scheduler_verifier(clients_file),
+    )
+    refused = TASKS_PROCESSED.labels(outcome="unauthenticated")._value.get()
+    for message in injected:
+        bus.publish(queue, encode(message))
+    stop = threading.Event()
+    loop = threading.Thread(target=bus.consume, args=(queue, worker.handle, stop), daemon=True)
+    loop.start()
+    wait_until(lambda: bus.depth(Queues.dead(queue)) == len(injected), 10, "the injected tasks dead-lettered")
+    stop.set()
+    loop.join(timeout=10)
+    assert TASKS_PROCESSED.labels(outcome="unauthenticated")._value.get() == refused + len(injected)
+    # Nothing ran: no update, no failure, no evaluation (the aggregate queue holds only the job's InitJob).
+    assert [decode_aggregator(b).type for b in drain(bus, Queues().aggregate)] == ["init"]
+    assert drain(bus, Queues().events) == []
+    # Without the scheduler's key a bound worker runs nothing at all.
+    blind = Worker(bus, store, cache_dir=cache_dir, clients={"site-a": BoundClient(clients[0].data, signer)})
+    with pytest.raises(InvalidMessage, match="no scheduler key"):
+        blind.handle(encode(signed))
 
 
 # -- a whole job --------------------------------------------------------------------------------
@@ -231,6 +300,54 @@ def test_an_absent_client_is_a_straggler_and_shows_as_absent(
     assert [(c["id"], c["present"]) for c in job["clients"]] == [("site-a", True), ("site-b", True), ("site-c", False)]
 
 
+class CountingBus(MemoryBus):
+    """MemoryBus counting the broker exchanges a job view causes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[list[str]] = []
+
+    def consumer_counts(self, queues: Sequence[str]) -> dict[str, int]:
+        self.asked.append(list(queues))
+        return super().consumer_counts(queues)
+
+    def consumers(self, queue: str) -> int:
+        raise AssertionError("a job view counts every client's consumers in one exchange")
+
+
+def test_presence_is_one_exchange_with_the_broker_for_all_clients_and_reused_for_a_while() -> None:
+    bus = CountingBus()
+    scheduler = Scheduler(bus, MemoryStore(), presence_ttl_s=0.3)
+    job_id = scheduler.submit(parse_spec(bound_spec()))
+    stop = threading.Event()
+    loop = threading.Thread(target=bus.consume, args=(Queues().client_tasks("site-b"), lambda body: None, stop))
+    loop.start()
+    try:
+        wait_until(lambda: MemoryBus.consumers(bus, Queues().client_tasks("site-b")) == 1, 5, "site-b's consumer")
+        views = [scheduler.get_job(job_id) for _ in range(20)]
+        assert bus.asked == [[Queues().client_tasks(c) for c in CLIENTS]]  # 20 views, one exchange
+        assert [c["present"] for c in views[-1]["clients"]] == [False, True, False]
+        stop.set()
+        loop.join(timeout=5)
+        time.sleep(0.35)  # the answer is too old now: asked again, and site-b's worker is gone
+        assert [c["present"] for c in scheduler.get_job(job_id)["clients"]] == [False, False, False]
+        assert len(bus.asked) == 2
+    finally:
+        stop.set()
+        loop.join(timeout=5)
+
+
+def test_a_broker_that_does_not_answer_shows_clients_absent_and_is_asked_again() -> None:
+    bus = CountingBus()
+    scheduler = Scheduler(bus, MemoryStore())
+    job_id = scheduler.submit(parse_spec(bound_spec()))
+    down = RuntimeError("broker down")
+    bus.consumer_counts = lambda queues: (_ for _ in ()).throw(down)  # type: ignore[method-assign]
+    assert [c["present"] for c in scheduler.get_job(job_id)["clients"]] == [False, False, False]
+    del bus.consumer_counts  # answers again: not cached as absent
+    assert scheduler.get_job(job_id)["clients"][0]["present"] is False and len(bus.asked) == 1
+
+
 # -- credentials ------------------------------------------------------------------------------
 
 
@@ -244,7 +361,7 @@ def round_one(enrolled: tuple[Path, list[Enrolled]], cache_dir: Path) -> Iterato
     clients_file, clients = enrolled
     bus, store = MemoryBus(), MemoryStore()
     registry = identity.ClientRegistry(clients_file)
-    scheduler = Scheduler(bus, store, identities=registry)
+    scheduler = Scheduler(bus, store, identities=registry, task_signer=scheduler_signer(clients_file))
     aggregator = Aggregator(bus, store, cache_dir=cache_dir, identities=registry)
     spec = parse_spec(bound_spec())
     job_id = scheduler.submit(spec)
@@ -271,11 +388,42 @@ def test_a_file_that_does_not_fit_the_job_is_a_clear_task_failure(
     signer = identity.UpdateSigner.from_file("site-a", round_one["clients"][0].key)
     aggregator: Aggregator = round_one["aggregator"]
     worker = Worker(
-        aggregator.bus, round_one["store"], cache_dir=cache_dir, clients={"site-a": BoundClient(bad, signer)}
+        aggregator.bus,
+        round_one["store"],
+        cache_dir=cache_dir,
+        clients={"site-a": BoundClient(bad, signer)},
+        scheduler_key=scheduler_verifier(round_one["file"]),
     )
     task = TrainTask(job_id=round_one["job_id"], round=1, client=0, local_steps=1)
+    task = task.model_copy(
+        update={
+            "signature": scheduler_signer(round_one["file"]).sign(task.model_dump(mode="json", exclude={"signature"}))
+        }
+    )
     with pytest.raises(InvalidMessage, match=r"task failed: local data of this client does not fit the job.*weather"):
         worker.handle(encode(task))
+    # The failure reaches the job's event log signed by site-a; unsigned or in another client's name, it is
+    # dead-lettered and counted: one client cannot write into another's record.
+    scheduler: Scheduler = round_one["scheduler"]
+    (body,) = [b for b in drain(aggregator.bus, Queues().events) if isinstance(decode_scheduler(b), ClientFailed)]
+    failed = decode_scheduler(body)
+    assert isinstance(failed, ClientFailed) and failed.signature
+    site_a = identity.UpdateSigner.from_file("site-b", round_one["clients"][0].key)  # A's key, B's name
+    as_b = failed.model_copy(update={"client": 1, "signature": ""})
+    as_b_fields = as_b.model_dump(mode="json", exclude={"signature"})
+    rejected = CLIENT_FAILURES_REJECTED._value.get()
+    for forged in (
+        failed.model_copy(update={"signature": ""}),
+        as_b.model_copy(update={"signature": site_a.sign(as_b_fields, "failure")}),
+        failed.model_copy(update={"reason": "something else"}),  # altered after signing
+    ):
+        with pytest.raises(InvalidMessage, match=r"failure of .*client 'site-"):
+            scheduler.handle_event(encode(forged))
+    assert CLIENT_FAILURES_REJECTED._value.get() == rejected + 3
+    assert not [e for e in scheduler.events(round_one["job_id"]) if e.kind == "client-failed"]
+    scheduler.handle_event(body)
+    (logged,) = [e for e in scheduler.events(round_one["job_id"]) if e.kind == "client-failed"]
+    assert logged.client == 0 and "weather" in logged.message
 
 
 def _update(

@@ -245,6 +245,8 @@ def test_crd_validator_rejects_what_the_crds_reject(
         ["--set-string", "worker.autoscaling.enabled=yes"],
         ["--set", "config.logLevel=LOUD"],
         ["--set", "secrets.rabbitmqUrl=http://rabbitmq"],
+        ["--set", "boundClients.clientsFile.secretName=Not_A_Name"],
+        ["--set", "boundClients.clientsFile.path=/etc/clients.yaml"],
     ],
     ids=lambda a: a[1],
 )
@@ -961,3 +963,45 @@ def test_retention_probe_and_linger_settings_reach_the_services(render: Render) 
     settings = Settings(_env_file=None, **{k[5:].lower(): v for k, v in data.items() if k.startswith("PWFF_")})
     assert (settings.job_retention_s, settings.probe_stale_s, settings.metrics_job_linger_s) == (0, 30.0, 120.0)
     assert config()["PWFF_JOB_RETENTION_S"] == "604800"
+
+
+def test_bound_clients_file_and_scheduler_key(render: Render) -> None:
+    """PWFF_CLIENTS_FILE for the scheduler and the aggregator, from a Secret or a ConfigMap, mounted as a
+    folder (updated in place); the scheduler's task-signing key for the scheduler only."""
+    default = render()
+    for component in ("scheduler", "aggregator", "worker"):
+        container = _container(_deployment(default, component))
+        assert "PWFF_CLIENTS_FILE" not in _env(container) and "PWFF_SCHEDULER_KEY" not in _env(container)
+    docs = render(
+        "--set", "boundClients.clientsFile.secretName=pwff-clients",
+        "--set", "boundClients.schedulerKey.secretName=pwff-scheduler-key",
+    )  # fmt: skip
+    for component in ("scheduler", "aggregator"):
+        deployment = _deployment(docs, component)
+        container = _container(deployment)
+        assert _env(container)["PWFF_CLIENTS_FILE"]["value"] == "/etc/pwff/clients/clients.yaml"
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["clients-file"] == {"name": "clients-file", "mountPath": "/etc/pwff/clients", "readOnly": True}
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["clients-file"]["secret"] == {
+            "secretName": "pwff-clients",
+            "items": [{"key": "clients.yaml", "path": "clients.yaml"}],
+        }
+    scheduler = _deployment(docs, "scheduler")
+    assert _env(_container(scheduler))["PWFF_SCHEDULER_KEY"]["value"] == "/etc/pwff/scheduler-key/scheduler.key"
+    key_volume = {v["name"]: v for v in scheduler["spec"]["template"]["spec"]["volumes"]}["scheduler-key"]
+    assert key_volume["secret"]["secretName"] == "pwff-scheduler-key" and key_volume["secret"]["defaultMode"] == 0o440
+    aggregator = _container(_deployment(docs, "aggregator"))  # the private key stays with the scheduler
+    assert "PWFF_SCHEDULER_KEY" not in _env(aggregator)
+    assert "scheduler-key" not in {m["name"] for m in aggregator["volumeMounts"]}
+    worker = _container(_deployment(docs, "worker"))  # pool workers verify nothing of clients
+    assert "PWFF_CLIENTS_FILE" not in _env(worker)
+    from_config_map = render(
+        "--set", "boundClients.clientsFile.configMapName=pwff-clients",
+        "--set", "boundClients.clientsFile.key=enrolled.yaml",
+    )  # fmt: skip
+    volumes = {v["name"]: v for v in _deployment(from_config_map, "aggregator")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["clients-file"]["configMap"] == {
+        "name": "pwff-clients",
+        "items": [{"key": "enrolled.yaml", "path": "clients.yaml"}],
+    }

@@ -114,6 +114,38 @@ def test_the_cli_enrolls_and_revokes(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "lowercase" in bad.output
 
 
+def test_the_schedulers_key_signs_tasks_and_enrollment_hands_its_public_key_to_each_client(tmp_path: Path) -> None:
+    runner = CliRunner()
+    clients_file = tmp_path / "clients.yaml"
+    made = runner.invoke(
+        app, ["client", "scheduler-key", "--out", str(tmp_path / "scheduler.key"), "--clients-file", str(clients_file)]
+    )
+    assert made.exit_code == 0, made.output
+    public = json.loads(made.stdout.strip().splitlines()[-1])["public_key"]
+    assert identity.scheduler_public_key(clients_file) == public
+    assert (tmp_path / "scheduler.key").stat().st_mode & 0o777 == 0o600
+    enrolled = runner.invoke(
+        app, ["client", "enroll", "site-a", "--out", str(tmp_path / "keys"), "--clients-file", str(clients_file)]
+    )
+    assert json.loads(enrolled.stdout.strip().splitlines()[-1])["scheduler_public_key"] == public
+    assert identity.scheduler_public_key(clients_file) == public  # enrolling a client keeps it
+    # The scheduler's signature verifies with its public key only, and only over the same fields.
+    signer, verifier = (
+        identity.TaskSigner.from_file(tmp_path / "scheduler.key"),
+        identity.TaskVerifier.from_text(public),
+    )
+    fields = {"type": "train", "job_id": "job-1", "round": 1, "client": 0, "local_steps": 2}
+    verifier.verify(fields, signer.sign(fields))
+    for signature, changed in (("", fields), (signer.sign(fields), {**fields, "client": 1})):
+        with pytest.raises(identity.IdentityError, match="scheduler"):
+            verifier.verify(changed, signature)
+    client_key = identity.load_private_key(tmp_path / "keys" / "site-a.key")
+    with pytest.raises(identity.IdentityError, match="does not verify"):  # a client's key is not the scheduler's
+        verifier.verify(fields, identity.TaskSigner(client_key).sign(fields))
+    # The clients file with a scheduler entry still reads as the same clients.
+    assert set(identity.read_clients_file(clients_file)["clients"]) == {"site-a"}
+
+
 def test_a_worker_needs_one_data_file_and_one_key_per_client(tmp_path: Path) -> None:
     data = tmp_path / "a.jsonl"
     data.write_text('{"text": "x", "label": 0}\n')
@@ -141,10 +173,17 @@ def test_worker_clients_come_from_the_environment_too(monkeypatch: pytest.Monkey
     monkeypatch.setenv("PWFF_CLIENTS", "site-a")
     monkeypatch.setenv("PWFF_CLIENT_DATA", str(data))
     monkeypatch.setenv("PWFF_CLIENT_KEYS", str(tmp_path / "site-a.key"))
+    with pytest.raises(SystemExit):
+        parse_args([], Settings())  # a bound worker without the scheduler's public key would run nothing
+    with pytest.raises(SystemExit):
+        parse_args(["--scheduler-key", "bm90IGEga2V5"], Settings())  # not an Ed25519 public key
+    scheduler_key = identity.enroll_scheduler(tmp_path / "scheduler.key")
+    assert list(parse_args(["--scheduler-key", scheduler_key], Settings())) == ["site-a"]
+    monkeypatch.setenv("PWFF_SCHEDULER_PUBLIC_KEY", scheduler_key)
     assert list(parse_args([], Settings())) == ["site-a"]
     with pytest.raises(SystemExit):
         parse_args([], Settings(clients=""))  # data files without their clients: a usage error
-    for name in ("PWFF_CLIENTS", "PWFF_CLIENT_DATA", "PWFF_CLIENT_KEYS"):
+    for name in ("PWFF_CLIENTS", "PWFF_CLIENT_DATA", "PWFF_CLIENT_KEYS", "PWFF_SCHEDULER_PUBLIC_KEY"):
         monkeypatch.delenv(name)
     assert parse_args([], Settings()) == {}  # a pool worker
     with pytest.raises(SystemExit):

@@ -26,6 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from services.worker.worker import BoundClient, Worker
+from shared import identity
 from shared.bus import Queues
 from shared.bus.memory import MemoryBus
 from shared.bus.rabbitmq import RabbitBus
@@ -34,6 +36,7 @@ from shared.metrics import TASKS_PROCESSED
 from shared.settings import Settings
 from shared.store.memory import MemoryStore
 from shared.store.redis import RedisStore
+from tests.bound import enroll_clients
 from tests.harness import REPO, free_port, wait_until
 from tests.test_helm import RELEASE, helm, render  # noqa: F401  (the chart tests' helm and render fixtures)
 
@@ -150,6 +153,31 @@ def test_readyz_follows_the_consume_loop(memory_probes: tuple[ProbeServer, Memor
     loop.join(timeout=5)
     assert _get(server.port, "/readyz")[0] == 503  # the loop ended: nothing consumes the queue any more
     assert _get(server.port, "/healthz") == (200, {"status": "ok"})
+
+
+def test_readyz_of_a_worker_serving_several_clients_watches_every_queue(tmp_path: Path) -> None:
+    """A worker serving site-a and site-b runs a consume loop per client queue: both must be up."""
+    _, enrolled = enroll_clients(tmp_path, ("site-a", "site-b"))
+    clients = {c.id: BoundClient(c.data, identity.UpdateSigner.from_file(c.id, c.key)) for c in enrolled}
+    bus = MemoryBus()
+    worker = Worker(bus, MemoryStore(), cache_dir=tmp_path / "cache", clients=clients)
+    readiness = Readiness(bus, worker.task_queues, worker.state.store)
+    stop_a, stop_b = threading.Event(), threading.Event()
+    loops = [
+        threading.Thread(target=bus.consume, args=(queue, lambda body: None, stop), daemon=True)
+        for queue, stop in zip(worker.task_queues, (stop_a, stop_b), strict=True)
+    ]
+    loops[0].start()
+    time.sleep(0.2)
+    assert readiness.checks()["consumer"] is False  # site-b's loop is not up yet
+    loops[1].start()
+    wait_until(lambda: readiness.checks() == {"consumer": True, "broker": True, "store": True}, 5, "both loops")
+    stop_b.set()  # site-b's loop ends while site-a's goes on: the worker is not ready any more
+    loops[1].join(timeout=5)
+    assert readiness.checks()["consumer"] is False and readiness.checks()["broker"] is False
+    stop_a.set()
+    loops[0].join(timeout=5)
+    readiness.close()
 
 
 @pytest.mark.parametrize("path", ["/", "/health", "/readyz/x", "/metrics/x", "/healthz2"])

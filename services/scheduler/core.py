@@ -24,7 +24,7 @@ from services.scaler.status import read_pool_status
 from services.scheduler.budgets import sample_clients, task_budget
 from shared.bus import Bus, Queues
 from shared.data import check_local_data
-from shared.identity import ClientRegistry, IdentityError
+from shared.identity import ClientRegistry, IdentityError, SignedKind, TaskSigner
 from shared.messages import (
     ClientEvaluated,
     ClientFailed,
@@ -44,6 +44,7 @@ from shared.messages import (
     encode,
 )
 from shared.metrics import (
+    CLIENT_FAILURES_REJECTED,
     CLIENT_MEAN_FIGURE,
     EVALUATIONS_REJECTED,
     FWD_EXTRA_WAVES,
@@ -114,6 +115,8 @@ class Scheduler:
         retention_s: int = 0,
         job_pools: bool = False,
         identities: ClientRegistry | None = None,
+        presence_ttl_s: float = 2.0,
+        task_signer: TaskSigner | None = None,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -129,6 +132,12 @@ class Scheduler:
         """A job with `resources` goes to its own task queue, served by its pool (services.scaler)."""
         self.identities = identities
         """Enrolled bound clients' keys (PWFF_CLIENTS_FILE): a bound client's evaluation must be signed by it."""
+        self.task_signer = task_signer
+        """The scheduler's key (PWFF_SCHEDULER_KEY): it signs the tasks of bound clients."""
+        self.presence_ttl_s = presence_ttl_s
+        """How long a bound client's presence (a consumer on its queue) is reused by job views."""
+        self._presence: dict[str, tuple[float, bool]] = {}
+        self._presence_lock = threading.Lock()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -266,6 +275,9 @@ class Scheduler:
             if state.final:
                 return  # e.g. a round that committed after the job was cancelled
             if isinstance(event, ClientFailed):
+                identity = self.jobs.spec(event.job_id).clients.identity(event.client)
+                if identity is not None:  # one client must not put words in another's event log
+                    self._authenticate(event, identity)
                 self._event(
                     event.job_id,
                     "client-failed",
@@ -353,7 +365,7 @@ class Scheduler:
         if spec.personalization.evaluates_after(round_, spec.rounds):
             for client in range(spec.num_clients):
                 task = EvaluateTask(job_id=job_id, round=round_, client=client, publish=last)
-                self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
+                self._send(spec, job_id, client, task)
         if not last:
             self._open_round(job_id, round_ + 1)
 
@@ -374,19 +386,21 @@ class Scheduler:
             self.jobs.update_plan(job_id, round_, status=RoundStatus.COMMITTED)
             self._finish(job_id, JobState.SUCCEEDED, "")
 
-    def _authenticate(self, event: ClientEvaluated, identity: str) -> None:
-        """A bound client's figures count only signed by its enrolled, unrevoked key (else dead-lettered)."""
+    def _authenticate(self, event: ClientEvaluated | ClientFailed, identity: str) -> None:
+        """A bound client's figures and failures count only signed by its enrolled, unrevoked key (else
+        dead-lettered and counted)."""
+        kind: SignedKind = "evaluation" if isinstance(event, ClientEvaluated) else "failure"
         try:
             if self.identities is None:
                 raise IdentityError(
                     "no clients file is configured (PWFF_CLIENTS_FILE): bound clients cannot be verified"
                 )
             fields = event.model_dump(mode="json", exclude={"signature"})
-            self.identities.verify(identity, fields, event.signature, "evaluation")
+            self.identities.verify(identity, fields, event.signature, kind)
         except IdentityError as error:
-            EVALUATIONS_REJECTED.inc()
-            log.warning("rejected evaluation of %s round %d: %s", event.job_id, event.round, error)
-            raise InvalidMessage(f"evaluation of {event.job_id} round {event.round}: {error}") from None
+            (EVALUATIONS_REJECTED if kind == "evaluation" else CLIENT_FAILURES_REJECTED).inc()
+            log.warning("rejected %s of %s round %d: %s", kind, event.job_id, event.round, error)
+            raise InvalidMessage(f"{kind} of {event.job_id} round {event.round}: {error}") from None
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -407,8 +421,21 @@ class Scheduler:
         for client in clients:
             budget = mode.task_fields(spec, task_budget(spec, round_, client, upload))
             task = TrainTask(job_id=job_id, round=round_, client=client, attempt=0, wave=wave, **budget)
-            self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
+            self._send(spec, job_id, client, task)
         TASKS_DISPATCHED.inc(len(clients))
+
+    def _send(self, spec: JobSpec, job_id: str, client: int, task: TrainTask | EvaluateTask) -> None:
+        """Publish a task on its client's queue; a bound client's signed with the scheduler's key, which
+        its worker checks before it runs anything (others may write to that queue too)."""
+        if spec.clients.identity(client) is not None:
+            if self.task_signer is None:
+                log.warning(
+                    "no scheduler key (PWFF_SCHEDULER_KEY): bound client %d of %s will refuse its task", client, job_id
+                )
+            else:
+                fields = task.model_dump(mode="json", exclude={"signature"})
+                task = task.model_copy(update={"signature": self.task_signer.sign(fields)})
+        self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
 
     def _tasks_queue(self, spec: JobSpec, job_id: str, client: int) -> str:
         identity = spec.clients.identity(client)
@@ -420,15 +447,34 @@ class Scheduler:
         """Bound clients: whether a worker is consuming each one's task queue now (absent: a straggler)."""
         if spec.clients.ids is None:
             return None
-        presence = []
-        for index, identity in enumerate(spec.clients.ids):
-            try:
-                present = self.bus.consumers(self.queues.client_tasks(identity)) > 0
-            except Exception:  # the job view must answer even when the broker does not
-                log.warning("could not count the consumers of client %s", identity, exc_info=True)
-                present = False
-            presence.append({"client": index, "id": identity, "present": present})
-        return presence
+        now = time.monotonic()
+        # Job views are polled (by every `pwff status`, every dashboard): the clients whose presence is older
+        # than presence_ttl_s are asked together, in one exchange with the broker, and the answer is reused
+        # by every view until then. The lock makes concurrent views wait for one query, not each send theirs.
+        with self._presence_lock:
+            stale = {
+                self.queues.client_tasks(identity): identity
+                for identity in spec.clients.ids
+                if (known := self._presence.get(identity)) is None or now - known[0] > self.presence_ttl_s
+            }
+            if stale:
+                try:
+                    counts = self.bus.consumer_counts(list(stale))
+                except Exception:  # the job view must answer even when the broker does not
+                    log.warning("could not count the consumers of clients %s", ", ".join(stale.values()), exc_info=True)
+                    counts = None
+                if len(self._presence) > 10_000:
+                    self._presence.clear()  # only bounds memory: entries are re-asked when needed
+                for queue, identity in stale.items():
+                    if counts is None:
+                        self._presence.pop(identity, None)  # unknown: absent now, asked again next time
+                    else:
+                        self._presence[identity] = (now, counts.get(queue, 0) > 0)
+            present = {identity: known[1] for identity, known in self._presence.items()}
+        return [
+            {"client": index, "id": identity, "present": present.get(identity, False)}
+            for index, identity in enumerate(spec.clients.ids)
+        ]
 
     def _recent_upload_bytes(self, job_id: str) -> float:
         """Mean bytes per update of the last committed round: what the budgets expect a device to send."""

@@ -6,7 +6,8 @@ bound clients, it serves only them, each from its own data file and with its own
     python -m services.worker --client site-a --data /data/site-a.jsonl --key /keys/site-a.key
 
 (`--client/--data/--key` repeat, in order, for several clients; or PWFF_CLIENTS, PWFF_CLIENT_DATA and
-PWFF_CLIENT_KEYS, comma-separated.)
+PWFF_CLIENT_KEYS, comma-separated.) Their personal state is kept across restarts in `--state-dir`
+(PWFF_CLIENT_STATE_DIR; default <cache dir>/client-state).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from services.worker.worker import BoundClient, Worker
 from shared.bus.rabbitmq import RabbitBus
 from shared.health import Readiness, serve_probes
-from shared.identity import IdentityError, UpdateSigner
+from shared.identity import IdentityError, TaskVerifier, UpdateSigner
 from shared.metrics import dead_letter_counter
 from shared.runtime import run_until_signalled
 from shared.settings import Settings, configure_process
@@ -66,11 +67,30 @@ def parse_args(argv: Sequence[str] | None, settings: Settings) -> dict[str, Boun
     parser.add_argument("--data", action="append", default=[], help="that client's data (JSON lines of text, label)")
     parser.add_argument("--key", action="append", default=[], help="that client's private key (pwff client enroll)")
     parser.add_argument("--key-dir", type=Path, default=None, help="keys as <dir>/<client>.key instead of --key")
+    parser.add_argument(
+        "--scheduler-key",
+        default=None,
+        help="the scheduler's public key (base64, given at enrollment): only tasks it signed are run",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where bound clients' personal state is kept across restarts (default <cache dir>/client-state)",
+    )
     args = parser.parse_args(argv)
+    if args.state_dir is not None:
+        settings.client_state_dir = args.state_dir
+    if args.scheduler_key is not None:
+        settings.scheduler_public_key = args.scheduler_key
     clients = args.client or _split(settings.clients)
     data = args.data or _split(settings.client_data)
     keys = args.key or _split(settings.client_keys)
     try:
+        if clients and not settings.scheduler_public_key:
+            raise ValueError("a bound worker needs the scheduler's public key: --scheduler-key (given at enrollment)")
+        if clients:
+            TaskVerifier.from_text(settings.scheduler_public_key)  # a bad key stops it here, not at each task
         return bound_clients(clients, data, keys, args.key_dir)
     except (ValueError, IdentityError) as error:
         parser.error(str(error))
@@ -97,11 +117,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         name=f"worker@{socket.gethostname()}:{os.getpid()}" + (f"[{','.join(clients)}]" if clients else ""),
         tasks_queue=settings.tasks_queue,
         clients=clients,
+        state_dir=settings.client_state_dir,
+        scheduler_key=TaskVerifier.from_text(settings.scheduler_public_key) if clients else None,
     )
-    # /healthz, /readyz (consume loop, broker and store, from the connections it already has) and /metrics.
+    # /healthz, /readyz (every consume loop, broker and store, from the connections it already has) and /metrics.
     probes = serve_probes(
         settings.metrics_port,
-        Readiness(worker.bus, worker.tasks_queue, worker.state.store, stale_after_s=settings.probe_stale_s),
+        Readiness(worker.bus, worker.task_queues, worker.state.store, stale_after_s=settings.probe_stale_s),
     )
     try:
         run_until_signalled(worker.run)

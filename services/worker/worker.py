@@ -9,7 +9,8 @@ the whole state. The bus acks a task only after `handle` returns, i.e. after the
 is stored and announced; a worker killed mid-task leaves the task to be redelivered to
 another. How a client trains is its job's training mode (`shared.modes`); this class only
 moves state in and out, including a client's error-feedback residual (client-side codec
-state, stored apart from its personal tensors).
+state, stored apart from its personal tensors). A bound client's personal tensors and residual
+are kept in its state directory on its own machine (`shared.client_state`), not in Redis.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 from shared import data, local_data
 from shared.adapters import ModelCache
 from shared.bus import Bus, Queues
+from shared.client_state import ClientStateDir
 from shared.codec import (
     RESIDUAL_PREFIX,
     CodecError,
@@ -39,7 +41,7 @@ from shared.codec import (
     split_residual,
     state_digest,
 )
-from shared.identity import UpdateSigner, payload_digest
+from shared.identity import IdentityError, TaskVerifier, UpdateSigner, payload_digest
 from shared.messages import (
     ClientEvaluated,
     ClientFailed,
@@ -59,7 +61,6 @@ from shared.spec import JobSpec, format_validation_error
 from shared.state import JobNotFound, JobState, Repositories
 from shared.state.tensors import PersonalVersion, TensorRepository
 from shared.store import Store
-from shared.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +109,24 @@ class Worker:
         name: str = "worker",
         tasks_queue: str = "",
         clients: Mapping[str, BoundClient] | None = None,
+        state_dir: Path | None = None,
+        scheduler_key: TaskVerifier | None = None,
     ) -> None:
         self.bus = bus
         self.state = Repositories(store, namespace, update_ttl_s)
         self.queues = Queues(namespace)
         self.clients = dict(clients or {})
         """Bound clients this worker serves (`--client`): it consumes only their queues and reads only their files."""
+        self.scheduler_key = scheduler_key
+        """The scheduler's public key: a bound worker runs only tasks it signed (None: it runs none)."""
         self.task_queues = [self.queues.client_tasks(identity) for identity in self.clients] or [
             tasks_queue or self.queues.tasks
         ]
-        # A bound client's personal tensors and codec residual never leave its worker: they live in the
-        # worker's memory (a restarted worker starts them afresh); a pool worker keeps them in the store.
-        self.client_tensors = (
-            Repositories(MemoryStore(), namespace, update_ttl_s).tensors if self.clients else self.state.tensors
+        # A bound client's personal tensors and codec residual never leave its machine: they live in its
+        # state directory (shared.client_state), read back when the worker restarts; a pool worker keeps
+        # them in the store, where any worker picks its clients up.
+        self.client_tensors: TensorRepository | ClientStateDir = (
+            ClientStateDir(state_dir or cache_dir / "client-state") if self.clients else self.state.tensors
         )
         self.tasks_queue = self.task_queues[0]
         """The shared task queue, a per-job pool's (PWFF_TASKS_QUEUE, set by services.scaler), or the first
@@ -152,7 +158,10 @@ class Worker:
 
     def handle(self, body: bytes) -> None:
         task = decode_task(body, self.max_message_bytes)
+        if self.clients:
+            self._authenticate(task)
         job_id = task.job_id
+        identity: str | None = None
         try:
             try:
                 spec = self._spec(job_id)
@@ -180,13 +189,33 @@ class Worker:
             # Deterministic: a retry would fail the same way. Dead-lettered (and counted) by the bus.
             TASKS_PROCESSED.labels(outcome="failed").inc()
             log.error("%s: task of %s round %d client %d failed: %s", self.name, job_id, task.round, task.client, error)
-            reason = str(error)[:4000]
-            self.bus.publish(
-                self.queues.events,
-                encode(ClientFailed(job_id=job_id, round=task.round, client=task.client, reason=reason)),
-            )
+            failed = ClientFailed(job_id=job_id, round=task.round, client=task.client, reason=str(error)[:4000])
+            self.bus.publish(self.queues.events, encode(self._signed_failure(failed, identity)))
             raise InvalidMessage(f"task failed: {error}") from None
         TASKS_PROCESSED.labels(outcome=outcome).inc()
+
+    def _authenticate(self, task: TrainTask | EvaluateTask) -> None:
+        """A bound client's queue takes messages from any broker user that may publish: only a task the
+        scheduler signed runs (else dead-lettered and counted), before anything else is done for it."""
+        try:
+            if self.scheduler_key is None:
+                raise IdentityError("no scheduler key is configured (--scheduler-key): bound tasks cannot be verified")
+            self.scheduler_key.verify(task.model_dump(mode="json", exclude={"signature"}), task.signature)
+        except IdentityError as error:
+            TASKS_PROCESSED.labels(outcome="unauthenticated").inc()
+            log.warning("%s: refused a task of %s client %d: %s", self.name, task.job_id, task.client, error)
+            raise InvalidMessage(f"task of {task.job_id} client {task.client}: {error}") from None
+
+    def _signed_failure(self, failed: ClientFailed, identity: str | None) -> ClientFailed:
+        """A bound client's failure, signed with its key: the scheduler logs it only so signed."""
+        if identity is None and len(self.clients) == 1:
+            # The spec did not load here, so the task's identity is unknown: this worker speaks only for its
+            # one client (a task for another is refused by the scheduler's check of the signature).
+            identity = next(iter(self.clients))
+        if identity is None or identity not in self.clients:
+            return failed  # a pool client's: nothing to sign
+        fields = failed.model_dump(mode="json", exclude={"signature"})
+        return failed.model_copy(update={"signature": self.clients[identity].signer.sign(fields, "failure")})
 
     def _spec(self, job_id: str) -> JobSpec:
         if job_id not in self._specs:

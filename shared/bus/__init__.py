@@ -13,7 +13,7 @@ rules from one `RetryPolicy` (shared.bus.policy), which their constructors accep
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,6 +88,10 @@ class Bus(Protocol):
 
     def consumers(self, queue: str) -> int:
         """Consumers attached to `queue` (every process's, as the broker counts them)."""
+        ...
+
+    def consumer_counts(self, queues: Sequence[str]) -> dict[str, int]:
+        """`consumers` of several queues in one exchange with the broker (one connection, one channel)."""
         ...
 
     def purge(self, queue: str) -> None: ...

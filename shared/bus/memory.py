@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Sequence
 
 from shared.bus import ConsumerStatus, DeadLetterHook, Handler, Queues
 from shared.bus.policy import DEFAULT_POLICY, Ack, DeadLetter, FailureTracker, Retry, RetryPolicy
@@ -120,6 +121,10 @@ class MemoryBus:
     def consumers(self, queue: str) -> int:
         with self._lock:
             return self._consumer_counts.get(queue, 0)
+
+    def consumer_counts(self, queues: Sequence[str]) -> dict[str, int]:
+        with self._lock:
+            return {queue: self._consumer_counts.get(queue, 0) for queue in queues}
 
     def purge(self, queue: str) -> None:
         self._queue(queue).clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pika
@@ -236,6 +237,17 @@ class RabbitBus:
             return int(channel.queue_declare(queue=queue, passive=True).method.consumer_count)
 
         return int(self._with_channel(count))
+
+    def consumer_counts(self, queues: Sequence[str]) -> dict[str, int]:
+        # One connection and channel for all of them (a job view asks for every bound client at once).
+        def count(channel: BlockingChannel) -> dict[str, int]:
+            counts = {}
+            for queue in queues:
+                self._declare(channel, queue)
+                counts[queue] = int(channel.queue_declare(queue=queue, passive=True).method.consumer_count)
+            return counts
+
+        return dict(self._with_channel(count))
 
     def purge(self, queue: str) -> None:
         def purge(channel: BlockingChannel) -> None:

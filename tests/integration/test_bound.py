@@ -14,9 +14,11 @@ while the job runs: it is dead-lettered and counted, and never merged.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -25,19 +27,21 @@ from typing import Any
 
 import pytest
 import redis
+import safetensors.torch
+import torch
 
 from services.aggregator.aggregator import Aggregator
 from services.scheduler.core import Scheduler
 from shared import identity
 from shared.bus import Handler, Queues
 from shared.bus.rabbitmq import RabbitBus
-from shared.messages import UpdateReady, encode
+from shared.messages import TrainTask, UpdateReady, encode
 from shared.metrics import UPDATES_RECEIVED
 from shared.settings import Settings
 from shared.spec import parse_spec
 from shared.state import JobState
 from shared.store.redis import RedisStore
-from tests.bound import CLIENTS, Enrolled, bound_spec, enroll_clients, markers_in
+from tests.bound import CLIENTS, Enrolled, bound_spec, enroll_clients, markers_in, scheduler_signer
 from tests.harness import REPO, drain, free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -94,6 +98,7 @@ def _redis_values(url: str, prefix: str) -> list[bytes]:
 
 class BoundCluster:
     def __init__(self, folder: Path, cache_dir: Path) -> None:
+        self.folder = folder
         self.namespace = f"it-bound-{uuid.uuid4().hex[:8]}"
         self.settings = Settings(namespace=self.namespace)
         self.queues = Queues(self.namespace)
@@ -101,7 +106,14 @@ class BoundCluster:
         self.bus = RecordingRabbitBus(self.settings.rabbitmq_url)
         self.store = RedisStore(self.settings.redis_url)
         registry = identity.ClientRegistry(self.clients_file)
-        self.scheduler = Scheduler(self.bus, self.store, namespace=self.namespace, tick_s=0.3, identities=registry)
+        self.scheduler = Scheduler(
+            self.bus,
+            self.store,
+            namespace=self.namespace,
+            tick_s=0.3,
+            identities=registry,
+            task_signer=scheduler_signer(self.clients_file),
+        )
         self.aggregator = Aggregator(
             self.bus, self.store, namespace=self.namespace, cache_dir=cache_dir, identities=registry
         )
@@ -117,9 +129,12 @@ class BoundCluster:
             "PWFF_TORCH_THREADS": "1",
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            # What each client is handed at enrollment besides its own key: the scheduler's public key.
+            "PWFF_SCHEDULER_PUBLIC_KEY": identity.scheduler_public_key(self.clients_file) or "",
         }
         self.logs = folder / "logs"
         self.logs.mkdir()
+        self._env = env
         self.workers = [self._worker(client, env) for client in self.clients]
         for thread in self._threads:
             thread.start()
@@ -127,11 +142,21 @@ class BoundCluster:
     def _worker(self, client: Enrolled, env: dict[str, str]) -> subprocess.Popen[bytes]:
         # Started with its own file and key only: nothing else of any client is on its command line.
         command = [sys.executable, "-m", "services.worker", "--client", client.id, "--data", str(client.data)]
-        command += ["--key", str(client.key)]
+        command += ["--key", str(client.key), "--state-dir", str(self.state_dir(client.id))]
         log = (self.logs / f"{client.id}.log").open("ab")
         return subprocess.Popen(
             command, cwd=REPO, env={**env, "PWFF_METRICS_PORT": str(free_port())}, stdout=log, stderr=subprocess.STDOUT
         )
+
+    def state_dir(self, client: str) -> Path:
+        """The client's own state directory (on its machine: here, a folder of this test's)."""
+        return self.folder / "state" / client
+
+    def kill_and_restart(self, index: int) -> None:
+        """SIGKILL a client's worker (no cleanup, no ack) and start it again with the same arguments."""
+        self.workers[index].kill()
+        self.workers[index].wait(timeout=30)
+        self.workers[index] = self._worker(self.clients[index], self._env)
 
     def wait_for_workers(self) -> None:
         def present() -> bool:
@@ -199,7 +224,12 @@ def test_three_bound_workers_train_a_job_and_no_example_reaches_the_store_or_the
     job_id = cluster.scheduler.submit(parse_spec(bound_spec(personalization={"preset": "head"})))
     wait_until(lambda: cluster.scheduler.jobs.current_round(job_id) >= 1, 120, "round 1 opening")
     forged = _forge(cluster, job_id)
-    RabbitBus(cluster.settings.rabbitmq_url).publish(cluster.queues.aggregate, forged)  # a rogue publisher
+    rogue = RabbitBus(cluster.settings.rabbitmq_url)
+    rogue.publish(cluster.queues.aggregate, forged)
+    # A task of the rogue's making in site-a's queue (the default exchange takes it): not the scheduler's.
+    injected = encode(TrainTask(job_id=job_id, round=1, client=0, local_steps=1000))
+    rogue.publish(cluster.queues.client_tasks("site-a"), injected)
+    rogue.close()
 
     def finished() -> bool:
         return JobState(cluster.scheduler.get_job(job_id)["state"]).final
@@ -215,6 +245,8 @@ def test_three_bound_workers_train_a_job_and_no_example_reaches_the_store_or_the
     dead = drain(cluster.bus, Queues.dead(cluster.queues.aggregate))
     assert forged in dead
     assert UPDATES_RECEIVED.labels(outcome="unauthenticated")._value.get() == unauthenticated + 1
+    # The injected task: dead-lettered by site-a's worker, never run.
+    assert drain(cluster.bus, Queues.dead(cluster.queues.client_tasks("site-a"))) == [injected]
 
     # No example text anywhere: every message of the job, anything left in a queue, every key in Redis.
     leftovers = [
@@ -233,3 +265,80 @@ def test_three_bound_workers_train_a_job_and_no_example_reaches_the_store_or_the
     # Each client's personal head stayed in its worker: no personal or residual key in the store.
     assert not [key for key in stored if b":personal" in key or b":residual" in key]
     assert all(client.marker in client.data.read_text() for client in cluster.clients)
+
+
+def _published_client_model(cluster: BoundCluster, job_id: str, client: int) -> dict[str, torch.Tensor]:
+    """The personalized adapter the client's worker published at the job's end (its safetensors)."""
+    archive = cluster.scheduler.model_archive(job_id, client)
+    assert archive is not None, f"client {client} of {job_id} published no model"
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        (member,) = [m for m in tar.getmembers() if m.name.endswith(".safetensors")]
+        handle = tar.extractfile(member)
+        assert handle is not None
+        return safetensors.torch.load(handle.read())
+
+
+def test_a_bound_worker_killed_mid_job_resumes_from_its_state_directory(cluster: BoundCluster) -> None:
+    """Personal tensors and error-feedback residuals live in the client's state directory: a worker
+    SIGKILLed mid-job and restarted reads them back, and the job ends exactly as an undisturbed one."""
+    cluster.wait_for_workers()
+    spec = bound_spec(
+        rounds=2,
+        personalization={"preset": "head"},
+        compression={"quantize": "int8", "rounding": "nearest", "error_feedback": True},
+    )
+
+    def run(disturb: bool) -> dict[str, torch.Tensor]:
+        job_id = cluster.scheduler.submit(parse_spec(spec))
+        if disturb:
+            log = cluster.logs / "site-a.log"
+            # Killed as it starts its round-2 task: the task is redelivered to its restarted self, which
+            # must read the personal state and residual its round-1 task left, from the disk.
+            wait_until(
+                lambda: f"starting {job_id} round 2 client 0" in log.read_text(errors="replace"), 240, "site-a round 2"
+            )
+            assert list(cluster.state_dir("site-a").glob(f"{job_id}/client-0/personal-1-0.safetensors"))
+            assert list(cluster.state_dir("site-a").glob(f"{job_id}/client-0/residual-1-0.safetensors"))
+            cluster.kill_and_restart(0)
+        wait_until(lambda: JobState(cluster.scheduler.get_job(job_id)["state"]).final, 400, f"{job_id} finishing")
+        job = cluster.scheduler.get_job(job_id)
+        assert job["state"] == "succeeded", job
+        assert [m["clients"] for m in job["metrics"][1:]] == [[0, 1, 2]] * 2
+        return _published_client_model(cluster, job_id, 0)
+
+    undisturbed = run(disturb=False)
+    resumed = run(disturb=True)
+    assert undisturbed.keys() == resumed.keys() and undisturbed
+    assert all(torch.equal(undisturbed[name], resumed[name]) for name in undisturbed)
+    # Nothing of a client's own state reached the platform's store.
+    stored = _redis_values(cluster.settings.redis_url, f"{cluster.namespace}:")
+    assert not [key for key in stored if b":personal" in key or b":residual" in key]
+
+
+def test_rabbitmq_counts_every_clients_consumers_over_one_connection() -> None:
+    """The job view's presence check: one connection and channel for all the clients' queues."""
+    settings = Settings(namespace=f"it-presence-{uuid.uuid4().hex[:8]}")
+    queues = Queues(settings.namespace)
+    names = [queues.client_tasks(c) for c in CLIENTS]
+    bus, worker_bus = RabbitBus(settings.rabbitmq_url), RabbitBus(settings.rabbitmq_url)
+    connects = [0]
+    connect = bus._connect
+
+    def counted() -> Any:
+        connects[0] += 1
+        return connect()
+
+    bus._connect = counted  # type: ignore[method-assign]
+    stop = threading.Event()
+    loop = threading.Thread(target=worker_bus.consume, args=(names[1], lambda body: None, stop), daemon=True)
+    loop.start()
+    try:
+        wait_until(lambda: worker_bus.consumer_status(names[1]).connected, 30, "site-b's consumer")
+        assert bus.consumer_counts(names) == {names[0]: 0, names[1]: 1, names[2]: 0}
+        assert connects[0] == 1
+    finally:
+        stop.set()
+        loop.join(timeout=30)
+        bus.delete_queues(*names)
+        bus.close()
+        worker_bus.close()

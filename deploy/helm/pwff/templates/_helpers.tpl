@@ -393,3 +393,64 @@ Config-level validation that a JSON schema cannot express.
 {{- fail "worker.autoscaling.minReplicas must not exceed maxReplicas" }}
 {{- end }}
 {{- end }}
+
+{{/*
+Bound clients' identities (values boundClients): the clients file for the scheduler and the aggregator,
+and the scheduler's task-signing key for the scheduler only. Each as env, mounts and volumes.
+Usage: include "pwff.identityEnv" (list $ "scheduler")
+*/}}
+{{- define "pwff.identityEnv" -}}
+{{- $b := (index . 0).Values.boundClients }}
+{{- if or $b.clientsFile.secretName $b.clientsFile.configMapName }}
+- name: PWFF_CLIENTS_FILE
+  value: /etc/pwff/clients/clients.yaml
+{{- end }}
+{{- if and (eq (index . 1) "scheduler") $b.schedulerKey.secretName }}
+- name: PWFF_SCHEDULER_KEY
+  value: /etc/pwff/scheduler-key/scheduler.key
+{{- end }}
+{{- end }}
+
+{{- define "pwff.identityMounts" -}}
+{{- $b := (index . 0).Values.boundClients }}
+{{- if or $b.clientsFile.secretName $b.clientsFile.configMapName }}
+{{- /* A folder, not a subPath: the kubelet updates it in place and the services re-read it. */}}
+- name: clients-file
+  mountPath: /etc/pwff/clients
+  readOnly: true
+{{- end }}
+{{- if and (eq (index . 1) "scheduler") $b.schedulerKey.secretName }}
+- name: scheduler-key
+  mountPath: /etc/pwff/scheduler-key
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "pwff.identityVolumes" -}}
+{{- $b := (index . 0).Values.boundClients }}
+{{- if $b.clientsFile.secretName }}
+- name: clients-file
+  secret:
+    secretName: {{ $b.clientsFile.secretName }}
+    items:
+      - key: {{ $b.clientsFile.key }}
+        path: clients.yaml
+{{- else if $b.clientsFile.configMapName }}
+- name: clients-file
+  configMap:
+    name: {{ $b.clientsFile.configMapName }}
+    items:
+      - key: {{ $b.clientsFile.key }}
+        path: clients.yaml
+{{- end }}
+{{- if and (eq (index . 1) "scheduler") $b.schedulerKey.secretName }}
+- name: scheduler-key
+  secret:
+    secretName: {{ $b.schedulerKey.secretName }}
+    {{- /* Owner and the pod's fsGroup only (the services run as non-root with that group). */}}
+    defaultMode: 0440
+    items:
+      - key: {{ $b.schedulerKey.key }}
+        path: scheduler.key
+{{- end }}
+{{- end }}
