@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = 8080
     metrics_port: int = 0
+    metrics_host: str = Field(
+        "",
+        description="address the /metrics, /healthz and /readyz port of the worker, aggregator and scaler listens on "
+        "('': the API's, PWFF_API_HOST)",
+    )
     metrics_job_linger_s: float = Field(
         120.0, ge=0, description="how long a finished job's per-job series stay exported, for a last scrape"
     )
@@ -59,6 +64,11 @@ class Settings(BaseSettings):
         False, description="scheduler: a job with `resources` gets its own task queue, which services.scaler serves"
     )
     tasks_queue: str = Field("", description="worker: the queue it consumes ('': the shared one; a per-job pool's)")
+
+    @property
+    def probes_host(self) -> str:
+        """Where the probes and /metrics listen: PWFF_METRICS_HOST, else PWFF_API_HOST."""
+        return self.metrics_host or self.api_host
 
 
 class ScalerSettings(BaseSettings):

@@ -31,6 +31,7 @@ def main() -> None:
     probes = serve_probes(
         settings.metrics_port,
         Readiness(worker.bus, worker.tasks_queue, worker.state.store, stale_after_s=settings.probe_stale_s),
+        settings.probes_host,
     )
     try:
         run_until_signalled(worker.run)
