@@ -193,9 +193,7 @@ def test_round_zero_depends_only_on_the_spec(make_world: Callable[..., World]) -
     assert any(not torch.equal(other[n], t) for n, t in make_world().global_state(0).items())
 
 
-def test_a_job_cancelled_while_queued_is_not_initialized(
-    tiny_spec: Callable[..., JobSpec], cache_dir: Path
-) -> None:
+def test_a_job_cancelled_while_queued_is_not_initialized(tiny_spec: Callable[..., JobSpec], cache_dir: Path) -> None:
     """Its InitJob still waits in the queue when the job is cancelled: the aggregator must not load the
     model and evaluate it (with one consumer, every other job's updates would wait meanwhile)."""
     bus, store = MemoryBus(), MemoryStore()
