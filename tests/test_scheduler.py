@@ -629,3 +629,33 @@ def test_a_second_scheduler_does_not_record_a_lost_job_twice(harness: Harness) -
     assert other.store_state_known and harness.scheduler.store_state_known
     harness.scheduler.tick()  # and the first one does not take the second's check for a new loss
     assert harness.scheduler.get_job(job_id) == first
+
+
+def test_a_dispatch_cut_short_is_done_again_by_the_tick(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker goes away while round 2's tasks are published (past the bus's retries): the event handler
+    fails after two of four, and its redelivery finds the round already open. The tick publishes them again."""
+    job_id, _ = harness.start()
+    harness.merge_all(job_id, 1)
+    harness.commands()
+    publish = harness.bus.publish
+    sent: list[str] = []
+
+    def failing(queue: str, body: bytes) -> None:
+        if queue == harness.queues.tasks and len(sent) == 2:
+            raise ConnectionError("broker gone")
+        sent.append(queue)
+        publish(queue, body)
+
+    monkeypatch.setattr(harness.bus, "publish", failing)
+    with pytest.raises(ConnectionError):
+        harness.commit(job_id, 1)
+    monkeypatch.setattr(harness.bus, "publish", publish)
+    assert len(harness.tasks()) == 2
+    harness.commit(job_id, 1)  # the redelivered event: the round is open, nothing to do
+    assert harness.tasks() == []
+
+    harness.scheduler.tick()
+    tasks = harness.tasks()
+    assert sorted(task.client for task in tasks) == ALL_CLIENTS and {task.round for task in tasks} == {2}
+    harness.scheduler.tick()
+    assert harness.quiet()

@@ -362,10 +362,17 @@ class Scheduler:
         spec = self.jobs.spec(job_id)
         clients = sample_clients(spec, round_)
         now = self.clock()
-        plan = RoundPlan(clients=clients, opened_at=now, deadline_at=now + spec.round_deadline_s, expected=len(clients))
+        plan = RoundPlan(
+            clients=clients,
+            opened_at=now,
+            deadline_at=now + spec.round_deadline_s,
+            expected=len(clients),
+            dispatched=False,
+        )
         self.jobs.save_plan(job_id, round_, plan)
         self._set(job_id, round=round_)
         self._dispatch(spec, job_id, round_, clients, wave=0)
+        self.jobs.update_plan(job_id, round_, dispatched=True)
         log.info("job %s round %d opened: clients %s", job_id, round_, clients)
 
     def _dispatch(self, spec: JobSpec, job_id: str, round_: int, clients: list[int], wave: int) -> None:
@@ -431,6 +438,13 @@ class Scheduler:
             # event was consumed (or its redelivery finds the round done), so nothing else would open it.
             log.warning("job %s round %d committed but round %d never opened; opening it", job_id, round_, round_ + 1)
             self._open_round(job_id, round_ + 1)
+        elif plan.status == RoundStatus.OPEN and not plan.dispatched:
+            # Its dispatch was cut short (the broker stayed away past the publish retries, or the scheduler died):
+            # publish the round's tasks again. A task that did go out twice trains twice; the aggregator merges
+            # one update per client and counts the other as a duplicate.
+            log.warning("job %s round %d: its tasks were not all published; publishing them again", job_id, round_)
+            self._dispatch(meta.spec, job_id, round_, plan.clients, wave=0)
+            self.jobs.update_plan(job_id, round_, dispatched=True)
         elif plan.status == RoundStatus.OPEN and now >= plan.deadline_at:
             self._on_deadline(meta, plan)
         elif plan.status == RoundStatus.EVALUATING and now >= plan.deadline_at:
