@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from services.client import ApiError, Client, PwffError
 from shared.rewards import TRAIN_EVAL_EXAMPLES as REWARD_EVAL_EXAMPLES
 from shared.rewards import TRAIN_STEPS as REWARD_TRAIN_STEPS
 from shared.spec import SpecError, load_spec_file
@@ -26,16 +32,45 @@ ApiOption = Annotated[str, typer.Option("--api", envvar="PWFF_API_URL", help="sc
 TokenOption = Annotated[str, typer.Option("--token", envvar="PWFF_API_TOKEN", help="API bearer token")]
 
 
+def _version() -> str:
+    try:
+        return package_version("pwff")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"pwff {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print pwff's version and exit"),
+    ] = False,
+) -> None:
+    """Personalized federated fine-tuning of language models."""
+
+
 def _spec_or_exit(path: Path, overrides: list[str] | None) -> Any:
     try:
         return load_spec_file(str(path), overrides or [])
     except SpecError as error:
-        console.print(f"[red]invalid spec:[/red] {error}")
+        console.print(f"[red]invalid spec:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
 
 
-def _progress() -> Progress:
-    return Progress(
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    """A live progress bar on stderr; while it shows, log records go through rich's console too.
+
+    A plain StreamHandler writes to the stderr it captured at start, under the bar: each log line
+    would leave a torn copy of the bar behind. A RichHandler on the bar's console prints above it.
+    """
+    progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -43,6 +78,20 @@ def _progress() -> Progress:
         TimeElapsedColumn(),
         console=console,
     )
+    root = logging.getLogger()
+    plain = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    rich = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    rich.setLevel(min((h.level for h in plain), default=logging.NOTSET))
+    for handler in plain:
+        root.removeHandler(handler)
+    root.addHandler(rich)
+    try:
+        with progress:
+            yield progress
+    finally:
+        root.removeHandler(rich)
+        for handler in plain:
+            root.addHandler(handler)
 
 
 def _round_status(job: dict[str, Any]) -> str:
@@ -78,6 +127,13 @@ def run(
 ) -> None:
     """Run a job embedded: scheduler, aggregator and workers in this process."""
     spec = _spec_or_exit(spec_path, set_)
+    if spec.clients.kind == "bound":
+        # Its clients' data lives with their own workers: nothing in this process may train them.
+        console.print(
+            "[red]a job with bound clients runs on a deployment:[/red] pwff submit it, and start each client's "
+            "worker with pwff worker --client ID --data FILE --key KEY"
+        )
+        raise typer.Exit(2)
     from services.embedded import EmbeddedCluster
     from services.results import write_results
     from shared.settings import Settings, configure_process
@@ -117,32 +173,54 @@ def _summary(job: dict[str, Any], elapsed: float | None = None) -> None:
         console.print(f"[red]{job['error']}[/red]")
 
 
-# -- the HTTP client ------------------------------------------------------------------------
+# -- the HTTP commands: services.client ----------------------------------------------------
 
 
-def _client(api: str, token: str) -> httpx.Client:
+@contextmanager
+def _client(api: str, token: str) -> Iterator[Client]:
+    """The API's Python client; its errors become one line on stderr and an exit code (1: refused, 3: unreachable)."""
     if not token:
         console.print("[red]no API token:[/red] pass --token or set PWFF_API_TOKEN")
         raise typer.Exit(2)
-    return httpx.Client(base_url=api.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=60)
-
-
-def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
     try:
-        response = client.request(method, path, **kwargs)
-    except httpx.HTTPError as error:
-        console.print(f"[red]cannot reach the API at {client.base_url}:[/red] {error}")
+        with Client(api, token) as client:
+            yield client
+    except ApiError as error:
+        console.print(f"[red]{error.status_code}:[/red] {error.message}", highlight=False)
+        raise typer.Exit(1) from None
+    except PwffError as error:
+        console.print(f"[red]{error}[/red]", highlight=False)
         raise typer.Exit(3) from None
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        if isinstance(detail, list):
-            detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
-        console.print(f"[red]{response.status_code}:[/red] {detail}")
-        raise typer.Exit(1)
-    return response
+
+
+@app.command()
+def validate(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="job spec (YAML)")],
+    set_: SetOption = None,
+) -> None:
+    """Check a spec without submitting it: exit 0 with a summary, 2 with what is wrong.
+
+    A local data source is read as the API would read it (its fields, labels and partition).
+    """
+    spec = _spec_or_exit(spec_path, set_)
+    from shared.catalog import LocalData
+    from shared.data import check_local_data
+
+    try:
+        spec = check_local_data(spec)
+    except ValueError as error:
+        console.print(f"[red]invalid spec:[/red] dataset: {error}", highlight=False)
+        raise typer.Exit(2) from None
+    source = spec.dataset
+    if isinstance(source, LocalData):
+        labels = f", classes {source.labels}" if source.labels else ""
+        data = f"{source.path} ({source.task}{labels})"
+    else:
+        data = source
+    print(
+        f"valid: {spec.name}: {spec.model} on {data}, mode {spec.mode}, {spec.num_clients} clients "
+        f"({spec.clients_per_round} a round, {spec.partition.kind} partition), {spec.rounds} rounds"
+    )
 
 
 @app.command()
@@ -155,7 +233,7 @@ def submit(
     """Submit a job to a deployment; prints its id."""
     spec = _spec_or_exit(spec_path, set_)
     with _client(api, token) as client:
-        job_id = _call(client, "POST", "/v1/jobs", json=spec.model_dump(mode="json")).json()["id"]
+        job_id = client.submit(spec)
     print(job_id)
 
 
@@ -163,7 +241,7 @@ def submit(
 def status(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
     """Show a job's state and per-round metrics."""
     with _client(api, token) as client:
-        job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
+        job = client.status(job_id).model_dump(mode="json", by_alias=True)
     table = Table(title=f"{job['id']} — {job['state']} (round {job['round']}/{job['rounds']})")
     for column in ("round", "accuracy", "loss", "train loss", "clients", "kB up", "duration s"):
         table.add_column(column, justify="right")
@@ -191,14 +269,10 @@ def wait(
 ) -> None:
     """Follow a job until it ends; exit code 1 unless it succeeded."""
     with _client(api, token) as client, _progress() as progress:
-        job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
-        bar = _RoundBar(progress, job_id, job["rounds"])
-        while True:
-            bar(job)
-            if JobState(job["state"]).final:
-                break
-            time.sleep(poll)
-            job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
+        first = client.status(job_id)
+        bar = _RoundBar(progress, job_id, first.rounds)
+        view = client.wait(job_id, lambda view: bar(view.model_dump(mode="json", by_alias=True)), poll_s=poll)
+    job = view.model_dump(mode="json", by_alias=True)
     _summary(job)
     if job["state"] != JobState.SUCCEEDED:
         raise typer.Exit(1)
@@ -213,29 +287,12 @@ def download(
     token: TokenOption = "",
 ) -> None:
     """Download a job's results: all of them (as `pwff run` writes them), or one client's PEFT folder."""
-    from services.results import write_results
-    from shared.models import extract_archive
-
     with _client(api, token) as client:
-        if client_id is not None:
-            blob = _call(client, "GET", f"/v1/jobs/{job_id}/models/clients/{client_id}").content
-            extract_archive(blob, out)
-            console.print(f"client {client_id} adapter in [bold]{out}[/bold]")
-            return
-        job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
-
-        def fetch(path: str) -> bytes | None:
-            response = client.get(path)
-            return response.content if response.status_code == 200 else None
-
-        write_results(
-            out,
-            job,
-            fetch(f"/v1/jobs/{job_id}/models/global"),
-            lambda c: fetch(f"/v1/jobs/{job_id}/models/clients/{c}"),
-            range(job["spec"]["num_clients"]),
-        )
-    console.print(f"results in [bold]{out}[/bold]")
+        client.download(job_id, out, client_id)
+    if client_id is not None:
+        console.print(f"client {client_id} adapter in [bold]{out}[/bold]")
+    else:
+        console.print(f"results in [bold]{out}[/bold]")
 
 
 @app.command()
@@ -256,7 +313,7 @@ def generate(
     if not folder.is_dir():
         body = {"prompt": prompt, "client": client, "max_new_tokens": max_new_tokens, "temperature": temperature}
         with _client(api, token) as http:
-            print(_call(http, "POST", f"/v1/jobs/{job}/generate", json={**body, "seed": seed}).json()["text"])
+            print(http.request("POST", f"/v1/jobs/{job}/generate", json={**body, "seed": seed}).json()["text"])
         return
     from shared import coldstart, generation
     from shared.adapters import build_model
@@ -351,15 +408,13 @@ def adapt(
             client_folders = sorted(p for p in (folder / "clients").glob("*") if p.is_dir())
         else:
             with _client(api, token) as client:
-                spec_data = _call(client, "GET", f"/v1/jobs/{job}").json()["spec"]
-                global_folder = extract_archive(
-                    _call(client, "GET", f"/v1/jobs/{job}/models/global").content, Path(tmp) / "global"
-                )
+                spec_data = client.status(job).spec.model_dump(mode="json")
+                global_folder = extract_archive(client.global_model(job), Path(tmp) / "global")
                 if chosen_start is not coldstart.Start.GLOBAL:
                     for index in range(int(spec_data["num_clients"])):
-                        response = client.get(f"/v1/jobs/{job}/models/clients/{index}")
-                        if response.status_code == 200:
-                            client_folders.append(extract_archive(response.content, Path(tmp) / f"client-{index}"))
+                        blob = client.client_model(job, index)
+                        if blob is not None:
+                            client_folders.append(extract_archive(blob, Path(tmp) / f"client-{index}"))
         try:
             spec = parse_spec(spec_data)
         except SpecError as error:
@@ -418,12 +473,12 @@ def adapt(
 def jobs(api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
     """List jobs, newest first."""
     with _client(api, token) as client:
-        listed = _call(client, "GET", "/v1/jobs").json()
+        listed = client.jobs()
     table = Table()
     for column in ("id", "name", "state", "round"):
         table.add_column(column)
     for job in listed:
-        table.add_row(job["id"], job["name"], job["state"], str(job["round"]))
+        table.add_row(job.id, job.name, str(job.state), str(job.round))
     Console().print(table)
 
 
@@ -431,8 +486,109 @@ def jobs(api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> N
 def cancel(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
     """Cancel a queued or running job."""
     with _client(api, token) as client:
-        job = _call(client, "DELETE", f"/v1/jobs/{job_id}").json()
-    console.print(f"job {job_id} {job['state']}")
+        job = client.cancel(job_id)
+    console.print(f"job {job_id} {job.state}")
+
+
+@app.command()
+def events(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
+    """What happened to a job: state changes, round commits, clients absent at a deadline, client failures."""
+    with _client(api, token) as client:
+        listed = client.events(job_id)
+    for event in listed:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
+        print(f"{stamp}  {event.kind:<13} {event.message}")
+
+
+# -- bound clients: their workers and their identities ------------------------------------------------------
+
+client_app = typer.Typer(help="Bound clients' identities: enroll one (its key pair), revoke one.", no_args_is_help=True)
+app.add_typer(client_app, name="client")
+ClientsFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--clients-file", envvar="PWFF_CLIENTS_FILE", help="the aggregator's clients file (public keys, revoked list)"
+    ),
+]
+
+
+def _client_id_or_exit(client_id: str) -> str:
+    import re
+
+    from shared.spec import CLIENT_ID_PATTERN
+
+    if not re.match(CLIENT_ID_PATTERN, client_id):
+        console.print(f"[red]client identity {client_id!r} must be lowercase letters, digits and '-'[/red]")
+        raise typer.Exit(2)
+    return client_id
+
+
+@client_app.command("enroll")
+def client_enroll(
+    client_id: Annotated[str, typer.Argument(metavar="CLIENT", help="the client's identity, as in clients.ids")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the private key <CLIENT>.key (mode 0600)")] = Path(
+        "keys"
+    ),
+    clients_file: ClientsFileOption = None,
+) -> None:
+    """Make a client's Ed25519 key pair: the private key goes to its worker (--key), the public key is
+    registered in the clients file (when given) or printed for you to register."""
+    from shared import identity
+
+    client_id = _client_id_or_exit(client_id)
+    key_path = out / f"{client_id}.key"
+    public = identity.enroll(client_id, key_path, clients_file)
+    where = f"registered in {clients_file}" if clients_file else "register it under clients: in the clients file"
+    console.print(f"private key of [bold]{client_id}[/bold] in {key_path}: give it to its worker only")
+    console.print(f"public key {public} ({where})")
+    print(
+        json.dumps(
+            {
+                "client": client_id,
+                "key": str(key_path),
+                "public_key": public,
+                "clients_file": clients_file and str(clients_file),
+            }
+        )
+    )
+
+
+@client_app.command("revoke")
+def client_revoke(
+    client_id: Annotated[str, typer.Argument(metavar="CLIENT")],
+    clients_file: ClientsFileOption = None,
+) -> None:
+    """Remove a client's key from the clients file and list it as revoked: the aggregator refuses its
+    updates from the next one on (it re-reads the file when it changes)."""
+    from shared import identity
+
+    if clients_file is None:
+        console.print("[red]--clients-file (or PWFF_CLIENTS_FILE) is needed[/red]")
+        raise typer.Exit(2)
+    known = identity.revoke(_client_id_or_exit(client_id), clients_file)
+    console.print(f"{client_id} revoked in {clients_file}" + ("" if known else " (it was not enrolled)"))
+
+
+@app.command()
+def worker(
+    client: Annotated[list[str] | None, typer.Option("--client", help="a bound client identity (repeat)")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", help="that client's JSONL of {text, label}")] = None,
+    key: Annotated[
+        list[str] | None, typer.Option("--key", help="that client's private key (pwff client enroll)")
+    ] = None,
+    key_dir: Annotated[Path | None, typer.Option("--key-dir", help="keys as <dir>/<client>.key")] = None,
+) -> None:
+    """Start a worker (python -m services.worker) against PWFF_RABBITMQ_URL and PWFF_REDIS_URL: for the given
+    bound clients only, each trained and evaluated on its own data file; without --client, a pool worker."""
+    from services.worker.__main__ import main as worker_main
+
+    argv: list[str] = []
+    for flag, values in (("--client", client), ("--data", data), ("--key", key)):
+        for value in values or []:
+            argv += [flag, value]
+    if key_dir is not None:
+        argv += ["--key-dir", str(key_dir)]
+    worker_main(argv)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ class UpdateReady(_Message):
     perturbations: int = Field(0, ge=0, description="fwd: directions evaluated")
     flops: float = Field(0.0, ge=0, description="compute spent on the task (wireless cost model)")
     cosine: float = Field(0.0, ge=-1, le=1, description="fwd: mean |cosine| of the chosen directions")
+    digest: str = Field("", max_length=64, description="bound clients: SHA-256 (hex) of the blob under `key`")
+    signature: str = Field(
+        "", max_length=128, description="bound clients: the client's Ed25519 signature of every other field"
+    )
 
 
 class InitJob(_Message):
@@ -151,6 +155,7 @@ class ClientEvaluated(_Message):
     metrics: dict[str, float]
     samples: list[dict[str, Annotated[str, Field(max_length=1000)]]] = Field(default_factory=list, max_length=32)
     """A few responses a person can read (align mode): prompt, global and personalized answers."""
+    signature: str = Field("", max_length=128, description="bound clients: the client's signature of every other field")
 
 
 class JobFailed(_Message):
@@ -161,9 +166,24 @@ class JobFailed(_Message):
     error: str = Field(max_length=4000)
 
 
+# --- workers -> scheduler (event queue) -------------------------------------------------------
+
+
+class ClientFailed(_Message):
+    """A client's task failed for a reason of its own (e.g. its local data does not fit the job).
+
+    Only for the job's event log: the round goes on without the client (deadline and quorum)."""
+
+    type: Literal["client-failed"] = "client-failed"
+    job_id: JobId
+    round: Round
+    client: ClientId
+    reason: str = Field(max_length=4000)
+
+
 WorkerTask = TrainTask | EvaluateTask
 AggregatorCommand = UpdateReady | InitJob | CloseRound | DropJob
-SchedulerEvent = JobInitialized | UpdateMerged | MoreWork | RoundCommitted | ClientEvaluated | JobFailed
+SchedulerEvent = JobInitialized | UpdateMerged | MoreWork | RoundCommitted | ClientEvaluated | JobFailed | ClientFailed
 
 _worker_adapter: TypeAdapter[WorkerTask] = TypeAdapter(Annotated[WorkerTask, Field(discriminator="type")])
 _aggregator_adapter: TypeAdapter[AggregatorCommand] = TypeAdapter(

@@ -10,27 +10,29 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
+    Tag,
     ValidationError,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
-from shared.catalog import DATASETS, MODELS, dataset_info, model_info
+from shared.catalog import DATASETS, MODELS, LocalData, dataset_info, is_model_folder_ref, model_info
 from shared.registry import MODES, PRESETS, REWARDS, STRATEGIES
 from shared.wireless import DevicesSpec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: a field may be a union of it and another type
 class OneOf:
     """Annotated metadata: a string field whose allowed values are a registry's names (an enum in the schema)."""
 
@@ -49,12 +51,42 @@ class OneOf:
         return {**handler(schema), "enum": list(self.registry)}
 
 
-ModelName = Annotated[str, OneOf(MODELS, "model")]
+@dataclass(frozen=True)
+class ModelOrFolder:
+    """Annotated metadata: a packaged model's name, or a path to a local Hugging Face model folder."""
+
+    def check(self, value: str) -> str:
+        model_info(value)  # a clear error for an unknown name or a folder pwff will not load
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        base = handler(schema)
+        return {
+            "anyOf": [
+                {"type": "string", "enum": list(MODELS)},
+                {"type": "string", "pattern": r"^(/|\./|\.\./|~/)", "description": "a local model folder"},
+            ],
+            **{k: v for k, v in base.items() if k not in ("type",)},
+        }
+
+
+ModelName = Annotated[str, ModelOrFolder()]
 DatasetName = Annotated[str, OneOf(DATASETS, "data set")]
 ModeName = Annotated[str, OneOf(MODES, "training mode")]
 PresetName = Annotated[str, OneOf(PRESETS, "personalization preset")]
 StrategyName = Annotated[str, OneOf(STRATEGIES, "aggregation strategy")]
 RewardKindName = Annotated[str, OneOf(REWARDS, "reward model")]
+
+
+_NAME_TAG, _LOCAL_TAG = "data set name", "local source"
+DatasetChoice = Annotated[
+    Annotated[DatasetName, Tag(_NAME_TAG)] | Annotated[LocalData, Tag(_LOCAL_TAG)],
+    # A mapping is a local source, anything else a name: errors then come from that branch alone.
+    Discriminator(lambda value: _LOCAL_TAG if isinstance(value, dict | LocalData) else _NAME_TAG),
+]
 
 
 class _Strict(BaseModel):
@@ -364,6 +396,33 @@ class CompressionSpec(_Strict):
     )
 
 
+SUMMING_STRATEGIES = frozenset({"fedavg"})
+"""Strategies that need only the (weighted) sum of a round's updates, so secure aggregation can
+hide each one; median, trimmed mean, Krum and the like read individual updates."""
+
+
+class SecureAggregationSpec(_Strict):
+    """Pairwise-masked secure aggregation (`shared.secagg`): the server learns only the sum of a round's updates.
+
+    Each round runs three waves of tasks: key advertisement, training with the masked upload and
+    encrypted Shamir shares, then unmasking by the survivors. Updates are clipped per coordinate to
+    [-clip, clip], pre-multiplied by the client's FedAvg weight (its examples, or 1 with uniform
+    weighting), and fixed-point encoded as integers mod 2^bits, with the largest power-of-two scale
+    that cannot overflow the round's total weight.
+    """
+
+    enabled: bool = Field(False, description="mask every upload; the aggregator sees only the round's sum")
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="fraction of the round's advertised clients whose shares rebuild a secret "
+        "(t = max(2, ceil(threshold x clients))); fewer survivors than t fail the round",
+    )
+    bits: int = Field(32, ge=16, le=62, description="masks and fixed-point values are integers modulo 2^bits")
+    clip: float = Field(1.0, gt=0, le=1e6, description="each update coordinate is clipped to [-clip, clip]")
+
+
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 _LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 
@@ -394,6 +453,44 @@ class ResourcesSpec(_Strict):
     max_workers: int = Field(4, ge=1, le=1000, description="most workers the pool scales to")
 
 
+CLIENT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+"""A client identity: it names the client's task queue, its key and (on a real deployment) its broker user."""
+
+
+class ClientsSpec(_Strict):
+    """Who the job's clients are: shards of the data set (pool) or data owners' own workers (bound)."""
+
+    kind: Literal["pool", "bound"] = Field(
+        "pool",
+        description="pool: client c is shard c of `dataset`, trained by any worker of the platform (simulations, "
+        "benchmarks); bound: client c is the identity ids[c], trained only by a worker started for it "
+        "(`pwff worker --client ID --data FILE`) on its own local data, and its updates must carry that "
+        "client's enrolled signature",
+    )
+    ids: list[Annotated[str, Field(pattern=CLIENT_ID_PATTERN)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=10_000,
+        description="bound: the clients' identities, in client order (num_clients follows from them)",
+    )
+
+    @model_validator(mode="after")
+    def _ids_of_kind(self) -> ClientsSpec:
+        if self.kind == "bound":
+            if not self.ids:
+                raise ValueError("clients.kind 'bound' needs clients.ids (one identity per client)")
+            repeated = sorted({i for i in self.ids if self.ids.count(i) > 1})
+            if repeated:
+                raise ValueError(f"clients.ids repeats {', '.join(repeated)}")
+        elif self.ids is not None:
+            raise ValueError("clients.ids is only for clients.kind 'bound'")
+        return self
+
+    def identity(self, client: int) -> str | None:
+        """The identity of client index `client` in a bound job, None in a pool job."""
+        return self.ids[client] if self.kind == "bound" and self.ids is not None else None
+
+
 class JobSpec(_Strict):
     """A federated fine-tuning job: what to train, on which data, how, for how long.
 
@@ -408,14 +505,28 @@ class JobSpec(_Strict):
     name: str = Field(
         "job", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$", description="a label; job ids start with it"
     )
-    model: ModelName = Field("minilm-l6", description="frozen base model")
-    dataset: DatasetName = Field("bbc-news", description="data set the clients' shards are drawn from")
+    model: ModelName = Field(
+        "minilm-l6",
+        description="frozen base model: a packaged model's name, or a local Hugging Face folder (a sequence "
+        "classifier or a causal LM, safetensors weights; LoRA targets from peft's default for its architecture "
+        "unless lora.target_modules names them)",
+    )
+    dataset: DatasetChoice = Field(
+        "bbc-news", description="data set the clients' shards are drawn from: a packaged set's name or a local source"
+    )
     mode: ModeName = Field(
         "backprop", description="training mode: backprop (local AdamW/SGD steps) or fwd (forward gradients, FwdLLM)"
     )
     partition: PartitionSpec = Field(PartitionSpec(), description="how the data set is split among the clients")
-    num_clients: int = Field(8, ge=1, le=10_000, description="clients in the federation")
-    clients_per_round: int = Field(8, ge=1, description="clients sampled each round")
+    num_clients: int = Field(
+        8, ge=1, le=10_000, description="clients in the federation (for bound clients: the number of clients.ids)"
+    )
+    clients: ClientsSpec = Field(
+        ClientsSpec(), description="pool clients (shards of `dataset`) or bound clients (their own workers and data)"
+    )
+    clients_per_round: int = Field(
+        8, ge=1, description="clients sampled each round (bound clients: all of them unless given)"
+    )
     rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
     local_steps: int = Field(10, ge=1, le=100_000, description="backprop: local optimizer steps per task")
     batch_size: int = Field(16, ge=1, le=4096, description="examples per local step")
@@ -435,30 +546,63 @@ class JobSpec(_Strict):
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of the round's clients needed at the deadline")
     eval_max_examples: int = Field(512, ge=1, description="cap on held-out examples evaluated per round")
     align: AlignSpec = Field(AlignSpec(), description="rewards, preferences and the alignment loss (mode align)")
+    secure_aggregation: SecureAggregationSpec = Field(
+        SecureAggregationSpec(), description="secure aggregation: the server learns only the sum of the updates"
+    )
     resources: ResourcesSpec | None = Field(
         None, description="run this job on its own worker pool with these resources (None: the shared workers)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _num_clients_of_bound(cls, data: Any) -> Any:
+        # A bound job's clients are its ids: num_clients follows from them unless the spec says it too, and
+        # by default every data owner takes part in every round.
+        if isinstance(data, dict):
+            clients = data.get("clients")
+            ids = clients.get("ids") if isinstance(clients, dict) else getattr(clients, "ids", None)
+            if isinstance(ids, list) and ids:
+                return {"num_clients": len(ids), "clients_per_round": len(ids), **data}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
+        if self.clients.ids is not None and len(self.clients.ids) != self.num_clients:
+            raise ValueError(f"clients.ids lists {len(self.clients.ids)} clients but num_clients is {self.num_clients}")
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
         task = model_info(self.model).task
         if self.mode == "align":
             _check_alignment(self)
-        elif task != dataset_info(self.dataset).task:
+        elif task != _data_shape(self.dataset)[0]:
             kind = "a causal LM" if task == "causal-lm" else "a sequence classifier"
-            raise ValueError(f"model {self.model!r} is {kind} and cannot train on dataset {self.dataset!r}")
+            data = self.dataset.path if isinstance(self.dataset, LocalData) else self.dataset
+            raise ValueError(f"model {self.model!r} is {kind} and cannot train on dataset {data!r}")
         if self.fwd.perturbations_per_task > self.fwd.max_perturbations_per_step:
             raise ValueError("fwd.perturbations_per_task exceeds fwd.max_perturbations_per_step")
         if self.fwd.upload == "pool" and self.fwd.regime != "local":
             raise ValueError("fwd.upload 'pool' needs fwd.regime 'local'")
         if self.fwd.perturbations_per_local_step > self.fwd.max_perturbations_per_local_step:
             raise ValueError("fwd.perturbations_per_local_step exceeds fwd.max_perturbations_per_local_step")
-        if self.partition.kind == "natural" and not dataset_info(self.dataset).natural_groups:
-            raise ValueError(f"partition 'natural' needs a data set with natural groups, not {self.dataset!r}")
+        if self.partition.kind == "natural" and not _data_shape(self.dataset)[1]:
+            raise ValueError(
+                "partition 'natural' needs a data set with natural groups (a local source's group_field), "
+                f"not {self.dataset!r}"
+            )
+        if (
+            is_model_folder_ref(self.model)
+            and not self.lora.full
+            and not self.lora.target_modules
+            and not model_info(self.model).lora_targets
+        ):
+            raise ValueError(
+                f"model {self.model!r}: peft has no default LoRA targets for its architecture; "
+                "name them in lora.target_modules"
+            )
         if self.lora.full:
             _check_full_finetuning(self)
+        if self.secure_aggregation.enabled:
+            _check_secure_aggregation(self)
         if self.devices.profiles is not None and len(self.devices.profiles) != self.num_clients:
             raise ValueError(
                 f"devices.profiles lists {len(self.devices.profiles)} profiles but num_clients is {self.num_clients}"
@@ -473,6 +617,14 @@ class JobSpec(_Strict):
     def quorum_count_of(self, expected: int) -> int:
         """The quorum when `expected` updates were asked for (fwd rounds may ask for more waves)."""
         return max(1, math.ceil(self.quorum * expected - 1e-9))
+
+
+def _data_shape(ref: str | LocalData) -> tuple[str, bool]:
+    """(task, has natural groups) of a data set, without reading a local source's records."""
+    if isinstance(ref, LocalData):
+        return ref.task, ref.group_field is not None
+    info = dataset_info(ref)
+    return info.task, info.natural_groups
 
 
 def _check_alignment(spec: JobSpec) -> None:
@@ -508,6 +660,18 @@ def _check_alignment(spec: JobSpec) -> None:
             raise ValueError(f"align.preferences.{where}: weights must sum to 1, got {sum(weights):g}")
 
 
+def _check_secure_aggregation(spec: JobSpec) -> None:
+    if spec.mode != "backprop":
+        raise ValueError(f"secure_aggregation masks backprop deltas; mode {spec.mode!r} is not supported")
+    if spec.aggregation.strategy not in SUMMING_STRATEGIES:
+        raise ValueError(
+            f"secure_aggregation hides individual updates, but aggregation.strategy {spec.aggregation.strategy!r} "
+            f"needs them; use one of {', '.join(sorted(SUMMING_STRATEGIES))}"
+        )
+    if spec.clients_per_round < 2:
+        raise ValueError("secure_aggregation needs clients_per_round >= 2 (the sum of one update is that update)")
+
+
 FULL_FINETUNING_MAX_STATE_BYTES = 512 * 1024 * 1024
 """The bound a worker and the aggregator put on a decoded state (PWFF_MAX_UPDATE_BYTES, and the
 worker's own default when it reads the global state): a full fine-tuning job stores every weight."""
@@ -533,11 +697,54 @@ class SpecError(ValueError):
     """A spec that cannot become a job; the message names the offending field."""
 
 
+def plain_message(message: str) -> str:
+    """A validator's message in plain words: without pydantic's "Value error, " / "Assertion failed, " prefix."""
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names the spec allows at `loc` (the path of the mapping that holds an unknown key)."""
+    model: Any = JobSpec
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return []
+        # A nested section, possibly optional or a union with a name (dataset): the model among its arguments.
+        pending: list[Any] = [model.model_fields[part].annotation]
+        model = None
+        while pending and model is None:
+            candidate = pending.pop()
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+            else:
+                pending.extend(get_args(candidate))
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def did_you_mean(loc: tuple[int | str, ...]) -> str:
+    """ " (did you mean X?)" for an unknown key close to a known one at the same place, else ""."""
+    import difflib
+
+    if not loc:
+        return ""
+    matches = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
 def format_validation_error(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "spec"
-        parts.append(f"{where}: {item['msg']}")
+        loc = tuple(item["loc"])
+        # A union (dataset: a name or a local source) reports each branch; name the branch in words.
+        loc = tuple(p for p in loc if p not in (_NAME_TAG, _LOCAL_TAG))
+        where = ".".join(str(p) for p in loc)
+        if item["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown field{did_you_mean(loc)}")
+        else:
+            # A rule between fields has no single place: its message names the fields itself.
+            parts.append(f"{where}: {plain_message(item['msg'])}" if where else plain_message(item["msg"]))
     return "; ".join(parts)
 
 

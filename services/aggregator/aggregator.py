@@ -33,6 +33,7 @@ from shared.bus import Bus, Queues
 from shared.catalog import model_info
 from shared.codec import Codec, apply_delta, decode_tensors, encode_tensors, encode_update, state_digest
 from shared.evaluation import evaluate, evaluation_subset
+from shared.identity import ClientRegistry, IdentityError, payload_digest
 from shared.messages import (
     CloseRound,
     DropJob,
@@ -77,8 +78,11 @@ class Aggregator:
         namespace: str = "pwff",
         max_message_bytes: int = 64 * 1024,
         max_update_bytes: int = 512 * 1024 * 1024,
+        identities: ClientRegistry | None = None,
     ) -> None:
         self.bus = bus
+        self.identities = identities
+        """Enrolled bound clients' keys (PWFF_CLIENTS_FILE); without it every bound client's update is refused."""
         self.state = Repositories(store, namespace)
         self.queues = Queues(namespace)
         self.models = ModelCache(cache_dir)
@@ -159,6 +163,9 @@ class Aggregator:
         if announce.key != expected_key:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"update key {announce.key!r} does not match its job, round, client and wave")
+        identity = spec.clients.identity(announce.client)
+        if identity is not None:
+            self._authenticate(announce, identity)  # before anything acts on it (a late one's blob is deleted)
         if self.state.rounds.is_committed(job_id, round_) or self.state.jobs.state(job_id) != JobState.RUNNING:
             UPDATES_RECEIVED.labels(outcome="late").inc()
             self.state.tensors.drop_update(announce.key)
@@ -179,15 +186,45 @@ class Aggregator:
             open_round = self._open_round(job_id, round_, spec)
             if blob is None:
                 raise UpdateRejected("no stored update under that key")
+            if identity is not None and payload_digest(blob) != announce.digest:
+                UPDATES_RECEIVED.labels(outcome="unauthenticated").inc()
+                raise InvalidMessage(f"update {announce.key}: the stored blob is not the one client {identity} signed")
             update = open_round.accumulator.validate(announce, blob, self.max_update_bytes)
         except (UpdateRejected, MissingState) as error:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"update {announce.key}: {error}") from None
+        if open_round.accumulator.closes_waves and announce.wave < self._current_wave(job_id, round_):
+            # The next wave was built on this wave's set without it (secure aggregation's U1, U2).
+            UPDATES_RECEIVED.labels(outcome="late").inc()
+            self.state.tensors.drop_update(announce.key)
+            log.info(
+                "late wave-%d update for %s round %d client %d dropped", announce.wave, job_id, round_, announce.client
+            )
+            return
         _apply(open_round, announce, update)
         self.state.rounds.add_merged(job_id, round_, announce.client, announce.wave)
         UPDATES_RECEIVED.labels(outcome="merged").inc()
         count = len(open_round.tally.merged)
         self._emit(UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=count))
+
+    def _authenticate(self, announce: UpdateReady, identity: str) -> None:
+        """A bound client's update must carry that client's signature, by its enrolled, unrevoked key."""
+        try:
+            if self.identities is None:
+                raise IdentityError(
+                    "no clients file is configured (PWFF_CLIENTS_FILE): bound clients cannot be verified"
+                )
+            self.identities.verify(
+                identity, announce.model_dump(mode="json", exclude={"signature"}), announce.signature
+            )
+        except IdentityError as error:
+            UPDATES_RECEIVED.labels(outcome="unauthenticated").inc()
+            log.warning("rejected update %s: %s", announce.key, error)
+            raise InvalidMessage(f"update {announce.key}: {error}") from None
+
+    def _current_wave(self, job_id: str, round_: int) -> int:
+        plan = self.state.jobs.plan(job_id, round_)
+        return plan.wave if plan is not None else 0
 
     def _global(self, job_id: str, round_: int) -> tuple[State, int]:
         """The global state committed at `round_`, and its size on the wire."""
@@ -230,6 +267,13 @@ class Aggregator:
             return
         open_round = self._open_round(job_id, round_, spec)
         more = open_round.accumulator.wants_more_work(close.force)
+        if more is not None and open_round.tally.next_wave() <= self._current_wave(job_id, round_):
+            # That wave went out and closed with nothing of it merged: asking again would be ignored
+            # (the scheduler dedups waves) and the round would never end. Commit what there is.
+            log.warning(
+                "job %s round %d: wave %d brought no update; committing", job_id, round_, open_round.tally.next_wave()
+            )
+            more = None
         if more is not None:
             log.info(
                 "job %s round %d: variance %.3g after %d perturbations; asking for more",
@@ -267,7 +311,8 @@ class Aggregator:
             eval_s=time.perf_counter() - began,
             download_delta_bytes=float(len(downloads[DOWNLOAD_DELTA])),
         )
-        record = RoundRecord(round=round_, clients=tally.clients, metrics=metrics, extra=tally.extra())
+        clients = step.clients if step.clients is not None else tally.clients
+        record = RoundRecord(round=round_, clients=clients, metrics=metrics, extra=tally.extra())
         commit = RoundCommit(
             record=record,
             state=encode_tensors(state, _STATE_DTYPE),
@@ -290,7 +335,7 @@ class Aggregator:
             mode.observe(job_id, step.figures)
         if round_ >= spec.rounds:
             forget_job(job_id)  # the last round: the job's series go (after a last scrape)
-        log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(tally.clients), _fmt(metrics))
+        log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(clients), _fmt(metrics))
         self._emit(RoundCommitted(job_id=job_id, round=round_, clients=record.clients, metrics=metrics))
 
     def _downloadable(

@@ -11,6 +11,7 @@ import uvicorn
 from services.scheduler.api import create_app
 from services.scheduler.core import Scheduler
 from shared.bus.rabbitmq import RabbitBus
+from shared.identity import ClientRegistry
 from shared.metrics import dead_letter_counter
 from shared.settings import Settings, configure_process
 from shared.store.redis import RedisStore
@@ -29,6 +30,7 @@ def main() -> None:
         namespace=settings.namespace,
         retention_s=settings.job_retention_s,
         job_pools=settings.job_pools,
+        identities=ClientRegistry(settings.clients_file) if settings.clients_file is not None else None,
     )
     stop = threading.Event()
     loop = threading.Thread(target=scheduler.run, args=(stop,), name="scheduler-loop", daemon=True)

@@ -29,11 +29,12 @@ from services.scheduler.views import (
     Readiness,
     ValidationErrors,
 )
+from shared.data import check_local_data
 from shared.health import STALE_AFTER_S
 from shared.health import Readiness as ProbeChecks
 from shared.metrics import HTTP_REQUESTS
 from shared.spec import JobSpec
-from shared.state import JobNotFound
+from shared.state import JobEvent, JobNotFound
 
 # Module level: FastAPI resolves dependency annotations against module globals.
 _bearer = HTTPBearer(auto_error=False)
@@ -364,6 +365,11 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
 
         The body is a JobSpec; every field has a default, so `{}` is a valid job.
         """
+        try:
+            # A local data source is read here: its fields and labels are checked and its label set pinned.
+            spec = check_local_data(spec)
+        except ValueError as error:
+            raise _unprocessable("dataset", str(error)) from None
         return JobCreated(id=scheduler.submit(spec))
 
     @router.get("")
@@ -375,6 +381,15 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
     def get_job(job_id: JobId) -> dict[str, Any]:
         """A job: its state, spec and every committed round's figures."""
         return job_or_404(job_id)
+
+    @router.get("/{job_id}/events", responses=_NOT_FOUND)
+    def job_events(job_id: JobId) -> list[JobEvent]:
+        """What happened to a job, oldest first: state changes, round commits, rounds closed at their
+        deadline without some clients, and client failures with their reasons (the latest 1000)."""
+        try:
+            return scheduler.events(job_id)
+        except JobNotFound:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
 
     @router.delete(
         "/{job_id}",

@@ -31,12 +31,16 @@ import numpy as np
 from services.scaler.status import read_pool_status
 from services.scheduler.budgets import sample_clients, task_budget
 from shared.bus import Bus, Queues
+from shared.data import check_local_data
+from shared.identity import ClientRegistry, IdentityError
 from shared.messages import (
     ClientEvaluated,
+    ClientFailed,
     CloseRound,
     DropJob,
     EvaluateTask,
     InitJob,
+    InvalidMessage,
     JobFailed,
     JobInitialized,
     MoreWork,
@@ -48,6 +52,7 @@ from shared.messages import (
 )
 from shared.metrics import (
     CLIENT_MEAN_FIGURE,
+    EVALUATIONS_REJECTED,
     FWD_EXTRA_WAVES,
     JOBS_FINISHED,
     JOBS_RUNNING,
@@ -60,7 +65,8 @@ from shared.metrics import (
 )
 from shared.modes import mode_of
 from shared.spec import JobSpec
-from shared.state import JobMeta, JobNotFound, JobState, Repositories, RoundPlan, RoundRecord, RoundStatus
+from shared.state import JobEvent, JobMeta, JobNotFound, JobState, Repositories, RoundPlan, RoundRecord, RoundStatus
+from shared.state.records import EventKind
 from shared.store import Store
 
 log = logging.getLogger(__name__)
@@ -120,6 +126,7 @@ class Scheduler:
         tick_s: float = 0.5,
         retention_s: int = 0,
         job_pools: bool = False,
+        identities: ClientRegistry | None = None,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -133,6 +140,8 @@ class Scheduler:
         self._lock = threading.RLock()
         self.job_pools = job_pools
         """A job with `resources` goes to its own task queue, served by its pool (services.scaler)."""
+        self.identities = identities
+        """Enrolled bound clients' keys (PWFF_CLIENTS_FILE): a bound client's evaluation must be signed by it."""
         self._instance: str | None = None
         """The store's instance marker as this scheduler last checked it (None: not yet, or being handled)."""
         self._unfinished: dict[str, JobMeta] = {}
@@ -162,12 +171,15 @@ class Scheduler:
     # -- API-facing operations --------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> str:
+        """Raises ValueError (DataMismatch) for a local data source that does not fit the spec."""
+        spec = check_local_data(spec)  # reads a local source once: its fields, labels and partition
         job_id = new_job_id(spec.name)
         now = self.clock()
         with self._lock:
             meta = JobMeta(id=job_id, spec=spec, created_at=now, updated_at=now, init_sent_at=now)
             self.jobs.create(meta)
             self._unfinished[job_id] = meta
+            self._event(job_id, "state", "submitted", state=JobState.QUEUED)
         JOBS_SUBMITTED.inc()
         self.bus.publish(self.queues.aggregate, encode(InitJob(job_id=job_id)))
         log.info("job %s submitted (%s on %s, %d rounds)", job_id, spec.model, spec.dataset, spec.rounds)
@@ -212,7 +224,13 @@ class Scheduler:
             "spec": meta.spec.model_dump(mode="json"),
             "metrics": [self._round_view(job_id, record) for record in self.state.rounds.history(job_id)],
             "pool": read_pool_status(self.store, self.state.keys, job_id),  # its own workers (services.scaler)
+            "clients": self.client_presence(meta.spec),
         }
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        """The job's events, oldest first: state changes, round commits and deadlines, client failures."""
+        self.jobs.require(job_id)
+        return self.jobs.events(job_id)
 
     def _round_view(self, job_id: str, record: RoundRecord) -> dict[str, Any]:
         entry: dict[str, Any] = {"round": record.round, "clients": record.clients, **record.metrics}
@@ -268,9 +286,19 @@ class Scheduler:
                 return
             if state.final:
                 return  # e.g. a round that committed after the job was cancelled
+            if isinstance(event, ClientFailed):
+                self._event(
+                    event.job_id,
+                    "client-failed",
+                    f"client {event.client} failed in round {event.round}: {event.reason}",
+                    round=event.round,
+                    client=event.client,
+                )
+                return
             if isinstance(event, JobInitialized):
                 if state == JobState.QUEUED:
                     self._set(event.job_id, state=JobState.RUNNING)
+                    self._event(event.job_id, "state", "running: the initial state is ready", state=JobState.RUNNING)
                     JOBS_RUNNING.inc()
                     self._open_round(event.job_id, 1)
             elif isinstance(event, UpdateMerged):
@@ -302,12 +330,15 @@ class Scheduler:
         # Rotate through the round's clients so a partial wave does not always land on the same ones.
         start = (event.wave * count) % len(clients)
         chosen = [clients[(start + i) % len(clients)] for i in range(count)]
+        # The wave expects what is merged so far plus its own tasks: an update an earlier wave closed
+        # without (at its deadline) is not waited for again.
+        merged = len(self.state.rounds.merged(job_id, round_))
         self.jobs.update_plan(
             job_id,
             round_,
             status=RoundStatus.OPEN,
             wave=event.wave,
-            expected=plan.expected + count,
+            expected=merged + count,
             deadline_at=self.clock() + spec.round_deadline_s,
         )
         self._dispatch(spec, job_id, round_, chosen, event.wave)
@@ -330,6 +361,9 @@ class Scheduler:
             return
         now = self.clock()
         spec = self.jobs.spec(job_id)
+        accuracy = event.metrics.get("accuracy")
+        figure = f", accuracy {accuracy:.4f}" if accuracy is not None and accuracy == accuracy else ""
+        self._event(job_id, "round", f"round {round_} committed with clients {event.clients}{figure}", round=round_)
         last = round_ >= spec.rounds
         # The last round waits for every client's evaluation: that is what publishes their models.
         status = RoundStatus.EVALUATING if last else RoundStatus.COMMITTED
@@ -338,12 +372,15 @@ class Scheduler:
         if spec.personalization.evaluates_after(round_, spec.rounds):
             for client in range(spec.num_clients):
                 task = EvaluateTask(job_id=job_id, round=round_, client=client, publish=last)
-                self.bus.publish(self._tasks_queue(spec, job_id), encode(task))
+                self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
         if not last:
             self._open_round(job_id, round_ + 1)
 
     def _on_client_evaluated(self, event: ClientEvaluated) -> None:
         job_id, round_ = event.job_id, event.round
+        identity = self.jobs.spec(job_id).clients.identity(event.client)
+        if identity is not None:
+            self._authenticate(event, identity)
         figures: dict[str, Any] = dict(event.metrics)
         if event.samples:
             figures["samples"] = event.samples
@@ -355,6 +392,20 @@ class Scheduler:
         if reported >= self.jobs.spec(job_id).num_clients:
             self.jobs.update_plan(job_id, round_, status=RoundStatus.COMMITTED)
             self._finish(job_id, JobState.SUCCEEDED, "")
+
+    def _authenticate(self, event: ClientEvaluated, identity: str) -> None:
+        """A bound client's figures count only signed by its enrolled, unrevoked key (else dead-lettered)."""
+        try:
+            if self.identities is None:
+                raise IdentityError(
+                    "no clients file is configured (PWFF_CLIENTS_FILE): bound clients cannot be verified"
+                )
+            fields = event.model_dump(mode="json", exclude={"signature"})
+            self.identities.verify(identity, fields, event.signature, "evaluation")
+        except IdentityError as error:
+            EVALUATIONS_REJECTED.inc()
+            log.warning("rejected evaluation of %s round %d: %s", event.job_id, event.round, error)
+            raise InvalidMessage(f"evaluation of {event.job_id} round {event.round}: {error}") from None
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -382,11 +433,28 @@ class Scheduler:
         for client in clients:
             budget = mode.task_fields(spec, task_budget(spec, round_, client, upload))
             task = TrainTask(job_id=job_id, round=round_, client=client, attempt=0, wave=wave, **budget)
-            self.bus.publish(self._tasks_queue(spec, job_id), encode(task))
+            self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
         TASKS_DISPATCHED.inc(len(clients))
 
-    def _tasks_queue(self, spec: JobSpec, job_id: str) -> str:
+    def _tasks_queue(self, spec: JobSpec, job_id: str, client: int) -> str:
+        identity = spec.clients.identity(client)
+        if identity is not None:
+            return self.queues.client_tasks(identity)  # only the worker started for that client gets it
         return self.queues.job_tasks(job_id) if self.job_pools and spec.resources is not None else self.queues.tasks
+
+    def client_presence(self, spec: JobSpec) -> list[dict[str, Any]] | None:
+        """Bound clients: whether a worker is consuming each one's task queue now (absent: a straggler)."""
+        if spec.clients.ids is None:
+            return None
+        presence = []
+        for index, identity in enumerate(spec.clients.ids):
+            try:
+                present = self.bus.consumers(self.queues.client_tasks(identity)) > 0
+            except Exception:  # the job view must answer even when the broker does not
+                log.warning("could not count the consumers of client %s", identity, exc_info=True)
+                present = False
+            presence.append({"client": index, "id": identity, "present": present})
+        return presence
 
     def _recent_upload_bytes(self, job_id: str) -> float:
         """Mean bytes per update of the last committed round: what the budgets expect a device to send."""
@@ -464,6 +532,14 @@ class Scheduler:
                 "job %s round %d: deadline with %d of %d updates; closing", job_id, round_, merged, plan.expected
             )
             LATE_TASKS.inc()
+            absent = sorted({*plan.clients} - {client for client, _ in self.state.rounds.merged(job_id, round_)})
+            self._event(
+                job_id,
+                "deadline",
+                f"round {round_} closed at its deadline with {merged} of {plan.expected} updates; "
+                f"absent: clients {absent}",
+                round=round_,
+            )
             self._close_round(job_id, round_, force=True)
         else:
             self._finish(
@@ -523,14 +599,19 @@ class Scheduler:
     def _set(self, job_id: str, **fields: Any) -> None:
         self.jobs.update(job_id, **fields, updated_at=self.clock())
 
+    def _event(self, job_id: str, kind: EventKind, message: str, **fields: Any) -> None:
+        self.jobs.add_event(job_id, JobEvent(at=self.clock(), kind=kind, message=message[:4000], **fields))
+
     def _finish(self, job_id: str, state: JobState, error: str) -> None:
         previous = self.jobs.state(job_id)
         self._set(job_id, state=state, error=error)
         self._ended(job_id, previous, state, error)
 
     def _ended(self, job_id: str, previous: JobState | None, state: JobState, error: str) -> None:
-        """What follows a job's final state: metrics, retention, the aggregator told to drop it, a log line."""
+        """What follows a job's final state: its event, metrics, retention, the aggregator told to drop it, a log
+        line."""
         self._unfinished.pop(job_id, None)
+        self._event(job_id, "state", f"{state}: {error}" if error else str(state), state=state)
         if previous == JobState.RUNNING:
             JOBS_RUNNING.dec()
         JOBS_FINISHED.labels(state=str(state)).inc()

@@ -18,13 +18,15 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from prometheus_client import Counter
+from pydantic import ValidationError
 
-from shared import data
+from shared import data, local_data
 from shared.adapters import ModelCache
 from shared.bus import Bus, Queues
 from shared.codec import (
@@ -37,12 +39,15 @@ from shared.codec import (
     split_residual,
     state_digest,
 )
+from shared.identity import UpdateSigner, payload_digest
 from shared.messages import (
     ClientEvaluated,
+    ClientFailed,
     EvaluateTask,
     InvalidMessage,
     TrainTask,
     UpdateReady,
+    decode_aggregator,
     decode_task,
     encode,
 )
@@ -50,10 +55,11 @@ from shared.metrics import DOWNLOAD_BYTES, TASK_DURATION, TASKS_PROCESSED, UPLOA
 from shared.models import load_trainable_state, peft_folder_archive
 from shared.modes import mode_of
 from shared.modes.base import EvaluationContext, LocalContext, LocalResult, State, TaskFailed
-from shared.spec import JobSpec
+from shared.spec import JobSpec, format_validation_error
 from shared.state import JobNotFound, JobState, Repositories
-from shared.state.tensors import PersonalVersion
+from shared.state.tensors import PersonalVersion, TensorRepository
 from shared.store import Store
+from shared.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,14 @@ class _Cached:
         return self.digest
 
 
+@dataclass(frozen=True)
+class BoundClient:
+    """A client this worker was started for: its own data file and its signing key."""
+
+    data: Path
+    signer: UpdateSigner
+
+
 class Worker:
     def __init__(
         self,
@@ -93,12 +107,26 @@ class Worker:
         max_message_bytes: int = 64 * 1024,
         name: str = "worker",
         tasks_queue: str = "",
+        clients: Mapping[str, BoundClient] | None = None,
     ) -> None:
         self.bus = bus
         self.state = Repositories(store, namespace, update_ttl_s)
         self.queues = Queues(namespace)
-        self.tasks_queue = tasks_queue or self.queues.tasks
-        """The shared task queue, or a per-job pool's (PWFF_TASKS_QUEUE, set by services.scaler)."""
+        self.clients = dict(clients or {})
+        """Bound clients this worker serves (`--client`): it consumes only their queues and reads only their files."""
+        self.task_queues = [self.queues.client_tasks(identity) for identity in self.clients] or [
+            tasks_queue or self.queues.tasks
+        ]
+        # A bound client's personal tensors and codec residual never leave its worker: they live in the
+        # worker's memory (a restarted worker starts them afresh); a pool worker keeps them in the store.
+        self.client_tensors = (
+            Repositories(MemoryStore(), namespace, update_ttl_s).tensors if self.clients else self.state.tensors
+        )
+        self.tasks_queue = self.task_queues[0]
+        """The shared task queue, a per-job pool's (PWFF_TASKS_QUEUE, set by services.scaler), or the first
+        bound client's."""
+        # One task at a time even when several clients' queues are consumed: tasks share the loaded model.
+        self._task_lock = threading.Lock()
         self.cache_dir = cache_dir
         self.max_message_bytes = max_message_bytes
         self.name = name
@@ -107,8 +135,18 @@ class Worker:
         self._states: OrderedDict[str, _Cached] = OrderedDict()
 
     def run(self, stop: threading.Event) -> None:
-        log.info("%s consuming %s", self.name, self.tasks_queue)
-        self.bus.consume(self.tasks_queue, self.handle, stop)
+        log.info("%s consuming %s", self.name, ", ".join(self.task_queues))
+        if len(self.task_queues) == 1:
+            self.bus.consume(self.tasks_queue, self.handle, stop)
+            return
+        loops = [
+            threading.Thread(target=self.bus.consume, args=(queue, self.handle, stop), name=f"consume-{queue}")
+            for queue in self.task_queues
+        ]
+        for loop in loops:
+            loop.start()
+        for loop in loops:
+            loop.join()
 
     # -- one task ---------------------------------------------------------------------------
 
@@ -116,17 +154,37 @@ class Worker:
         task = decode_task(body, self.max_message_bytes)
         job_id = task.job_id
         try:
-            spec = self._spec(job_id)
-        except JobNotFound:
-            raise InvalidMessage(f"task for unknown job {task.job_id}") from None
-        if task.client >= spec.num_clients:
-            raise InvalidMessage(f"client {task.client} out of range for job {task.job_id}")
-        try:
-            outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
-        except TaskFailed as error:
+            try:
+                spec = self._spec(job_id)
+            except JobNotFound:
+                raise InvalidMessage(f"task for unknown job {task.job_id}") from None
+            except ValidationError as error:
+                # The spec names something this worker lacks (e.g. a local model folder it does not mount).
+                raise TaskFailed(f"the job's spec does not load here: {format_validation_error(error)}") from None
+            if task.client >= spec.num_clients:
+                raise InvalidMessage(f"client {task.client} out of range for job {task.job_id}")
+            identity = spec.clients.identity(task.client)
+            if (identity is None) != (not self.clients) or (identity is not None and identity not in self.clients):
+                # A bound client's task only in its own worker; a pool job's only in a pool worker.
+                held = ", ".join(self.clients) or "none (a pool worker)"
+                raise InvalidMessage(f"task for client {identity or task.client} of {job_id}; this worker holds {held}")
+            sources = {name: client.data for name, client in self.clients.items()}
+            try:
+                with self._task_lock, local_data.using(sources):
+                    outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
+            except data.DataMismatch as error:
+                # This worker's copy of the data does not fit the job (a missing field, a label outside
+                # its classes): the client cannot take part, the round goes on without it.
+                raise TaskFailed(f"client {task.client}: local data does not match the job: {error}") from None
+        except (TaskFailed, local_data.LocalDataInvalid, local_data.LocalDataMissing) as error:
             # Deterministic: a retry would fail the same way. Dead-lettered (and counted) by the bus.
             TASKS_PROCESSED.labels(outcome="failed").inc()
             log.error("%s: task of %s round %d client %d failed: %s", self.name, job_id, task.round, task.client, error)
+            reason = str(error)[:4000]
+            self.bus.publish(
+                self.queues.events,
+                encode(ClientFailed(job_id=job_id, round=task.round, client=task.client, reason=reason)),
+            )
             raise InvalidMessage(f"task failed: {error}") from None
         TASKS_PROCESSED.labels(outcome=outcome).inc()
 
@@ -174,16 +232,18 @@ class Worker:
             personal={**personal, **{RESIDUAL_PREFIX + name: value for name, value in residual.items()}},
             artifact=lambda name, round_: self._artifact(job_id, name, round_),
             cache_dir=self.cache_dir,
+            round_uploads=lambda wave: self._round_uploads(job_id, task.round, wave),
+            secrets=_ClientSecrets(self.state.tensors, job_id, task.client),
         )
         result = mode_of(spec).run_local(context)
         personal_after, residual_after = split_residual(result.personal)
         if personal_after:
             blob = encode_tensors(personal_after, "float32", spec.compression.zstd_level)
-            self.state.tensors.put_personal(job_id, task.client, version, blob)
+            self.client_tensors.put_personal(job_id, task.client, version, blob)
         if residual_after:
             blob = encode_tensors(residual_after, "float32", spec.compression.zstd_level)
             CLIENT_STATE_BYTES.labels(direction="write").inc(len(blob))
-            self.state.tensors.put_residual(job_id, task.client, version, blob, read=residual_from)
+            self.client_tensors.put_residual(job_id, task.client, version, blob, read=residual_from)
         compute_s = time.perf_counter() - began
         TASK_DURATION.observe(compute_s)
         self._upload(task, result, num_samples=len(context.examples), compute_s=compute_s)
@@ -194,23 +254,22 @@ class Worker:
         tensors = self.state.tensors
         key = tensors.update_key(task.job_id, task.round, task.client, task.wave, task.attempt)
         tensors.put_update(key, result.payload)
-        message = encode(
-            UpdateReady(
-                job_id=task.job_id,
-                round=task.round,
-                client=task.client,
-                attempt=task.attempt,
-                wave=task.wave,
-                key=key,
-                num_samples=num_samples,
-                train_loss=result.loss,
-                compute_s=compute_s,
-                upload_bytes=len(result.payload),
-                perturbations=result.perturbations,
-                cosine=result.cosine,
-                flops=result.flops,
-            )
+        announce = UpdateReady(
+            job_id=task.job_id,
+            round=task.round,
+            client=task.client,
+            attempt=task.attempt,
+            wave=task.wave,
+            key=key,
+            num_samples=num_samples,
+            train_loss=result.loss,
+            compute_s=compute_s,
+            upload_bytes=len(result.payload),
+            perturbations=result.perturbations,
+            cosine=result.cosine,
+            flops=result.flops,
         )
+        message = encode(self._signed(task, announce, result.payload))
         tensors.put_announcement(task.job_id, task.round, task.client, task.wave, message)
         self.bus.publish(self.queues.aggregate, message)
         UPLOAD_BYTES.inc(len(result.payload))
@@ -222,6 +281,16 @@ class Worker:
             compute_s,
             len(result.payload),
         )
+
+    def _signed(self, task: TrainTask, announce: UpdateReady, payload: bytes) -> UpdateReady:
+        """A bound client's update, signed with its key over every field and the blob's digest."""
+        spec = self._spec(task.job_id)
+        identity = spec.clients.identity(task.client)
+        if identity is None:
+            return announce
+        with_digest = announce.model_copy(update={"digest": payload_digest(payload)})
+        signature = self.clients[identity].signer.sign(with_digest.model_dump(mode="json", exclude={"signature"}))
+        return with_digest.model_copy(update={"signature": signature})
 
     # -- client-side evaluation -------------------------------------------------------------
 
@@ -249,18 +318,18 @@ class Worker:
         )
         if task.publish:  # the mode left the client's personalized state in the model
             self.state.tensors.put_archive(task.job_id, f"client-{task.client}", peft_folder_archive(model))
-        self.bus.publish(
-            self.queues.events,
-            encode(
-                ClientEvaluated(
-                    job_id=task.job_id,
-                    round=task.round,
-                    client=task.client,
-                    metrics=evaluation.figures,
-                    samples=evaluation.samples,
-                )
-            ),
+        event = ClientEvaluated(
+            job_id=task.job_id,
+            round=task.round,
+            client=task.client,
+            metrics=evaluation.figures,
+            samples=evaluation.samples,
         )
+        identity = spec.clients.identity(task.client)
+        if identity is not None:  # the scheduler takes a bound client's figures only signed by that client
+            fields = event.model_dump(mode="json", exclude={"signature"})
+            event = event.model_copy(update={"signature": self.clients[identity].signer.sign(fields, "evaluation")})
+        self.bus.publish(self.queues.events, encode(event))
         return "evaluated"
 
     # -- state kept in the store between tasks ----------------------------------------------
@@ -314,7 +383,7 @@ class Worker:
 
     def _residual(self, job_id: str, client: int, before: PersonalVersion) -> tuple[PersonalVersion | None, State]:
         """The client's error-feedback residual as its last task left it: (version, residual)."""
-        found = self.state.tensors.latest_residual(job_id, client, before)
+        found = self.client_tensors.latest_residual(job_id, client, before)
         if found is None:
             return None, {}
         version, blob = found
@@ -323,16 +392,68 @@ class Worker:
 
     def _personal_state(self, job_id: str, client: int, before: PersonalVersion) -> tuple[str, State]:
         """The client's personal tensors as it left them last time (before `before`): (version, state)."""
-        found = self.state.tensors.latest_personal(job_id, client, before)
+        found = self.client_tensors.latest_personal(job_id, client, before)
         if found is None:
             return "", {}
         version, blob = found
         DOWNLOAD_BYTES.inc(len(blob))
         return f"{version[0]}.{version[1]}", decode_tensors(blob)
 
+    def _round_uploads(self, job_id: str, round_: int, wave: int) -> _RoundUploads:
+        """The uploads merged into the round in `wave`, by client (what the server broadcasts)."""
+        clients = [client for client, merged in self.state.rounds.merged(job_id, round_) if merged == wave]
+        return _RoundUploads(self, job_id, round_, wave, clients)
+
     def _artifact(self, job_id: str, name: str, round_: int) -> dict[str, torch.Tensor] | None:
         blob = self.state.tensors.artifact(job_id, name, round_)
         return decode_tensors(blob) if blob is not None else None
+
+
+class _RoundUploads(Mapping[int, bytes]):
+    """A wave's merged uploads by client, each read from the store when first looked up (a client
+    reads only what it needs of its peers' uploads, e.g. their keys and not their masked vectors)."""
+
+    def __init__(self, worker: Worker, job_id: str, round_: int, wave: int, clients: list[int]) -> None:
+        self.worker, self.job_id, self.round, self.wave = worker, job_id, round_, wave
+        self.clients = clients
+        self._read: dict[int, bytes] = {}
+
+    def __getitem__(self, client: int) -> bytes:
+        if client not in self.clients:
+            raise KeyError(client)
+        if client not in self._read:
+            tensors = self.worker.state.tensors
+            raw = tensors.announcement(self.job_id, self.round, client, self.wave)
+            announce = decode_aggregator(raw, self.worker.max_message_bytes) if raw is not None else None
+            blob = tensors.update(announce.key) if isinstance(announce, UpdateReady) else None
+            if blob is None:
+                raise RuntimeError(
+                    f"merged upload of client {client} wave {self.wave} in {self.job_id} round {self.round} is gone"
+                )
+            DOWNLOAD_BYTES.inc(len(blob))
+            self._read[client] = blob
+        return self._read[client]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.clients)
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+
+@dataclass(frozen=True)
+class _ClientSecrets:
+    """`shared.modes.base.ClientSecrets` of one client, in the store under the client's key."""
+
+    tensors: TensorRepository
+    job_id: str
+    client: int
+
+    def get(self, name: str) -> bytes | None:
+        return self.tensors.client_secret(self.job_id, self.client, name)
+
+    def put(self, name: str, value: bytes) -> None:
+        self.tensors.put_client_secret(self.job_id, self.client, name, value)
 
 
 def _where(task: TrainTask) -> tuple[str, int, int, int]:
