@@ -125,7 +125,7 @@ StartResponse = Callable[..., Any]
 class ProbeServer:
     """/healthz, /readyz and /metrics of one service on one port (a daemon thread)."""
 
-    def __init__(self, port: int, readiness: Checks, host: str = "0.0.0.0") -> None:
+    def __init__(self, port: int, readiness: Checks, host: str) -> None:
         self.readiness = readiness
         self._metrics = make_wsgi_app()
         self._server = make_server(host, port, self._app, _ThreadingWSGIServer, handler_class=_QuietHandler)
@@ -163,8 +163,9 @@ def _json(start_response: StartResponse, code: int, body: dict[str, Any]) -> lis
     return [data]
 
 
-def serve_probes(port: int, readiness: Checks) -> ProbeServer | None:
-    """Serve the probes and /metrics on `port` (0: don't)."""
+def serve_probes(port: int, readiness: Checks, host: str) -> ProbeServer | None:
+    """Serve the probes and /metrics on `host`:`port` (port 0: don't). `host` is the settings' `probes_host`,
+    so a deployment that binds its API to one interface does not expose the metrics on every other."""
     if port <= 0:
         return None
-    return ProbeServer(port, readiness)
+    return ProbeServer(port, readiness, host=host)

@@ -48,6 +48,11 @@ CLIENT_MEAN_FIGURE = Gauge(
     ["job_id", "model", "figure"],
 )
 HTTP_REQUESTS = Counter("pwff_http_requests_total", "HTTP API requests", ["method", "route", "status"])
+STORE_STATE_LOST = Counter(
+    "pwff_store_state_lost_total",
+    "Times the scheduler found the store's state gone (its instance marker missing: e.g. Redis restarted without "
+    "persistence); every job it knew unfinished was failed",
+)
 LATE_TASKS = Counter("pwff_rounds_closed_at_deadline_total", "Rounds closed at their deadline with updates missing")
 
 

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = 8080
     metrics_port: int = 0
+    metrics_host: str = Field(
+        "",
+        description="address the /metrics, /healthz and /readyz port of the worker, aggregator and scaler listens on "
+        "('': the API's, PWFF_API_HOST)",
+    )
     metrics_job_linger_s: float = Field(
         120.0, ge=0, description="how long a finished job's per-job series stay exported, for a last scrape"
     )
@@ -92,6 +97,11 @@ class Settings(BaseSettings):
         description="worker: where bound clients' personal tensors and error-feedback residuals are kept between "
         "tasks and across restarts, on the client's own machine (None: <cache_dir>/client-state); --state-dir",
     )
+
+    @property
+    def probes_host(self) -> str:
+        """Where the probes and /metrics listen: PWFF_METRICS_HOST, else PWFF_API_HOST."""
+        return self.metrics_host or self.api_host
 
 
 class ScalerSettings(BaseSettings):

@@ -61,14 +61,23 @@ def free_port() -> int:
 class ServiceCluster:
     """Scheduler, aggregator and N workers, each `python -m services.<name>` with its own log file."""
 
-    def __init__(self, log_dir: Path, cache_dir: Path, workers: int = 2) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        cache_dir: Path,
+        workers: int = 2,
+        rabbitmq_url: str | None = None,
+        redis_url: str | None = None,
+    ) -> None:
+        """The brokers are the settings' (the shared ones) unless `rabbitmq_url` / `redis_url` name others."""
         self.namespace = f"it-{uuid.uuid4().hex[:8]}"
         self.token = uuid.uuid4().hex
         self.api_port = free_port()
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.log_dir = log_dir
         self.cache_dir = cache_dir
-        self.settings = Settings(namespace=self.namespace)
+        urls = {"rabbitmq_url": rabbitmq_url, "redis_url": redis_url}
+        self.settings = Settings(namespace=self.namespace, **{name: url for name, url in urls.items() if url})
         self.queues = Queues(self.namespace)
         self.base_env = {
             **os.environ,
@@ -77,17 +86,19 @@ class ServiceCluster:
             "PWFF_LOG_LEVEL": "INFO",
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            "PWFF_RABBITMQ_URL": self.settings.rabbitmq_url,
+            "PWFF_REDIS_URL": self.settings.redis_url,
         }
-        self.scheduler = self._start("scheduler", {"PWFF_API_TOKEN": self.token, "PWFF_API_PORT": str(self.api_port)})
+        self.scheduler = self._start("scheduler", self._scheduler_env())
         self.aggregator_metrics_port = free_port()
-        self.aggregator = self._start("aggregator", {"PWFF_METRICS_PORT": str(self.aggregator_metrics_port)})
+        self.aggregator = self._start("aggregator", self._aggregator_env())
         self.workers: list[subprocess.Popen[bytes]] = []
         self.worker_logs: list[Path] = []
         self.worker_metric_ports: list[int] = []
         for index in range(workers):
             self._add_worker(index)
         try:
-            self._wait_ready()
+            self.wait_ready()
         except BaseException:
             self.close()  # the caller gets no object to close: leave no processes behind
             raise
@@ -102,6 +113,23 @@ class ServiceCluster:
             stdout=handle,
             stderr=subprocess.STDOUT,
         )
+
+    def _scheduler_env(self) -> dict[str, str]:
+        return {"PWFF_API_TOKEN": self.token, "PWFF_API_PORT": str(self.api_port)}
+
+    def _aggregator_env(self) -> dict[str, str]:
+        return {"PWFF_METRICS_PORT": str(self.aggregator_metrics_port)}
+
+    def restart_scheduler(self) -> None:
+        """Start the scheduler again (same port and token), as its Deployment would after a crash."""
+        if self.scheduler.poll() is None:
+            raise RuntimeError("the scheduler is still running")
+        self.scheduler = self._start("scheduler", self._scheduler_env())
+
+    def restart_aggregator(self) -> None:
+        if self.aggregator.poll() is None:
+            raise RuntimeError("the aggregator is still running")
+        self.aggregator = self._start("aggregator", self._aggregator_env())
 
     def _add_worker(self, index: int) -> None:
         port = free_port()
@@ -118,7 +146,8 @@ class ServiceCluster:
     def replace_worker(self, index: int) -> None:
         self._add_worker(index)
 
-    def _wait_ready(self, timeout_s: float = 180) -> None:
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        """Every service process alive, the scheduler ready and every worker serving /metrics."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for process in [self.scheduler, self.aggregator, *self.workers]:

@@ -194,6 +194,24 @@ def test_round_zero_depends_only_on_the_spec(make_world: Callable[..., World]) -
     assert any(not torch.equal(other[n], t) for n, t in make_world().global_state(0).items())
 
 
+def test_a_job_cancelled_while_queued_is_not_initialized(tiny_spec: Callable[..., JobSpec], cache_dir: Path) -> None:
+    """Its InitJob still waits in the queue when the job is cancelled: the aggregator must not load the
+    model and evaluate it (with one consumer, every other job's updates would wait meanwhile)."""
+    bus, store = MemoryBus(), MemoryStore()
+    scheduler = Scheduler(bus, store)
+    aggregator = Aggregator(bus, store, cache_dir=cache_dir)
+    job_id = scheduler.submit(tiny_spec(eval_max_examples=8))
+    scheduler.cancel(job_id)
+    init, drop = drain(bus, Queues().aggregate)
+    assert isinstance(decode_aggregator(init), InitJob) and isinstance(decode_aggregator(drop), DropJob)
+    aggregator.handle(init)
+    aggregator.handle(drop)
+    assert aggregator.models._model is None, "the model was loaded for a cancelled job"
+    assert store.get(Keys().global_state(job_id, 0)) is None
+    assert drain(bus, Queues().events) == []
+    assert scheduler.jobs.state(job_id) == JobState.CANCELLED
+
+
 def test_messages_for_an_unknown_job_are_invalid(make_world: Callable[..., World]) -> None:
     world = make_world()
     before = received("invalid")

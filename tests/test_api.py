@@ -249,20 +249,21 @@ def running(scheduler: Scheduler) -> Iterator[Scheduler]:
 def test_readyz_reports_consumer_broker_and_store(running: Scheduler) -> None:
     response = TestClient(create_app(running, TOKEN)).get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"ready": True, "consumer": True, "broker": True, "store": True}
+    assert response.json() == {"ready": True, "consumer": True, "broker": True, "store": True, "state": True}
 
 
 def test_readyz_is_503_without_the_event_loop(client: TestClient) -> None:
     response = client.get("/readyz")  # the loop never started: the API would accept jobs nothing runs
     assert response.status_code == 503
-    assert response.json() == {"ready": False, "consumer": False, "broker": False, "store": True}
+    # ...nor read the store's instance marker (the loop does that first)
+    assert response.json() == {"ready": False, "consumer": False, "broker": False, "store": True, "state": False}
 
 
 def test_readyz_is_503_when_the_store_is_down(running: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(running.store, "ping", lambda: False)
     response = TestClient(create_app(running, TOKEN)).get("/readyz")
     assert response.status_code == 503
-    assert response.json() == {"ready": False, "consumer": True, "broker": True, "store": False}
+    assert response.json() == {"ready": False, "consumer": True, "broker": True, "store": False, "state": True}
 
 
 def test_metrics_are_prometheus_text_with_pwff_names(client: TestClient) -> None:

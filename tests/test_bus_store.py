@@ -187,3 +187,34 @@ def test_a_memory_consumer_that_dies_mid_handler_leaves_its_message_for_the_next
     assert not thread.is_alive()
     assert got == [b"first", b"second"]
     assert bus.depth(Queues.dead(Q)) == 0
+
+
+@pytest.mark.integration
+def test_an_idle_publisher_keeps_its_connection() -> None:
+    """Between publishes nobody calls into pika: the bus must still answer the broker's heartbeats, or
+    RabbitMQ closes the connection after two missed intervals and the next publish meets a dead socket."""
+    from shared.settings import Settings
+
+    queue = f"heartbeat-test-{time.monotonic_ns()}"
+    bus = RabbitBus(Settings().rabbitmq_url, heartbeat_s=1)
+    try:
+        bus.publish(queue, b"first")
+        first = bus._publish_conn
+        time.sleep(6)  # several heartbeat intervals with nothing to publish
+        assert first is not None and first.is_open
+        connects = 0
+        original = bus._connect
+
+        def counting() -> object:
+            nonlocal connects
+            connects += 1
+            return original()
+
+        bus._connect = counting  # type: ignore[method-assign]
+        bus.publish(queue, b"second")
+        assert connects == 0, "the idle publishing connection was dropped and had to be reopened"
+        assert bus._publish_conn is first
+        assert bus.depth(queue) == 2
+    finally:
+        bus.delete_queues(queue)
+        bus.close()

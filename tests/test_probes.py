@@ -269,6 +269,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         "PWFF_TORCH_THREADS": "1",
         "PWFF_CACHE_DIR": str(tmp_path_factory.mktemp("probe-cache")),
         "HF_HUB_OFFLINE": "1",
+        # The probes listen where the API does (PWFF_METRICS_HOST unset): not on every interface.
+        "PWFF_API_HOST": "127.0.0.1",
     }
     running = {name: Service(name, env, logs / f"{name}.log") for name in ("worker", "aggregator")}
     try:
@@ -330,6 +332,22 @@ def test_service_probe_paths(services: dict[str, Any], name: str) -> None:
     status, text = service.get("/metrics")
     assert status == 200 and "pwff_messages_dead_lettered_total" in text
     assert service.get("/nothing-here")[0] == 404
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["worker", "aggregator"])
+def test_probes_listen_only_where_the_settings_say(services: dict[str, Any], name: str) -> None:
+    import psutil
+
+    service: Service = services[name]
+    listening = [
+        c.laddr
+        for c in psutil.Process(service.process.pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == service.port
+    ]
+    assert [address.ip for address in listening] == ["127.0.0.1"], listening
+    assert Settings(api_host="10.1.2.3").probes_host == "10.1.2.3"
+    assert Settings(api_host="10.1.2.3", metrics_host="0.0.0.0").probes_host == "0.0.0.0"
 
 
 # -- the chart probes these paths ---------------------------------------------------------------

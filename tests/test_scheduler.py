@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from services.aggregator.aggregator import Aggregator
-from services.scheduler.core import RESEND_AFTER_S, JobConflict, Scheduler
+from services.scheduler.core import RESEND_AFTER_S, STATE_LOST_ERROR, JobConflict, Scheduler
 from shared.bus import Queues
 from shared.bus.memory import MemoryBus
 from shared.messages import (
@@ -44,7 +45,7 @@ from shared.messages import (
     encode,
 )
 from shared.spec import JobSpec
-from shared.state import JobNotFound
+from shared.state import JobNotFound, JobState, RoundStatus
 from shared.store.memory import MemoryStore
 from tests.test_aggregator import World
 
@@ -548,3 +549,113 @@ def test_cancel_a_queued_job(harness: Harness) -> None:
     harness.scheduler.tick()
     assert harness.quiet()
     assert harness.state(job_id) == "cancelled"
+
+
+# --- a scheduler killed between two writes, a store that loses its state ----------------------
+
+
+def test_a_running_job_with_no_round_open_gets_round_one(harness: Harness) -> None:
+    """Killed after marking the job running, before opening round 1: JobInitialized is not resent for a
+    running job, so the tick must open the round, or the job would stay running forever."""
+    job_id = harness.scheduler.submit(harness.spec)
+    harness.commands()
+    harness.scheduler.jobs.update(job_id, state=JobState.RUNNING)  # what the killed scheduler left
+    harness.scheduler.tick()
+    assert sorted(task.client for task in harness.tasks()) == ALL_CLIENTS
+    assert harness.scheduler.get_job(job_id)["round"] == 1
+
+
+def test_a_committed_round_whose_successor_never_opened_is_followed(harness: Harness) -> None:
+    """Killed after marking round 1 committed, before opening round 2: the redelivered RoundCommitted finds
+    the round done, so the tick must open the next one."""
+    job_id, _ = harness.start()
+    harness.merge_all(job_id, 1)
+    harness.commands()
+    harness.scheduler.jobs.update_plan(job_id, 1, status=RoundStatus.COMMITTED)  # what the killed scheduler left
+    harness.commit(job_id, 1)  # the aggregator's event, redelivered
+    assert harness.tasks() == []
+    harness.scheduler.tick()
+    assert sorted(task.client for task in harness.tasks()) == ALL_CLIENTS
+    assert harness.scheduler.get_job(job_id)["round"] == 2
+
+
+def test_a_store_that_loses_its_state_fails_every_unfinished_job(harness: Harness) -> None:
+    done = harness.finish()
+    running, _ = harness.start()
+    harness.merge_all(running, 1, [0, 1])
+    queued = harness.scheduler.submit(harness.spec)
+    assert harness.commands() == [InitJob(job_id=queued)]
+    harness.scheduler.tick()
+    assert harness.scheduler.store_state_known
+    lost_before = REGISTRY.get_sample_value("pwff_store_state_lost_total") or 0.0
+
+    harness.store.delete_prefix("")  # Redis restarted without persistence: everything is gone
+    with pytest.raises(JobNotFound):
+        harness.scheduler.get_job(running)
+    harness.clock.now = T0 + 5
+    harness.scheduler.tick()
+
+    assert harness.scheduler.store_state_known  # a new marker: the lost jobs are recorded
+    assert REGISTRY.get_sample_value("pwff_store_state_lost_total") == lost_before + 1
+    for job_id, state in ((running, "running"), (queued, "queued")):
+        job = harness.scheduler.get_job(job_id)
+        assert job["state"] == "failed", job
+        assert job["error"] == STATE_LOST_ERROR.format(state=state, round=1 if job_id == running else 0)
+        assert job["updated_at"] == T0 + 5
+    assert {job["id"] for job in harness.scheduler.list_jobs()} == {running, queued}  # the ended one is gone
+    with pytest.raises(JobNotFound):
+        harness.scheduler.get_job(done)
+    # The aggregator is told to drop them; nothing is started again, from scratch or otherwise.
+    assert sorted(c.job_id for c in harness.commands() if isinstance(c, DropJob)) == sorted([running, queued])
+    harness.send(UpdateMerged(job_id=running, round=1, client=2, merged_count=3))
+    harness.send(JobInitialized(job_id=queued, metrics={}))
+    harness.clock.now = T0 + 10 * RESEND_AFTER_S
+    harness.scheduler.tick()
+    assert harness.quiet()
+    assert REGISTRY.get_sample_value("pwff_store_state_lost_total") == lost_before + 1
+
+
+def test_a_second_scheduler_does_not_record_a_lost_job_twice(harness: Harness) -> None:
+    job_id, _ = harness.start()
+    other = Scheduler(harness.bus, harness.store, namespace=harness.namespace, clock=harness.clock)
+    harness.scheduler.tick()
+    other.tick()
+    harness.store.delete_prefix("")
+    harness.scheduler.tick()
+    first = harness.scheduler.get_job(job_id)
+    harness.clock.now = T0 + 1
+    other.tick()  # finds the first one's new marker: it lost its state too, but the job is recorded
+    assert other.get_job(job_id) == first and first["state"] == "failed"
+    assert other.store_state_known and harness.scheduler.store_state_known
+    harness.scheduler.tick()  # and the first one does not take the second's check for a new loss
+    assert harness.scheduler.get_job(job_id) == first
+
+
+def test_a_dispatch_cut_short_is_done_again_by_the_tick(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker goes away while round 2's tasks are published (past the bus's retries): the event handler
+    fails after two of four, and its redelivery finds the round already open. The tick publishes them again."""
+    job_id, _ = harness.start()
+    harness.merge_all(job_id, 1)
+    harness.commands()
+    publish = harness.bus.publish
+    sent: list[str] = []
+
+    def failing(queue: str, body: bytes) -> None:
+        if queue == harness.queues.tasks and len(sent) == 2:
+            raise ConnectionError("broker gone")
+        sent.append(queue)
+        publish(queue, body)
+
+    monkeypatch.setattr(harness.bus, "publish", failing)
+    with pytest.raises(ConnectionError):
+        harness.commit(job_id, 1)
+    monkeypatch.setattr(harness.bus, "publish", publish)
+    assert len(harness.tasks()) == 2
+    harness.commit(job_id, 1)  # the redelivered event: the round is open, nothing to do
+    assert harness.tasks() == []
+
+    harness.scheduler.tick()
+    tasks = harness.tasks()
+    assert sorted(task.client for task in tasks) == ALL_CLIENTS and {task.round for task in tasks} == {2}
+    harness.scheduler.tick()
+    assert harness.quiet()

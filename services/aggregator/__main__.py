@@ -36,6 +36,7 @@ def main() -> None:
             aggregator.state.store,
             stale_after_s=settings.probe_stale_s,
         ),
+        settings.probes_host,
     )
     try:
         run_until_signalled(aggregator.run)

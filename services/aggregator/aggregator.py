@@ -138,6 +138,12 @@ class Aggregator:
     # -- round 0 --------------------------------------------------------------------------
 
     def _init(self, job_id: str, spec: JobSpec) -> None:
+        job_state = self.state.jobs.state(job_id)
+        if job_state is not None and job_state.final:
+            # Cancelled (or failed) while its InitJob waited in the queue: loading and evaluating the model
+            # now would hold every other job's updates behind work nobody will use.
+            log.info("job %s already %s: not initialized", job_id, job_state)
+            return
         committed = self.state.rounds.committed(job_id, 0)
         if committed is not None:
             self._emit(JobInitialized(job_id=job_id, metrics=committed.metrics))

@@ -39,7 +39,8 @@ def main() -> None:
         scaler_settings,
         namespace=settings.namespace,
     )
-    probes = serve_probes(scaler_settings.metrics_port, ScalerReadiness(scaler))  # /healthz, /readyz, /metrics
+    # /healthz, /readyz, /metrics
+    probes = serve_probes(scaler_settings.metrics_port, ScalerReadiness(scaler), settings.probes_host)
     try:
         run_until_signalled(scaler.run)
     finally:

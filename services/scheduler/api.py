@@ -636,12 +636,17 @@ def _add_probes(app: FastAPI, scheduler: Scheduler, stale_after_s: float) -> Non
         tags=["probes"],
         response_model=Readiness,
         responses={
-            503: {"model": Readiness, "description": "the event loop is not consuming, or the broker or store is gone"}
+            503: {
+                "model": Readiness,
+                "description": "the event loop is not consuming, the broker or store is gone, or the store lost its "
+                "state and the jobs it held are not yet recorded as failed",
+            }
         },
     )
     def readyz() -> JSONResponse:
-        """Readiness: the event loop consumes, over a live broker connection, and the store answers."""
-        checks = readiness.checks()
+        """Readiness: the event loop consumes, over a live broker connection, and the store answers with the
+        state the scheduler saw (its instance marker, checked every tick)."""
+        checks = {**readiness.checks(), "state": scheduler.store_state_known}
         ready = all(checks.values())
         return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 

@@ -6,6 +6,14 @@ events, then ask it to close the round when every update is in, or at the deadli
 when the quorum is. All state lives in the store, with absolute deadlines, so a
 restarted scheduler picks up where the last one stopped; messages it may have sent
 twice are harmless because every step it asks for is idempotent.
+
+The store must keep its state across restarts (Redis with persistence). If it loses it anyway
+(Redis restarted without persistence, or flushed), the scheduler notices: it writes a random
+instance marker into the store once and checks it every tick. When the marker is gone, every job
+this scheduler knew unfinished is recorded as failed, from the copy of its record it keeps in
+memory, rather than vanishing or restarting from scratch; /readyz reports `state: false` until
+that is done. A scheduler that was down while the store lost its state has no such copy: those
+jobs are gone without a record.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from shared.metrics import (
     JOBS_SUBMITTED,
     LATE_TASKS,
     ROUND_DURATION,
+    STORE_STATE_LOST,
     TASKS_DISPATCHED,
     forget_job,
 )
@@ -68,7 +77,13 @@ log = logging.getLogger(__name__)
 RESEND_AFTER_S = 60.0
 """A control message with no answer after this long is sent again (they are idempotent)."""
 
-__all__ = ["RESEND_AFTER_S", "JobConflict", "Scheduler", "new_job_id", "sample_clients"]
+STATE_LOST_ERROR = (
+    "the store lost its state while the job was {state} at round {round} (its instance marker vanished: Redis "
+    "restarted without persistence, or was flushed); the job's rounds, updates and models are gone, so it cannot "
+    "go on. Run Redis with persistence (appendonly yes, as the chart does) and submit the job again"
+)
+
+__all__ = ["RESEND_AFTER_S", "STATE_LOST_ERROR", "JobConflict", "Scheduler", "new_job_id", "sample_clients"]
 
 
 class JobConflict(RuntimeError):
@@ -138,12 +153,20 @@ class Scheduler:
         """How long a bound client's presence (a consumer on its queue) is reused by job views."""
         self._presence: dict[str, tuple[float, bool]] = {}
         self._presence_lock = threading.Lock()
+        self._instance: str | None = None
+        """The store's instance marker as this scheduler last checked it (None: not yet, or being handled)."""
+        self._unfinished: dict[str, JobMeta] = {}
+        """The last record seen of every job not yet final: what is left to say it failed if the store loses it."""
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Consume aggregator events, and check deadlines every `tick_s`, until `stop`."""
         JOBS_RUNNING.set(sum(1 for job in self.list_jobs() if job["state"] == JobState.RUNNING))
+        try:
+            self.check_store_instance()  # before the first probe asks (the tick checks it from then on)
+        except Exception:
+            log.exception("reading the store's instance marker failed; the tick tries again")
         ticker = threading.Thread(target=self._tick_forever, args=(stop,), name="scheduler-tick", daemon=True)
         ticker.start()
         self.bus.consume(self.queues.events, self.handle_event, stop)
@@ -164,7 +187,9 @@ class Scheduler:
         job_id = new_job_id(spec.name)
         now = self.clock()
         with self._lock:
-            self.jobs.create(JobMeta(id=job_id, spec=spec, created_at=now, updated_at=now, init_sent_at=now))
+            meta = JobMeta(id=job_id, spec=spec, created_at=now, updated_at=now, init_sent_at=now)
+            self.jobs.create(meta)
+            self._unfinished[job_id] = meta
             self._event(job_id, "state", "submitted", state=JobState.QUEUED)
         JOBS_SUBMITTED.inc()
         self.bus.publish(self.queues.aggregate, encode(InitJob(job_id=job_id)))
@@ -408,10 +433,17 @@ class Scheduler:
         spec = self.jobs.spec(job_id)
         clients = sample_clients(spec, round_)
         now = self.clock()
-        plan = RoundPlan(clients=clients, opened_at=now, deadline_at=now + spec.round_deadline_s, expected=len(clients))
+        plan = RoundPlan(
+            clients=clients,
+            opened_at=now,
+            deadline_at=now + spec.round_deadline_s,
+            expected=len(clients),
+            dispatched=False,
+        )
         self.jobs.save_plan(job_id, round_, plan)
         self._set(job_id, round=round_)
         self._dispatch(spec, job_id, round_, clients, wave=0)
+        self.jobs.update_plan(job_id, round_, dispatched=True)
         log.info("job %s round %d opened: clients %s", job_id, round_, clients)
 
     def _dispatch(self, spec: JobSpec, job_id: str, round_: int, clients: list[int], wave: int) -> None:
@@ -490,6 +522,7 @@ class Scheduler:
 
     def tick(self) -> None:
         """Deadlines and resends; safe to call at any time, from any scheduler replica after a restart."""
+        self.check_store_instance()
         now = self.clock()
         for job_id in self.jobs.ids():
             with self._lock:
@@ -498,7 +531,12 @@ class Scheduler:
                     # Its record expired (retention) or it was purged: drop what a task may have written after
                     # the job ended (a key written then has no TTL) and its entry in the set of jobs.
                     self.jobs.purge(job_id)
+                    self._unfinished.pop(job_id, None)
                     continue
+                if meta.state.final:
+                    self._unfinished.pop(job_id, None)
+                else:
+                    self._unfinished[job_id] = meta
                 if meta.state == JobState.QUEUED and now - meta.init_sent_at > RESEND_AFTER_S:
                     self._set(job_id, init_sent_at=now)
                     self.bus.publish(self.queues.aggregate, encode(InitJob(job_id=job_id)))
@@ -507,10 +545,27 @@ class Scheduler:
                 plan = self.jobs.plan(job_id, meta.round)
                 if plan is not None:
                     self._check_round(meta, plan, now)
+                elif meta.round == 0:
+                    # Killed between marking the job running and opening round 1 (JobInitialized is not resent
+                    # for a running job): open it now.
+                    log.warning("job %s running with no round open; opening round 1", job_id)
+                    self._open_round(job_id, 1)
 
     def _check_round(self, meta: JobMeta, plan: RoundPlan, now: float) -> None:
         job_id, round_ = meta.id, meta.round
-        if plan.status == RoundStatus.OPEN and now >= plan.deadline_at:
+        if plan.status == RoundStatus.COMMITTED and round_ < meta.spec.rounds:
+            # A scheduler killed between marking the round committed and opening the next one: the aggregator's
+            # event was consumed (or its redelivery finds the round done), so nothing else would open it.
+            log.warning("job %s round %d committed but round %d never opened; opening it", job_id, round_, round_ + 1)
+            self._open_round(job_id, round_ + 1)
+        elif plan.status == RoundStatus.OPEN and not plan.dispatched:
+            # Its dispatch was cut short (the broker stayed away past the publish retries, or the scheduler died):
+            # publish the round's tasks again. A task that did go out twice trains twice; the aggregator merges
+            # one update per client and counts the other as a duplicate.
+            log.warning("job %s round %d: its tasks were not all published; publishing them again", job_id, round_)
+            self._dispatch(meta.spec, job_id, round_, plan.clients, wave=0)
+            self.jobs.update_plan(job_id, round_, dispatched=True)
+        elif plan.status == RoundStatus.OPEN and now >= plan.deadline_at:
             self._on_deadline(meta, plan)
         elif plan.status == RoundStatus.EVALUATING and now >= plan.deadline_at:
             # The global model is committed; clients that never reported keep no published model.
@@ -546,6 +601,51 @@ class Scheduler:
                 f"updates; the quorum is {quorum}",
             )
 
+    # -- the store's state ------------------------------------------------------------------
+
+    @property
+    def store_state_known(self) -> bool:
+        """The store holds the state this scheduler saw (its instance marker is the one last checked)."""
+        return self._instance is not None
+
+    def check_store_instance(self) -> None:
+        """Compare the store's instance marker with the one seen before; on a loss, fail the jobs it knew.
+
+        The first check adopts the marker, or writes one (put-if-absent, so replicas agree). A later check
+        that finds none, or another replica's newer one, means the store lost its state since.
+        """
+        key = self.state.keys.instance
+        with self._lock:
+            raw = self.store.get(key)
+            marker = raw.decode() if raw is not None else None
+            if marker is not None and marker == self._instance:
+                return
+            if self._instance is not None:
+                self._instance = None  # /readyz says so until the jobs are recorded failed
+                self._on_state_lost()
+            if marker is None:  # written last: a scheduler killed above leaves it absent, and the next one sees it
+                self.store.put_if_absent(key, uuid.uuid4().hex.encode())
+                raw = self.store.get(key)
+                marker = raw.decode() if raw is not None else None
+            self._instance = marker
+
+    def _on_state_lost(self) -> None:
+        lost = sorted(self._unfinished.values(), key=lambda meta: meta.created_at)
+        STORE_STATE_LOST.inc()
+        log.error(
+            "the store lost its state (instance marker gone); failing the %d unfinished jobs it held: %s",
+            len(lost),
+            ", ".join(meta.id for meta in lost) or "none",
+        )
+        now = self.clock()
+        for meta in lost:
+            if self.jobs.get(meta.id) is not None:
+                continue  # recorded again already, by another scheduler replica that noticed first
+            error = STATE_LOST_ERROR.format(state=meta.state, round=meta.round)
+            # One write with the final state: a record that says "running" with no rounds behind it would never end.
+            self.jobs.create(meta.model_copy(update={"state": JobState.FAILED, "error": error, "updated_at": now}))
+            self._ended(meta.id, meta.state, JobState.FAILED, error)
+
     # -- state helpers ----------------------------------------------------------------------
 
     def _set(self, job_id: str, **fields: Any) -> None:
@@ -557,6 +657,12 @@ class Scheduler:
     def _finish(self, job_id: str, state: JobState, error: str) -> None:
         previous = self.jobs.state(job_id)
         self._set(job_id, state=state, error=error)
+        self._ended(job_id, previous, state, error)
+
+    def _ended(self, job_id: str, previous: JobState | None, state: JobState, error: str) -> None:
+        """What follows a job's final state: its event, metrics, retention, the aggregator told to drop it, a log
+        line."""
+        self._unfinished.pop(job_id, None)
         self._event(job_id, "state", f"{state}: {error}" if error else str(state), state=state)
         if previous == JobState.RUNNING:
             JOBS_RUNNING.dec()

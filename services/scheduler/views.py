@@ -218,7 +218,11 @@ class Purged(BaseModel):
 class Readiness(BaseModel):
     """Whether the scheduler can serve: its event loop consumes, the broker and the store answer."""
 
-    ready: bool = Field(description="consumer, broker and store are all true")
+    ready: bool = Field(description="consumer, broker, store and state are all true")
     consumer: bool = Field(description="the scheduler's event loop is running")
     broker: bool = Field(description="the event loop holds a broker connection that moved data in the last 15 s")
     store: bool = Field(description="the store answered a PING (on its pooled connection) in the last 15 s")
+    state: bool = Field(
+        description="the store still holds the state the scheduler saw: its instance marker is there (false between "
+        "finding it lost, e.g. Redis restarted without persistence, and recording the jobs it lost as failed)"
+    )

@@ -124,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     probes = serve_probes(
         settings.metrics_port,
         Readiness(worker.bus, worker.task_queues, worker.state.store, stale_after_s=settings.probe_stale_s),
+        settings.probes_host,
     )
     try:
         run_until_signalled(worker.run)

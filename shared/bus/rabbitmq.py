@@ -3,7 +3,10 @@
 Durable queues, persistent messages, publisher confirms, prefetch 1 and a dead-letter
 queue beside every queue. A handler runs on its own thread while the connection's
 thread keeps pumping heartbeats, so a task that trains for minutes does not get its
-connection dropped; the ack (or reject) is sent only after the handler returns.
+connection dropped; the ack (or reject) is sent only after the handler returns. The publishing
+connection is kept alive the same way between publishes (`_keep_alive`): an idle BlockingConnection
+answers no heartbeats, so without it RabbitMQ would close it after two missed intervals and the next
+publish would have to find that out the hard way.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class RabbitBus:
         self._publish_conn: pika.BlockingConnection | None = None
         self._publish_channel: BlockingChannel | None = None
         self._declared: set[str] = set()
+        self._heartbeat_s = heartbeat_s
+        self._keeper: threading.Thread | None = None
+        self._closed = threading.Event()
         # Per consumed queue, what the readiness probe reads: set by the consume loop, never by a probe.
         self._consumers: dict[str, ConsumerStatus] = {}
 
@@ -87,7 +93,29 @@ class RabbitBus:
             self._publish_channel = self._publish_conn.channel()
             self._publish_channel.confirm_delivery()
             self._declared.clear()
+            if self._keeper is None and self._heartbeat_s > 0:
+                self._keeper = threading.Thread(target=self._keep_alive, name="publisher-heartbeats", daemon=True)
+                self._keeper.start()
         return self._publish_channel
+
+    def _keep_alive(self) -> None:
+        """Pump the publishing connection's I/O (heartbeats both ways) a few times per heartbeat interval.
+
+        pika's BlockingConnection only does I/O when called; under the publish lock this never runs beside
+        a publish. A connection found broken here is dropped quietly: the next publish opens a new one.
+        """
+        interval = max(0.2, self._heartbeat_s / 4)
+        while not self._closed.wait(interval):
+            with self._publish_lock:
+                connection = self._publish_conn
+                if connection is None or not connection.is_open:
+                    continue
+                try:
+                    connection.process_data_events(time_limit=0)
+                except _CONNECTION_ERRORS as error:
+                    log.info("the idle publishing connection dropped (%s); the next publish reconnects", error)
+                    self._publish_channel = None
+                    self._publish_conn = None
 
     @retry(
         retry=retry_if_exception_type(_CONNECTION_ERRORS),
@@ -274,6 +302,7 @@ class RabbitBus:
         self._with_channel(delete)
 
     def close(self) -> None:
+        self._closed.set()
         with self._publish_lock:
             if self._publish_conn is not None and self._publish_conn.is_open:
                 try:

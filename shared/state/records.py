@@ -96,6 +96,9 @@ class RoundPlan(_Record):
     close_sent_at: float = 0.0
     force: bool = False
     committed_at: float | None = None
+    dispatched: bool = True
+    """The round's first tasks (wave 0) were all published; false from the plan's save until then, so a dispatch cut
+    short (the broker gone past the publish retries) is done again by the tick. Absent in older plans: true."""
 
 
 EventKind = Literal["state", "round", "deadline", "client-failed"]

@@ -14,6 +14,11 @@ class Keys:
         """Set of all job ids."""
         return f"{self.namespace}:jobs"
 
+    @property
+    def instance(self) -> str:
+        """String: a random marker the scheduler writes once; if it vanishes, the store lost its state."""
+        return f"{self.namespace}:store-instance"
+
     def job_prefix(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}:"
 
