@@ -61,7 +61,10 @@ def free_port() -> int:
 class ServiceCluster:
     """Scheduler, aggregator and N workers, each `python -m services.<name>` with its own log file."""
 
-    def __init__(self, log_dir: Path, cache_dir: Path, workers: int = 2) -> None:
+    def __init__(self, log_dir: Path, cache_dir: Path, workers: int = 2, test_modes: bool = False) -> None:
+        # test_modes: start each service through tests.plugins.launch, which registers the test modes
+        # (head-sgd, synthetic) in that process first; the services' code is the same.
+        self.launch = ["tests.plugins.launch"] if test_modes else []
         self.namespace = f"it-{uuid.uuid4().hex[:8]}"
         self.token = uuid.uuid4().hex
         self.api_port = free_port()
@@ -96,7 +99,7 @@ class ServiceCluster:
         log = self.log_dir / f"{log_name or service}.log"
         handle = log.open("ab")
         return subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"],
+            [sys.executable, "-m", *self.launch, f"services.{service}"],
             cwd=REPO,
             env={**self.base_env, **env},
             stdout=handle,
