@@ -120,7 +120,9 @@ class Soak:
     rounds_seen: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-def expected_mean(spec: JobSpec, shapes: dict[str, tuple[int, ...]], round_: int, clients: list[int]) -> dict[str, torch.Tensor]:
+def expected_mean(
+    spec: JobSpec, shapes: dict[str, tuple[int, ...]], round_: int, clients: list[int]
+) -> dict[str, torch.Tensor]:
     total = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
     for client in clients:
         for name, value in synthetic_delta(spec, shapes, round_, client).items():
@@ -164,7 +166,9 @@ def run_soak(clients: int, rounds: int, workers: int, log_dir: Path, timeout_s: 
                 time.sleep(0.25)
         finished = time.monotonic()
         outcomes = {
-            outcome: cluster.metric(cluster.aggregator_metrics_port, f'pwff_updates_received_total{{outcome="{outcome}"}}')
+            outcome: cluster.metric(
+                cluster.aggregator_metrics_port, f'pwff_updates_received_total{{outcome="{outcome}"}}'
+            )
             for outcome in ("merged", "duplicate", "late", "invalid")
         }
         tasks = {
@@ -183,7 +187,7 @@ def run_soak(clients: int, rounds: int, workers: int, log_dir: Path, timeout_s: 
 
     shapes = shared_shapes(spec, states[0])
     update_bytes = 4 * sum(torch.Size(s).numel() for s in shapes.values())
-    per_round = []
+    per_round: list[dict[str, Any]] = []
     for round_ in range(1, rounds + 1):
         record = next(entry for entry in job["metrics"] if entry["round"] == round_)
         expected = expected_mean(spec, shapes, round_, list(range(clients)))
@@ -246,7 +250,9 @@ def run_soak(clients: int, rounds: int, workers: int, log_dir: Path, timeout_s: 
         ),
         "all_updates_held_mb": clients * update_bytes / 2**20,
         "per_round": per_round,
-        "rss_samples": [(round(t - submitted, 2), rnd, r) for t, rnd, r in sampler.samples[:: max(1, len(sampler.samples) // 2000)]],
+        "rss_samples": [
+            (round(t - submitted, 2), rnd, r) for t, rnd, r in sampler.samples[:: max(1, len(sampler.samples) // 2000)]
+        ],
         "spec": spec_data,
     }
 

@@ -77,8 +77,20 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], dtype: str = "float16", 
     return MAGIC + zstandard.ZstdCompressor(level=zstd_level).compress(raw)
 
 
-def _decompress(body: bytes, max_bytes: int) -> bytes:
+def decompress_bounded(body: bytes, max_bytes: int) -> bytes:
+    """A zstd frame's content, refused (CodecError) if it declares no size or more than `max_bytes`.
+
+    zstandard's one-shot `decompress` allocates what the frame header declares, or all of
+    `max_output_size` when it declares nothing, before it reads any content: a 16-byte frame claiming
+    a terabyte was a MemoryError, one claiming 2 GB an allocation of 2 GB. Every pwff encoder
+    compresses in one shot, which always writes the size.
+    """
     try:
+        declared = zstandard.frame_content_size(body)
+        if declared < 0:
+            raise CodecError("zstd: the frame does not declare its content size")
+        if declared > max_bytes:
+            raise CodecError(f"zstd: the frame declares {declared} bytes, more than the limit of {max_bytes}")
         raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=max_bytes)
     except zstandard.ZstdError as error:
         raise CodecError(f"zstd: {error}") from None
@@ -107,7 +119,7 @@ def decode_tensors(blob: bytes, max_bytes: int = 512 * 1024 * 1024) -> dict[str,
 
 
 def _decode_dense(blob: bytes, max_bytes: int) -> dict[str, torch.Tensor]:
-    tensors = _load_safetensors(_decompress(blob[len(MAGIC) :], max_bytes))
+    tensors = _load_safetensors(decompress_bounded(blob[len(MAGIC) :], max_bytes))
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
@@ -451,7 +463,7 @@ def decode_update(
         return Update(tensors, None, {})
     if not blob.startswith(UPDATE_MAGIC):
         raise CodecError("payload does not start with a pwff tensor or update magic")
-    raw = _decompress(blob[len(UPDATE_MAGIC) :], max_bytes)
+    raw = decompress_bounded(blob[len(UPDATE_MAGIC) :], max_bytes)
     if len(raw) < 4:
         raise CodecError("update is truncated before its header")
     length = int.from_bytes(raw[:4], "little")

@@ -17,8 +17,8 @@ import time
 import torch
 
 from shared.codec import Codec, encode_update
-from shared.modes.backprop import BackpropMode, codec_seed
 from shared.models import load_trainable_state
+from shared.modes.backprop import BackpropMode, codec_seed
 from shared.modes.base import ClientEvaluation, EvaluationContext, LocalContext, LocalResult, State
 from shared.personalization import is_personal
 from shared.seeding import derive_seed
