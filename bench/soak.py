@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -79,6 +80,12 @@ def soak_spec(clients: int, rounds: int) -> dict[str, Any]:
         "round_deadline_s": 3600,
         "seed": 7,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class RssSampler:
@@ -144,6 +151,12 @@ def run_soak(clients: int, rounds: int, workers: int, log_dir: Path, timeout_s: 
         startup_s = time.monotonic() - started
         submitted = time.monotonic()
         job_id = cluster.submit(spec_data)
+        services = {
+            "scheduler": [cluster.scheduler.pid],
+            "aggregator": [cluster.aggregator.pid],
+            "workers": [worker.pid for worker in cluster.workers],
+        }
+        cpu: dict[int, dict[str, float]] = {}
         states: dict[int, dict[str, torch.Tensor]] = {}
         seen_at: dict[int, float] = {}
         job: dict[str, Any] = {}
@@ -155,6 +168,8 @@ def run_soak(clients: int, rounds: int, workers: int, log_dir: Path, timeout_s: 
                     if round_ in seen_at:
                         continue
                     seen_at[round_] = time.monotonic()
+                    if round_ in (0, rounds):  # CPU spent on the rounds: from round 0's commit to the last
+                        cpu[round_] = {name: sum(cpu_seconds(p) for p in pids) for name, pids in services.items()}
                     sampler.round = round_ + 1  # merging of the next round starts now
                     # Committed states are pruned two rounds later: read each one as soon as it is there.
                     blob = repos.tensors.global_state(job_id, round_)
@@ -234,6 +249,10 @@ def run_soak(clients: int, rounds: int, workers: int, log_dir: Path, timeout_s: 
         "rounds_s": seen_at[rounds] - seen_at[0],
         "final_eval_s": finished - seen_at[rounds],
         "update_mb_decoded": update_bytes / 2**20,
+        # CPU per merged update in each service over rounds 1..R (the machine's other load excluded).
+        "cpu_ms_per_update": {
+            name: 1000 * (cpu[rounds][name] - cpu[0][name]) / (clients * rounds) for name in cpu[rounds]
+        },
         "expected_updates": expected_updates,
         "merged_updates": merged_total,
         "aggregator_outcomes": outcomes,
@@ -311,6 +330,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "all_updates_held_mb": round(result["all_updates_held_mb"], 1),
         "round_wall_s_median": round(result["round_wall_s_median"], 2),
         "ms_per_update": round(1000 * result["s_per_update_median"], 2),
+        "cpu_ms_per_update": {name: round(value, 2) for name, value in result["cpu_ms_per_update"].items()},
         "job_s": round(result["job_s"], 1),
     }
 

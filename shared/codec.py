@@ -78,25 +78,48 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], dtype: str = "float16", 
 
 
 def decompress_bounded(body: bytes, max_bytes: int) -> bytes:
-    """A zstd frame's content, refused (CodecError) if it declares no size or more than `max_bytes`.
+    """A zstd frame's content, refused (CodecError) past `max_bytes`, allocating only what it holds.
 
-    zstandard's one-shot `decompress` allocates what the frame header declares, or all of
-    `max_output_size` when it declares nothing, before it reads any content: a 16-byte frame claiming
-    a terabyte was a MemoryError, one claiming 2 GB an allocation of 2 GB. Every pwff encoder
-    compresses in one shot, which always writes the size.
+    zstandard's one-shot `decompress` allocates what the frame header declares, whatever
+    `max_output_size` says, before it reads any content: a 16-byte frame claiming a terabyte was a
+    MemoryError, one claiming 2 GB an allocation of 2 GB. So a declared size is checked first; a frame
+    that declares none (pwff's encoders always write it) is decompressed a little input at a time,
+    counting the output, and must end (a truncated frame is an error, not a short payload).
     """
     try:
         declared = zstandard.frame_content_size(body)
-        if declared < 0:
-            raise CodecError("zstd: the frame does not declare its content size")
         if declared > max_bytes:
             raise CodecError(f"zstd: the frame declares {declared} bytes, more than the limit of {max_bytes}")
-        raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=max_bytes)
+        if declared >= 0:
+            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=max_bytes)
+        else:
+            raw = _decompress_undeclared(body, max_bytes)
     except zstandard.ZstdError as error:
         raise CodecError(f"zstd: {error}") from None
     if len(raw) > max_bytes:
         raise CodecError(f"payload of {len(raw)} bytes exceeds {max_bytes}")
     return raw
+
+
+_ZSTD_FEED = 1024
+"""Input bytes per step of an undeclared-size frame: one step yields at most ~32 MB (4-byte RLE blocks)."""
+
+
+def _decompress_undeclared(body: bytes, max_bytes: int) -> bytes:
+    stream = zstandard.ZstdDecompressor().decompressobj()
+    chunks: list[bytes] = []
+    total = 0
+    for start in range(0, len(body), _ZSTD_FEED):
+        chunk = stream.decompress(body[start : start + _ZSTD_FEED])
+        total += len(chunk)
+        if total > max_bytes:
+            raise CodecError(f"payload exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+        if stream.eof:
+            break
+    if not stream.eof:
+        raise CodecError("zstd: the frame is truncated")
+    return b"".join(chunks)
 
 
 def _load_safetensors(raw: bytes) -> dict[str, torch.Tensor]:
