@@ -301,7 +301,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     samples = result["rss_samples"]
     middle.plot([s[0] for s in samples], [s[2] / 2**20 for s in samples], color="tab:red", linewidth=0.8)
     middle.set(xlabel="seconds since submission", ylabel="aggregator RSS (MB)", title="aggregator memory")
-    start = min(s[2] for s in samples) / 2**20 if samples else 0.0
+    start = result["per_round"][0]["rss_start_mb"] or 0.0  # after the model is loaded, before round 1 merges
     middle.axhline(start + result["all_updates_held_mb"], color="gray", linestyle=":", label="+ every update held")
     middle.legend()
     right.plot(rounds, [r["wall_s"] for r in result["per_round"]], marker="o", label="round wall time")
