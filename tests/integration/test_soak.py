@@ -36,7 +36,8 @@ def test_every_update_is_merged_exactly_once_and_aggregator_memory_stays_flat(tm
     held_mb = result["all_updates_held_mb"]
     assert held_mb > 55
     rises = [r["rss_peak_mb"] - r["rss_start_mb"] for r in result["per_round"]]
-    # Merging streams: a round's rise is the commit's (state, evaluation, archive), far below holding them all.
-    assert max(rises) < held_mb / 2, rises
+    # Merging streams: a round's rise is the commit's (state, evaluation, archive: ~20 MB at 50 or 1,000
+    # clients), where holding the round's updates would add 59 MB to it.
+    assert max(rises) < held_mb * 3 / 4, rises
     peaks = [r["rss_peak_mb"] for r in result["per_round"]]
     assert max(peaks[1:]) - peaks[0] < 16, peaks  # and nothing accumulates from round to round
