@@ -78,7 +78,7 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], dtype: str = "float16", 
 
 
 def decompress_bounded(body: bytes, max_bytes: int) -> bytes:
-    """A zstd frame's content, refused (CodecError) past `max_bytes`, allocating only what it holds.
+    """A zstd frame's content, refused (CodecError) past `max_bytes` before that much is allocated.
 
     zstandard's one-shot `decompress` allocates what the frame header declares, whatever
     `max_output_size` says, before it reads any content: a 16-byte frame claiming a terabyte was a
