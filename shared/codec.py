@@ -77,14 +77,49 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], dtype: str = "float16", 
     return MAGIC + zstandard.ZstdCompressor(level=zstd_level).compress(raw)
 
 
-def _decompress(body: bytes, max_bytes: int) -> bytes:
+def decompress_bounded(body: bytes, max_bytes: int) -> bytes:
+    """A zstd frame's content, refused (CodecError) past `max_bytes` before that much is allocated.
+
+    zstandard's one-shot `decompress` allocates what the frame header declares, whatever
+    `max_output_size` says, before it reads any content: a 16-byte frame claiming a terabyte was a
+    MemoryError, one claiming 2 GB an allocation of 2 GB. So a declared size is checked first; a frame
+    that declares none (pwff's encoders always write it) is decompressed a little input at a time,
+    counting the output, and must end (a truncated frame is an error, not a short payload).
+    """
     try:
-        raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=max_bytes)
+        declared = zstandard.frame_content_size(body)
+        if declared > max_bytes:
+            raise CodecError(f"zstd: the frame declares {declared} bytes, more than the limit of {max_bytes}")
+        if declared >= 0:
+            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=max_bytes)
+        else:
+            raw = _decompress_undeclared(body, max_bytes)
     except zstandard.ZstdError as error:
         raise CodecError(f"zstd: {error}") from None
     if len(raw) > max_bytes:
         raise CodecError(f"payload of {len(raw)} bytes exceeds {max_bytes}")
     return raw
+
+
+_ZSTD_FEED = 1024
+"""Input bytes per step of an undeclared-size frame: one step yields at most ~32 MB (4-byte RLE blocks)."""
+
+
+def _decompress_undeclared(body: bytes, max_bytes: int) -> bytes:
+    stream = zstandard.ZstdDecompressor().decompressobj()
+    chunks: list[bytes] = []
+    total = 0
+    for start in range(0, len(body), _ZSTD_FEED):
+        chunk = stream.decompress(body[start : start + _ZSTD_FEED])
+        total += len(chunk)
+        if total > max_bytes:
+            raise CodecError(f"payload exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+        if stream.eof:
+            break
+    if not stream.eof:
+        raise CodecError("zstd: the frame is truncated")
+    return b"".join(chunks)
 
 
 def _load_safetensors(raw: bytes) -> dict[str, torch.Tensor]:
@@ -107,7 +142,7 @@ def decode_tensors(blob: bytes, max_bytes: int = 512 * 1024 * 1024) -> dict[str,
 
 
 def _decode_dense(blob: bytes, max_bytes: int) -> dict[str, torch.Tensor]:
-    tensors = _load_safetensors(_decompress(blob[len(MAGIC) :], max_bytes))
+    tensors = _load_safetensors(decompress_bounded(blob[len(MAGIC) :], max_bytes))
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
@@ -451,7 +486,7 @@ def decode_update(
         return Update(tensors, None, {})
     if not blob.startswith(UPDATE_MAGIC):
         raise CodecError("payload does not start with a pwff tensor or update magic")
-    raw = _decompress(blob[len(UPDATE_MAGIC) :], max_bytes)
+    raw = decompress_bounded(blob[len(UPDATE_MAGIC) :], max_bytes)
     if len(raw) < 4:
         raise CodecError("update is truncated before its header")
     length = int.from_bytes(raw[:4], "little")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import zstandard
 
+from shared.codec import CodecError, decompress_bounded
 from shared.seeding import derive_seed
 
 UPLOAD_VERSION = 1
@@ -283,9 +284,9 @@ def decode_trajectory(blob: bytes, max_steps: int, max_per_step: int, candidates
     if not blob.startswith(TRAJECTORY_MAGIC):
         raise UploadError("not a trajectory upload of a known version")
     try:
-        packed = zstandard.ZstdDecompressor().decompress(blob[len(TRAJECTORY_MAGIC) :], max_output_size=limit)
-    except zstandard.ZstdError as error:
-        raise UploadError(f"zstd: {error}") from None
+        packed = decompress_bounded(blob[len(TRAJECTORY_MAGIC) :], limit)
+    except CodecError as error:
+        raise UploadError(str(error)) from None
     if len(packed) > limit:
         raise UploadError(f"trajectory of {len(packed)} bytes is too large")
     try:

@@ -931,7 +931,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             child = dict(child) if isinstance(child, dict) else {}
             node[part] = child
             node = child
-        node[path[-1]] = yaml.safe_load(raw) if raw else ""
+        try:
+            node[path[-1]] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as error:  # e.g. `--set name=[` or a control character
+            raise SpecError(f"override {item!r}: not a YAML value: {error}".replace("\n", " ")) from None
     return result
 
 

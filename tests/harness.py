@@ -68,8 +68,14 @@ class ServiceCluster:
         workers: int = 2,
         rabbitmq_url: str | None = None,
         redis_url: str | None = None,
+        test_modes: bool = False,
     ) -> None:
-        """The brokers are the settings' (the shared ones) unless `rabbitmq_url` / `redis_url` name others."""
+        """The brokers are the settings' (the shared ones) unless `rabbitmq_url` / `redis_url` name others.
+
+        test_modes: start each service through tests.plugins.launch, which registers the test modes
+        (head-sgd, synthetic) in that process first; the services' code is the same.
+        """
+        self.launch = ["tests.plugins.launch"] if test_modes else []
         self.namespace = f"it-{uuid.uuid4().hex[:8]}"
         self.token = uuid.uuid4().hex
         self.api_port = free_port()
@@ -107,7 +113,7 @@ class ServiceCluster:
         log = self.log_dir / f"{log_name or service}.log"
         handle = log.open("ab")
         return subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"],
+            [sys.executable, "-m", *self.launch, f"services.{service}"],
             cwd=REPO,
             env={**self.base_env, **env},
             stdout=handle,

@@ -271,7 +271,9 @@ def _forge(header: dict[str, object], parts: State) -> bytes:
 
 def _pieces(codec: Codec, tensors: State | None = None) -> tuple[dict[str, object], State]:
     """The header and parts of a valid update, to corrupt one piece at a time."""
-    blob = encode_update(tensors or {"w": torch.randn(10, 13)}, codec, seed=0).blob
+    # Seeded: whether "mask disagrees" changes the marked count must not depend on the global RNG.
+    default = {"w": torch.randn(10, 13, generator=torch.Generator().manual_seed(0))}
+    blob = encode_update(tensors or default, codec, seed=0).blob
     raw = zstandard.ZstdDecompressor().decompress(blob[4:])
     length = int.from_bytes(raw[:4], "little")
     return msgpack.unpackb(raw[4 : 4 + length]), safetensors.torch.load(raw[4 + length :])

@@ -1,4 +1,9 @@
-"""The API keeps the contract its /openapi.json documents: schemathesis over the in-process app.
+"""The API keeps the contract its /openapi.json documents: schemathesis against the API served by uvicorn.
+
+The app runs in a real uvicorn server on a local port, as `python -m services.scheduler` serves it, and
+schemathesis reads /openapi.json from it and calls it over HTTP: uvicorn's HTTP parsing, its handling
+of bodies (the 413 limit reads the stream as uvicorn delivers it) and its error responses are part of
+what is checked, which an in-process ASGI transport would skip.
 
 Every operation is fuzzed with schema-valid and schema-violating requests and every response is
 checked (status code documented, content type, response schema and headers, no 5xx, schema-valid
@@ -10,12 +15,14 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
-from fastapi.testclient import TestClient
+import uvicorn
 from hypothesis import settings
 from schemathesis.config import ChecksConfig, SchemathesisConfig
 from schemathesis.core.result import Ok
@@ -33,6 +40,7 @@ from shared.state.rounds import RoundCommit
 from shared.store import Keys
 from shared.store.memory import MemoryStore
 from shared.wireless import DevicePopulation
+from tests.harness import free_port
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -71,9 +79,32 @@ def _event_loop() -> Iterator[None]:
     yield
     stop.set()
     loop.join(timeout=10)
+    SERVER.should_exit = True
 
 
-SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP, config=SchemathesisConfig.from_dict(CONFIG))
+def _serve(port: int) -> uvicorn.Server:
+    """APP in a uvicorn server on 127.0.0.1:`port`, in a daemon thread, started before this returns.
+
+    Started at import: schemathesis reads the schema from the running server when the tests are collected.
+    """
+    server = uvicorn.Server(uvicorn.Config(APP, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    threading.Thread(target=server.run, name="uvicorn", daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start within 30 s")
+        time.sleep(0.05)
+    return server
+
+
+SERVER = _serve(free_port())
+BASE_URL = f"http://127.0.0.1:{SERVER.config.port}"
+SCHEMA = schemathesis.openapi.from_url(f"{BASE_URL}/openapi.json", config=SchemathesisConfig.from_dict(CONFIG))
+
+
+def test_the_served_document_is_the_apps() -> None:
+    assert SCHEMA.raw_schema == OPENAPI
+    assert SCHEMA.get_base_url().rstrip("/") == BASE_URL  # every call goes to the live server
 
 
 # -- the rules between fields --------------------------------------------------------------------
@@ -333,8 +364,8 @@ def test_a_body_over_the_limit_is_a_documented_413() -> None:
 
 
 def test_an_unreadable_body_is_a_documented_400() -> None:
-    response = TestClient(APP).post(
-        "/v1/jobs", content=b"\xff\n\xff", headers={**AUTH, "content-type": "application/json"}
+    response = httpx.post(
+        f"{BASE_URL}/v1/jobs", content=b"\xff\n\xff", headers={**AUTH, "content-type": "application/json"}
     )
     assert response.status_code == 400
     assert "400" in OPENAPI["paths"]["/v1/jobs"]["post"]["responses"]
