@@ -48,6 +48,13 @@ CLIENT_MEAN_FIGURE = Gauge(
     ["job_id", "model", "figure"],
 )
 HTTP_REQUESTS = Counter("pwff_http_requests_total", "HTTP API requests", ["method", "route", "status"])
+MESSAGES_REJECTED = Counter(
+    "pwff_messages_rejected_total",
+    "Bus messages refused before handling, by reason: missing_tag|bad_tag (authentication, shared.signing), "
+    "update_digest (an update blob that is not the one announced), task_budget (a task over its job's budget), "
+    "num_samples (an update claiming more examples than its client holds)",
+    ["reason"],
+)
 LATE_TASKS = Counter("pwff_rounds_closed_at_deadline_total", "Rounds closed at their deadline with updates missing")
 
 
@@ -60,6 +67,8 @@ for _outcome in ("done", "stale", "duplicate", "failed"):
     TASKS_PROCESSED.labels(outcome=_outcome)
 for _outcome in ("merged", "duplicate", "late", "invalid"):
     UPDATES_RECEIVED.labels(outcome=_outcome)
+for _reason in ("missing_tag", "bad_tag", "update_digest", "task_budget", "num_samples"):
+    MESSAGES_REJECTED.labels(reason=_reason)
 
 
 def count_dead_letter(queue: str, reason: str) -> None:

@@ -64,6 +64,7 @@ class ServiceCluster:
     def __init__(self, log_dir: Path, cache_dir: Path, workers: int = 2) -> None:
         self.namespace = f"it-{uuid.uuid4().hex[:8]}"
         self.token = uuid.uuid4().hex
+        self.bus_secret = uuid.uuid4().hex
         self.api_port = free_port()
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.log_dir = log_dir
@@ -75,6 +76,7 @@ class ServiceCluster:
             "PWFF_NAMESPACE": self.namespace,
             "PWFF_CACHE_DIR": str(cache_dir),
             "PWFF_LOG_LEVEL": "INFO",
+            "PWFF_BUS_SECRET": self.bus_secret,
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }

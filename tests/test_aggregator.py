@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,7 @@ class World:
                 client=client,
                 attempt=attempt,
                 key=key,
+                blob_sha256=hashlib.sha256(blob).hexdigest(),
                 num_samples=num_samples if num_samples is not None else 10 + 7 * client,
                 train_loss=loss if loss is not None else 1.0 + client / 10,
                 compute_s=0.1 * (client + 1),
@@ -255,7 +257,7 @@ def test_server_lr_and_uniform_weighting(make_world: Callable[..., World]) -> No
     world = make_world(aggregation={"server_lr": 0.5, "weighting": "uniform"})
     previous = world.global_state(0)
     for client in world.clients:
-        world.aggregator.handle(world.announce(client, num_samples=100 * (client + 1)))
+        world.aggregator.handle(world.announce(client, num_samples=1 + client % 3))  # uneven, within each shard
     world.events()
     world.close()
     expected = weighted_step(previous, [world.delta(c) for c in world.clients], [1.0] * len(world.clients), 0.5)
@@ -607,6 +609,7 @@ def announce_seeds(
             attempt=0,
             wave=wave,
             key=key,
+            blob_sha256=hashlib.sha256(blob).hexdigest(),
             num_samples=10,
             train_loss=1.0,
             compute_s=0.1,

@@ -18,6 +18,8 @@ so no round's evaluation pays for that.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -46,13 +48,20 @@ from shared.messages import (
     UpdateMerged,
     UpdateReady,
     decode_aggregator,
-    encode,
 )
-from shared.metrics import GLOBAL_ACCURACY, GLOBAL_LOSS, ROUNDS_COMMITTED, UPDATES_RECEIVED, forget_job
+from shared.metrics import (
+    GLOBAL_ACCURACY,
+    GLOBAL_LOSS,
+    MESSAGES_REJECTED,
+    ROUNDS_COMMITTED,
+    UPDATES_RECEIVED,
+    forget_job,
+)
 from shared.models import initial_state, load_trainable_state, peft_folder_archive
 from shared.modes import mode_of
 from shared.modes.base import State, UpdateRejected
 from shared.seeding import derive_seed
+from shared.signing import BusAuth
 from shared.spec import JobSpec
 from shared.state import JobNotFound, JobState, Repositories, RoundCommit, RoundRecord
 from shared.state.tensors import DOWNLOAD_DELTA, DOWNLOAD_RESIDUAL
@@ -77,8 +86,11 @@ class Aggregator:
         namespace: str = "pwff",
         max_message_bytes: int = 64 * 1024,
         max_update_bytes: int = 512 * 1024 * 1024,
+        auth: BusAuth | None = None,
     ) -> None:
         self.bus = bus
+        self.auth = auth if auth is not None else BusAuth.unsealed()
+        """Seals what it publishes and checks what it consumes (shared.signing)."""
         self.state = Repositories(store, namespace)
         self.queues = Queues(namespace)
         self.models = ModelCache(cache_dir)
@@ -91,7 +103,7 @@ class Aggregator:
         self.bus.consume(self.queues.aggregate, self.handle, stop)
 
     def handle(self, body: bytes) -> None:
-        message = decode_aggregator(body, self.max_message_bytes)
+        message = decode_aggregator(body, self.max_message_bytes, self.auth)
         try:
             spec = self.state.jobs.spec(message.job_id)
         except JobNotFound:
@@ -116,7 +128,7 @@ class Aggregator:
             self._emit(JobFailed(job_id=job_id, error=f"{type(error).__name__}: {error}"[:4000]))
 
     def _emit(self, message: SchedulerEvent) -> None:
-        self.bus.publish(self.queues.events, encode(message))
+        self.bus.publish(self.queues.events, self.auth.seal(message))
 
     def _forget(self, job_id: str) -> None:
         forget_job(job_id)
@@ -173,6 +185,7 @@ class Aggregator:
             open_round = self._open_round(job_id, round_, spec)
             if blob is None:
                 raise UpdateRejected("no stored update under that key")
+            _check_claims(announce, blob, spec)
             update = open_round.accumulator.validate(announce, blob, self.max_update_bytes)
         except (UpdateRejected, MissingState) as error:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
@@ -200,12 +213,13 @@ class Aggregator:
                 raw = self.state.tensors.announcement(job_id, round_, client, wave)
                 if raw is None:
                     raise RuntimeError(f"merged update of client {client} in {job_id} round {round_} is gone")
-                announce = decode_aggregator(raw, self.max_message_bytes)
+                announce = decode_aggregator(raw, self.max_message_bytes, self.auth)
                 if not isinstance(announce, UpdateReady):
                     raise RuntimeError(f"the stored announcement of client {client} in {job_id} is not an update")
                 stored = self.state.tensors.update(announce.key)
                 if stored is None:
                     raise RuntimeError(f"merged update {announce.key} is gone")
+                _check_claims(announce, stored, spec)
                 _apply(open_round, announce, open_round.accumulator.validate(announce, stored, self.max_update_bytes))
             if open_round.tally.merged:
                 log.info("rebuilt %s round %d from %d stored updates", job_id, round_, len(open_round.tally.merged))
@@ -341,6 +355,24 @@ class Aggregator:
 def _apply(open_round: OpenRound, announce: UpdateReady, update: object) -> None:
     open_round.accumulator.merge(announce, update)
     open_round.tally.add(announce, open_round.accumulator.weight(announce))
+
+
+def _check_claims(announce: UpdateReady, blob: bytes, spec: JobSpec) -> None:
+    """What an announcement says about its update that the aggregator can check before trusting it.
+
+    The blob must be the one announced (its SHA-256 is in the announcement, under the message's MAC):
+    whoever can write the store but not seal messages cannot swap a client's update. `num_samples`
+    weighs the client in the mean, so it may not exceed what the client's shard holds.
+    """
+    if not hmac.compare_digest(hashlib.sha256(blob).hexdigest(), announce.blob_sha256):
+        MESSAGES_REJECTED.labels(reason="update_digest").inc()
+        raise UpdateRejected("the stored blob is not the one announced (SHA-256 mismatch)")
+    shard = len(data.client_indices(spec, announce.client))
+    if announce.num_samples > shard:
+        MESSAGES_REJECTED.labels(reason="num_samples").inc()
+        raise UpdateRejected(
+            f"num_samples {announce.num_samples} exceeds the {shard} examples of client {announce.client}"
+        )
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -36,7 +36,6 @@ from shared.messages import (
     TrainTask,
     UpdateMerged,
     decode_scheduler,
-    encode,
 )
 from shared.metrics import (
     CLIENT_MEAN_FIGURE,
@@ -50,6 +49,7 @@ from shared.metrics import (
     forget_job,
 )
 from shared.modes import mode_of
+from shared.signing import BusAuth
 from shared.spec import JobSpec
 from shared.state import JobMeta, JobNotFound, JobState, Repositories, RoundPlan, RoundRecord, RoundStatus
 from shared.store import Store
@@ -105,8 +105,11 @@ class Scheduler:
         tick_s: float = 0.5,
         retention_s: int = 0,
         job_pools: bool = False,
+        auth: BusAuth | None = None,
     ) -> None:
         self.bus = bus
+        self.auth = auth if auth is not None else BusAuth.unsealed()
+        """Seals what it publishes and checks what it consumes (shared.signing)."""
         self.store = store
         self.state = Repositories(store, namespace)
         self.jobs = self.state.jobs
@@ -138,13 +141,15 @@ class Scheduler:
 
     # -- API-facing operations --------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> str:
+    def submit(self, spec: JobSpec, tenant: str = "") -> str:
+        """Create a job owned by `tenant` (the API's caller) and ask the aggregator to initialize it."""
         job_id = new_job_id(spec.name)
         now = self.clock()
         with self._lock:
-            self.jobs.create(JobMeta(id=job_id, spec=spec, created_at=now, updated_at=now, init_sent_at=now))
+            meta = JobMeta(id=job_id, spec=spec, tenant=tenant, created_at=now, updated_at=now, init_sent_at=now)
+            self.jobs.create(meta)
         JOBS_SUBMITTED.inc()
-        self.bus.publish(self.queues.aggregate, encode(InitJob(job_id=job_id)))
+        self.bus.publish(self.queues.aggregate, self.auth.seal(InitJob(job_id=job_id)))
         log.info("job %s submitted (%s on %s, %d rounds)", job_id, spec.model, spec.dataset, spec.rounds)
         return job_id
 
@@ -209,14 +214,19 @@ class Scheduler:
         return {
             "id": meta.id,
             "name": meta.spec.name,
+            "tenant": meta.tenant,
             "state": str(meta.state),
             "round": meta.round,
             "created_at": meta.created_at,
         }
 
-    def list_jobs(self) -> list[dict[str, Any]]:
-        """Every job's summary (`services.scheduler.views.JobSummary`), newest first."""
-        metas = [meta for meta in map(self.jobs.get, self.jobs.ids()) if meta is not None]
+    def list_jobs(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Every job's summary (`services.scheduler.views.JobSummary`), or `tenant`'s only, newest first."""
+        metas = [
+            meta
+            for meta in map(self.jobs.get, self.jobs.ids())
+            if meta is not None and (tenant is None or meta.tenant == tenant)
+        ]
         return [self._summary(meta) for meta in sorted(metas, key=lambda meta: meta.created_at, reverse=True)]
 
     def model_archive(self, job_id: str, client: int | None = None) -> bytes | None:
@@ -231,7 +241,7 @@ class Scheduler:
     # -- events from the aggregator ---------------------------------------------------------
 
     def handle_event(self, body: bytes) -> None:
-        event = decode_scheduler(body)
+        event = decode_scheduler(body, auth=self.auth)
         with self._lock:
             state = self.jobs.state(event.job_id)
             if state is None:
@@ -313,7 +323,7 @@ class Scheduler:
         if spec.personalization.evaluates_after(round_, spec.rounds):
             for client in range(spec.num_clients):
                 task = EvaluateTask(job_id=job_id, round=round_, client=client, publish=last)
-                self.bus.publish(self._tasks_queue(spec, job_id), encode(task))
+                self.bus.publish(self._tasks_queue(spec, job_id), self.auth.seal(task))
         if not last:
             self._open_round(job_id, round_ + 1)
 
@@ -350,7 +360,7 @@ class Scheduler:
         for client in clients:
             budget = mode.task_fields(spec, task_budget(spec, round_, client, upload))
             task = TrainTask(job_id=job_id, round=round_, client=client, attempt=0, wave=wave, **budget)
-            self.bus.publish(self._tasks_queue(spec, job_id), encode(task))
+            self.bus.publish(self._tasks_queue(spec, job_id), self.auth.seal(task))
         TASKS_DISPATCHED.inc(len(clients))
 
     def _tasks_queue(self, spec: JobSpec, job_id: str) -> str:
@@ -366,7 +376,7 @@ class Scheduler:
 
     def _close_round(self, job_id: str, round_: int, force: bool = False) -> None:
         self.jobs.update_plan(job_id, round_, status=RoundStatus.CLOSING, close_sent_at=self.clock(), force=force)
-        self.bus.publish(self.queues.aggregate, encode(CloseRound(job_id=job_id, round=round_, force=force)))
+        self.bus.publish(self.queues.aggregate, self.auth.seal(CloseRound(job_id=job_id, round=round_, force=force)))
 
     def tick(self) -> None:
         """Deadlines and resends; safe to call at any time, from any scheduler replica after a restart."""
@@ -381,7 +391,7 @@ class Scheduler:
                     continue
                 if meta.state == JobState.QUEUED and now - meta.init_sent_at > RESEND_AFTER_S:
                     self._set(job_id, init_sent_at=now)
-                    self.bus.publish(self.queues.aggregate, encode(InitJob(job_id=job_id)))
+                    self.bus.publish(self.queues.aggregate, self.auth.seal(InitJob(job_id=job_id)))
                 if meta.state != JobState.RUNNING:
                     continue
                 plan = self.jobs.plan(job_id, meta.round)
@@ -434,5 +444,5 @@ class Scheduler:
             # Redis expires the job's keys on its own, whether or not a scheduler is still running then.
             self.jobs.expire(job_id, self.retention_s)
         if state != JobState.SUCCEEDED:
-            self.bus.publish(self.queues.aggregate, encode(DropJob(job_id=job_id)))
+            self.bus.publish(self.queues.aggregate, self.auth.seal(DropJob(job_id=job_id)))
         log.info("job %s %s%s", job_id, state, f": {error}" if error else "")

@@ -11,12 +11,14 @@ from shared.health import Readiness, serve_probes
 from shared.metrics import dead_letter_counter
 from shared.runtime import run_until_signalled
 from shared.settings import Settings, configure_process
+from shared.signing import BusAuth
 from shared.store.redis import RedisStore
 
 
 def main() -> None:
     settings = Settings(metrics_port=int(os.environ.get("PWFF_METRICS_PORT", "9101")))
     configure_process(settings)
+    auth = BusAuth.for_service(settings.bus_secret)
     worker = Worker(
         RabbitBus(settings.rabbitmq_url, on_dead_letter=dead_letter_counter(settings.namespace)),
         RedisStore(settings.redis_url),
@@ -24,6 +26,7 @@ def main() -> None:
         cache_dir=settings.cache_dir,
         update_ttl_s=settings.update_ttl_s,
         max_message_bytes=settings.max_message_bytes,
+        auth=auth,
         name=f"worker@{socket.gethostname()}:{os.getpid()}",
         tasks_queue=settings.tasks_queue,
     )

@@ -14,6 +14,7 @@ state, stored apart from its personal tensors).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -44,12 +45,12 @@ from shared.messages import (
     TrainTask,
     UpdateReady,
     decode_task,
-    encode,
 )
-from shared.metrics import DOWNLOAD_BYTES, TASK_DURATION, TASKS_PROCESSED, UPLOAD_BYTES
+from shared.metrics import DOWNLOAD_BYTES, MESSAGES_REJECTED, TASK_DURATION, TASKS_PROCESSED, UPLOAD_BYTES
 from shared.models import load_trainable_state, peft_folder_archive
 from shared.modes import mode_of
 from shared.modes.base import EvaluationContext, LocalContext, LocalResult, State, TaskFailed
+from shared.signing import BusAuth
 from shared.spec import JobSpec
 from shared.state import JobNotFound, JobState, Repositories
 from shared.state.tensors import PersonalVersion
@@ -93,8 +94,11 @@ class Worker:
         max_message_bytes: int = 64 * 1024,
         name: str = "worker",
         tasks_queue: str = "",
+        auth: BusAuth | None = None,
     ) -> None:
         self.bus = bus
+        self.auth = auth if auth is not None else BusAuth.unsealed()
+        """Seals what it publishes and checks what it consumes (shared.signing)."""
         self.state = Repositories(store, namespace, update_ttl_s)
         self.queues = Queues(namespace)
         self.tasks_queue = tasks_queue or self.queues.tasks
@@ -113,7 +117,7 @@ class Worker:
     # -- one task ---------------------------------------------------------------------------
 
     def handle(self, body: bytes) -> None:
-        task = decode_task(body, self.max_message_bytes)
+        task = decode_task(body, self.max_message_bytes, self.auth)
         job_id = task.job_id
         try:
             spec = self._spec(job_id)
@@ -121,6 +125,8 @@ class Worker:
             raise InvalidMessage(f"task for unknown job {task.job_id}") from None
         if task.client >= spec.num_clients:
             raise InvalidMessage(f"client {task.client} out of range for job {task.job_id}")
+        if isinstance(task, TrainTask):
+            _check_budget(task, spec)
         try:
             outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
         except TaskFailed as error:
@@ -194,7 +200,7 @@ class Worker:
         tensors = self.state.tensors
         key = tensors.update_key(task.job_id, task.round, task.client, task.wave, task.attempt)
         tensors.put_update(key, result.payload)
-        message = encode(
+        message = self.auth.seal(
             UpdateReady(
                 job_id=task.job_id,
                 round=task.round,
@@ -202,6 +208,7 @@ class Worker:
                 attempt=task.attempt,
                 wave=task.wave,
                 key=key,
+                blob_sha256=hashlib.sha256(result.payload).hexdigest(),
                 num_samples=num_samples,
                 train_loss=result.loss,
                 compute_s=compute_s,
@@ -251,7 +258,7 @@ class Worker:
             self.state.tensors.put_archive(task.job_id, f"client-{task.client}", peft_folder_archive(model))
         self.bus.publish(
             self.queues.events,
-            encode(
+            self.auth.seal(
                 ClientEvaluated(
                     job_id=task.job_id,
                     round=task.round,
@@ -333,6 +340,17 @@ class Worker:
     def _artifact(self, job_id: str, name: str, round_: int) -> dict[str, torch.Tensor] | None:
         blob = self.state.tensors.artifact(job_id, name, round_)
         return decode_tensors(blob) if blob is not None else None
+
+
+def _check_budget(task: TrainTask, spec: JobSpec) -> None:
+    """A task may ask for at most its job's full budget (what the scheduler gives without a deadline cut):
+    a publisher cannot make a worker train longer than the job's spec says."""
+    mode = mode_of(spec)
+    ceiling = mode.task_fields(spec, mode.full_budget(spec))
+    for name, asked in (("local_steps", task.local_steps), ("perturbations", task.perturbations)):
+        if asked > ceiling.get(name, 0):
+            MESSAGES_REJECTED.labels(reason="task_budget").inc()
+            raise InvalidMessage(f"task asks for {name}={asked}; job {task.job_id} allows at most {ceiling.get(name)}")
 
 
 def _where(task: TrainTask) -> tuple[str, int, int, int]:
