@@ -96,10 +96,13 @@ class World:
         num_samples: int | None = None,
         loss: float | None = None,
         key: str | None = None,
+        blob: bytes | None = None,
     ) -> bytes:
-        """Store an update and its announcement as a worker would; returns the UpdateReady body."""
-        delta = self.delta(client) if delta is None else delta
-        blob = encode_tensors(delta, "float32")
+        """Store an update and its announcement as a worker would; returns the UpdateReady body.
+
+        `blob`: the stored update as it is (e.g. another codec's), instead of `delta` in float32."""
+        if blob is None:
+            blob = encode_tensors(self.delta(client) if delta is None else delta, "float32")
         key = key or self.update_key(client, round_, attempt)
         self.store.put(key, blob)
         message = encode(
@@ -420,10 +423,9 @@ def test_update_whose_payload_is_missing_is_invalid(make_world: Callable[..., Wo
 def test_update_with_garbage_payload_is_invalid(make_world: Callable[..., World]) -> None:
     world = make_world()
     client = world.clients[0]
-    body = world.announce(client)
-    world.store.put(world.update_key(client), b"PWT1 not zstd")
+    body = world.announce(client, blob=b"PWT1 not zstd")  # announced as it is: the codec refuses it
     before = received("invalid")
-    with pytest.raises(InvalidMessage):
+    with pytest.raises(InvalidMessage, match="update"):
         world.aggregator.handle(body)
     assert received("invalid") == before + 1
 
