@@ -78,6 +78,13 @@ def run(
 ) -> None:
     """Run a job embedded: scheduler, aggregator and workers in this process."""
     spec = _spec_or_exit(spec_path, set_)
+    if spec.clients.kind == "bound":
+        # Its clients' data lives with their own workers: nothing in this process may train them.
+        console.print(
+            "[red]a job with bound clients runs on a deployment:[/red] pwff submit it, and start each client's "
+            "worker with pwff worker --client ID --data FILE --key KEY"
+        )
+        raise typer.Exit(2)
     from services.embedded import EmbeddedCluster
     from services.results import write_results
     from shared.settings import Settings, configure_process
@@ -433,6 +440,97 @@ def cancel(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOp
     with _client(api, token) as client:
         job = _call(client, "DELETE", f"/v1/jobs/{job_id}").json()
     console.print(f"job {job_id} {job['state']}")
+
+
+# -- bound clients: their workers and their identities ------------------------------------------------------
+
+client_app = typer.Typer(help="Bound clients' identities: enroll one (its key pair), revoke one.", no_args_is_help=True)
+app.add_typer(client_app, name="client")
+ClientsFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--clients-file", envvar="PWFF_CLIENTS_FILE", help="the aggregator's clients file (public keys, revoked list)"
+    ),
+]
+
+
+def _client_id_or_exit(client_id: str) -> str:
+    import re
+
+    from shared.spec import CLIENT_ID_PATTERN
+
+    if not re.match(CLIENT_ID_PATTERN, client_id):
+        console.print(f"[red]client identity {client_id!r} must be lowercase letters, digits and '-'[/red]")
+        raise typer.Exit(2)
+    return client_id
+
+
+@client_app.command("enroll")
+def client_enroll(
+    client_id: Annotated[str, typer.Argument(metavar="CLIENT", help="the client's identity, as in clients.ids")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the private key <CLIENT>.key (mode 0600)")] = Path(
+        "keys"
+    ),
+    clients_file: ClientsFileOption = None,
+) -> None:
+    """Make a client's Ed25519 key pair: the private key goes to its worker (--key), the public key is
+    registered in the clients file (when given) or printed for you to register."""
+    from shared import identity
+
+    client_id = _client_id_or_exit(client_id)
+    key_path = out / f"{client_id}.key"
+    public = identity.enroll(client_id, key_path, clients_file)
+    where = f"registered in {clients_file}" if clients_file else "register it under clients: in the clients file"
+    console.print(f"private key of [bold]{client_id}[/bold] in {key_path}: give it to its worker only")
+    console.print(f"public key {public} ({where})")
+    print(
+        json.dumps(
+            {
+                "client": client_id,
+                "key": str(key_path),
+                "public_key": public,
+                "clients_file": clients_file and str(clients_file),
+            }
+        )
+    )
+
+
+@client_app.command("revoke")
+def client_revoke(
+    client_id: Annotated[str, typer.Argument(metavar="CLIENT")],
+    clients_file: ClientsFileOption = None,
+) -> None:
+    """Remove a client's key from the clients file and list it as revoked: the aggregator refuses its
+    updates from the next one on (it re-reads the file when it changes)."""
+    from shared import identity
+
+    if clients_file is None:
+        console.print("[red]--clients-file (or PWFF_CLIENTS_FILE) is needed[/red]")
+        raise typer.Exit(2)
+    known = identity.revoke(_client_id_or_exit(client_id), clients_file)
+    console.print(f"{client_id} revoked in {clients_file}" + ("" if known else " (it was not enrolled)"))
+
+
+@app.command()
+def worker(
+    client: Annotated[list[str] | None, typer.Option("--client", help="a bound client identity (repeat)")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", help="that client's JSONL of {text, label}")] = None,
+    key: Annotated[
+        list[str] | None, typer.Option("--key", help="that client's private key (pwff client enroll)")
+    ] = None,
+    key_dir: Annotated[Path | None, typer.Option("--key-dir", help="keys as <dir>/<client>.key")] = None,
+) -> None:
+    """Start a worker (python -m services.worker) against PWFF_RABBITMQ_URL and PWFF_REDIS_URL: for the given
+    bound clients only, each trained and evaluated on its own data file; without --client, a pool worker."""
+    from services.worker.__main__ import main as worker_main
+
+    argv: list[str] = []
+    for flag, values in (("--client", client), ("--data", data), ("--key", key)):
+        for value in values or []:
+            argv += [flag, value]
+    if key_dir is not None:
+        argv += ["--key-dir", str(key_dir)]
+    worker_main(argv)
 
 
 if __name__ == "__main__":

@@ -455,6 +455,10 @@ def client_indices(spec: JobSpec, client_id: int) -> list[int]:
 
 
 def client_examples(spec: JobSpec, client_id: int) -> list[Example]:
+    if spec.clients.kind == "bound":  # the client's own file, readable only in its own worker
+        from shared import local_data
+
+        return local_data.train_examples(spec, client_id)
     train = load(spec.dataset, "train")
     return [train[i] for i in client_indices(spec, client_id)]
 
@@ -554,6 +558,10 @@ def client_test_examples(spec: JobSpec, client_id: int, limit: int | None = None
         raise ValueError(f"client_id {client_id} is out of range for a job with {spec.num_clients} clients")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if spec.clients.kind == "bound":  # drawn from the client's own file, in its own worker
+        from shared import local_data
+
+        return local_data.test_examples(spec, client_id, limit)
     p = spec.partition
     indices = _client_test_cached(
         spec.dataset, spec.num_clients, p.kind, p.alpha, p.min_examples, spec.seed, client_id, limit

@@ -79,12 +79,6 @@ class UpdateReady(_Message):
     attempt: int = Field(ge=0, le=1000)
     wave: int = Field(0, ge=0, le=10_000)
     key: str = Field(min_length=1, max_length=512)
-    blob_sha256: str = Field(
-        "",
-        pattern=r"^([0-9a-f]{64})?$",
-        description="SHA-256 of the update stored under `key`: binds the blob to this (authenticated) announcement; "
-        "the aggregator merges no blob that does not match it (so never one announced without it)",
-    )
     num_samples: int = Field(ge=1, le=1_000_000_000)
     train_loss: float
     compute_s: float = Field(ge=0)
@@ -92,6 +86,15 @@ class UpdateReady(_Message):
     perturbations: int = Field(0, ge=0, description="fwd: directions evaluated")
     flops: float = Field(0.0, ge=0, description="compute spent on the task (wireless cost model)")
     cosine: float = Field(0.0, ge=-1, le=1, description="fwd: mean |cosine| of the chosen directions")
+    digest: str = Field(
+        "",
+        pattern=r"^([0-9a-f]{64})?$",
+        description="SHA-256 (hex) of the blob under `key`: binds the stored update to this announcement (under "
+        "its MAC, and a bound client's signature); the aggregator merges no blob that does not match it",
+    )
+    signature: str = Field(
+        "", max_length=128, description="bound clients: the client's Ed25519 signature of every other field"
+    )
 
 
 class InitJob(_Message):
@@ -163,6 +166,7 @@ class ClientEvaluated(_Message):
     metrics: dict[str, float]
     samples: list[dict[str, Annotated[str, Field(max_length=1000)]]] = Field(default_factory=list, max_length=32)
     """A few responses a person can read (align mode): prompt, global and personalized answers."""
+    signature: str = Field("", max_length=128, description="bound clients: the client's signature of every other field")
 
 
 class JobFailed(_Message):

@@ -31,7 +31,7 @@ TASK_DURATION = Histogram(
 )
 UPDATES_RECEIVED = Counter(
     "pwff_updates_received_total",
-    "Updates seen by the aggregator, by outcome (merged|duplicate|late|invalid)",
+    "Updates seen by the aggregator, by outcome (merged|duplicate|late|invalid|unauthenticated)",
     ["outcome"],
 )
 UPLOAD_BYTES = Counter("pwff_upload_bytes_total", "Bytes of updates uploaded by workers")
@@ -65,7 +65,11 @@ for _state in ("succeeded", "failed", "cancelled"):
     JOBS_FINISHED.labels(state=_state)
 for _outcome in ("done", "stale", "duplicate", "failed"):
     TASKS_PROCESSED.labels(outcome=_outcome)
-for _outcome in ("merged", "duplicate", "late", "invalid"):
+EVALUATIONS_REJECTED = Counter(
+    "pwff_evaluations_unauthenticated_total",
+    "Bound clients' evaluations the scheduler refused: unsigned, signed by another key, or of a revoked client",
+)
+for _outcome in ("merged", "duplicate", "late", "invalid", "unauthenticated"):
     UPDATES_RECEIVED.labels(outcome=_outcome)
 for _reason in ("missing_tag", "bad_tag", "update_digest", "task_budget", "num_samples"):
     MESSAGES_REJECTED.labels(reason=_reason)

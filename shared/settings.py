@@ -69,6 +69,19 @@ class Settings(BaseSettings):
         False, description="scheduler: a job with `resources` gets its own task queue, which services.scaler serves"
     )
     tasks_queue: str = Field("", description="worker: the queue it consumes ('': the shared one; a per-job pool's)")
+    clients_file: Path | None = Field(
+        None,
+        description="aggregator and scheduler: the enrolled bound clients' public keys and the revoked list (YAML, "
+        "see shared.identity); re-read when it changes. Without it, bound clients' updates and evaluations are "
+        "refused",
+    )
+    clients: str = Field(
+        "", description="worker: comma-separated bound client identities it serves ('': a pool worker); --client"
+    )
+    client_data: str = Field("", description="worker: comma-separated data files, one per client in `clients`; --data")
+    client_keys: str = Field(
+        "", description="worker: comma-separated private key files, one per client in `clients`; --key"
+    )
 
 
 class ScalerSettings(BaseSettings):

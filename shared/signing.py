@@ -13,12 +13,15 @@ deployment secret (PWFF_BUS_SECRET). Whoever can reach RabbitMQ but does not hol
 forge a message for any job; a service that holds it derives every job's key, so one leaked job key
 (e.g. handed to a job's own workers) does not open the others.
 
-Extending it (issue 13, client-bound workers): a per-client signature is one more `Seal`, e.g. field
-`sig`, `applies` to `update` messages only, `tag` signs the payload with the client's private key and
-`check` verifies it against the client's registered public key (looked up by `data["job_id"]`,
-`data["client"]`). Register it beside `JobMac` (`BusAuth([JobMac(secret), ClientSignature(keys)])`);
-a worker that holds only its own client's key builds its `BusAuth` with the seals it can produce.
-Reserve the field name in `SEAL_FIELDS` so every decoder strips it.
+How it composes with client signatures (issue 13, `shared.identity`): a bound client's Ed25519
+signature is a field of its `UpdateReady` / `ClientEvaluated` (`signature`, over every other field, the
+blob's `digest` included), so the MAC covers it: the MAC says the message comes from this deployment
+and job, the signature which client made it. Consumers check the MAC first (in the decoder), then the
+signature (aggregator, scheduler). Another kind of tag that must travel outside the message's fields
+is one more `Seal`: a map field reserved in `SEAL_FIELDS`, `applies` to the messages it covers, `tag`
+made by the sender, `check` by the receiver; `BusAuth([JobMac(secret), TheNewSeal(...)])` stacks them.
+A sender that cannot make a seal (e.g. a worker that holds only its own key) builds its `BusAuth` with
+the seals it can produce.
 """
 
 from __future__ import annotations
@@ -38,9 +41,8 @@ from pydantic import BaseModel
 from shared.messages import InvalidMessage
 from shared.metrics import MESSAGES_REJECTED
 
-SEAL_FIELDS = frozenset({"mac", "sig"})
-"""Map fields that carry seals (never message fields): "mac" is `JobMac`'s, "sig" is reserved for
-per-client signatures (issue 13)."""
+SEAL_FIELDS = frozenset({"mac"})
+"""Map fields that carry seals (never message fields): "mac" is `JobMac`'s."""
 
 _KDF_SALT = b"pwff-bus-v1"
 

@@ -415,6 +415,44 @@ class ResourcesSpec(_Strict):
     max_workers: int = Field(4, ge=1, le=1000, description="most workers the pool scales to")
 
 
+CLIENT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+"""A client identity: it names the client's task queue, its key and (on a real deployment) its broker user."""
+
+
+class ClientsSpec(_Strict):
+    """Who the job's clients are: shards of the data set (pool) or data owners' own workers (bound)."""
+
+    kind: Literal["pool", "bound"] = Field(
+        "pool",
+        description="pool: client c is shard c of `dataset`, trained by any worker of the platform (simulations, "
+        "benchmarks); bound: client c is the identity ids[c], trained only by a worker started for it "
+        "(`pwff worker --client ID --data FILE`) on its own local data, and its updates must carry that "
+        "client's enrolled signature",
+    )
+    ids: list[Annotated[str, Field(pattern=CLIENT_ID_PATTERN)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=10_000,
+        description="bound: the clients' identities, in client order (num_clients follows from them)",
+    )
+
+    @model_validator(mode="after")
+    def _ids_of_kind(self) -> ClientsSpec:
+        if self.kind == "bound":
+            if not self.ids:
+                raise ValueError("clients.kind 'bound' needs clients.ids (one identity per client)")
+            repeated = sorted({i for i in self.ids if self.ids.count(i) > 1})
+            if repeated:
+                raise ValueError(f"clients.ids repeats {', '.join(repeated)}")
+        elif self.ids is not None:
+            raise ValueError("clients.ids is only for clients.kind 'bound'")
+        return self
+
+    def identity(self, client: int) -> str | None:
+        """The identity of client index `client` in a bound job, None in a pool job."""
+        return self.ids[client] if self.kind == "bound" and self.ids is not None else None
+
+
 class JobSpec(_Strict):
     """A federated fine-tuning job: what to train, on which data, how, for how long.
 
@@ -435,9 +473,18 @@ class JobSpec(_Strict):
         "backprop", description="training mode: backprop (local AdamW/SGD steps) or fwd (forward gradients, FwdLLM)"
     )
     partition: PartitionSpec = Field(PartitionSpec(), description="how the data set is split among the clients")
-    num_clients: int = Field(8, ge=1, le=10_000, description="clients in the federation")
+    num_clients: int = Field(
+        8, ge=1, le=10_000, description="clients in the federation (for bound clients: the number of clients.ids)"
+    )
+    clients: ClientsSpec = Field(
+        ClientsSpec(), description="pool clients (shards of `dataset`) or bound clients (their own workers and data)"
+    )
     clients_per_round: int = Field(
-        8, ge=1, le=10_000, description="clients sampled each round; at most num_clients (a 422 otherwise)"
+        8,
+        ge=1,
+        le=10_000,
+        description="clients sampled each round; at most num_clients (a 422 otherwise); bound clients: all of them "
+        "unless given",
     )
     rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
     local_steps: int = Field(10, ge=1, le=100_000, description="backprop: local optimizer steps per task")
@@ -464,8 +511,22 @@ class JobSpec(_Strict):
         None, description="run this job on its own worker pool with these resources (None: the shared workers)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _num_clients_of_bound(cls, data: Any) -> Any:
+        # A bound job's clients are its ids: num_clients follows from them unless the spec says it too, and
+        # by default every data owner takes part in every round.
+        if isinstance(data, dict):
+            clients = data.get("clients")
+            ids = clients.get("ids") if isinstance(clients, dict) else getattr(clients, "ids", None)
+            if isinstance(ids, list) and ids:
+                return {"num_clients": len(ids), "clients_per_round": len(ids), **data}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
+        if self.clients.ids is not None and len(self.clients.ids) != self.num_clients:
+            raise ValueError(f"clients.ids lists {len(self.clients.ids)} clients but num_clients is {self.num_clients}")
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
         task = model_info(self.model).task

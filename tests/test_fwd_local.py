@@ -212,7 +212,7 @@ def test_malformed_trajectory_is_counted_and_the_round_commits_from_the_valid_on
         world.store.put(key, blob)
         digest = hashlib.sha256(blob).hexdigest()
         message = _announce(world.spec, client, perturbations, key=key).model_copy(
-            update={"job_id": world.job_id, "blob_sha256": digest}
+            update={"job_id": world.job_id, "digest": digest}
         )
         world.store.put(world.meta_key(client), encode(message))
         return encode(message)

@@ -101,6 +101,12 @@ def consistent(body: Any) -> Any:
             ceiling = population.get(high, getattr(preset_defaults, high))
             if floor > ceiling:
                 population[low], population[high] = ceiling, floor
+    clients: dict[str, Any] = spec.get("clients") or {}
+    if clients.get("kind", defaults.clients.kind) == "bound":  # distinct ids, one per client
+        ids = list(dict.fromkeys(clients.get("ids") or [])) or ["site-a"]
+        spec["clients"], spec["num_clients"] = {**clients, "ids": ids}, len(ids)
+    elif clients.get("ids") is not None:
+        spec["clients"] = {key: value for key, value in clients.items() if key != "ids"}
     num_clients: int = spec.get("num_clients", defaults.num_clients)
     if spec.get("clients_per_round", defaults.clients_per_round) > num_clients:
         spec["clients_per_round"] = num_clients

@@ -97,7 +97,7 @@ def test_job_keys_are_derived_per_job_and_secret() -> None:
         BusAuth.from_secret("")
     with pytest.raises(SystemExit, match="PWFF_BUS_SECRET"):
         BusAuth.for_service("")
-    assert "sig" in SEAL_FIELDS  # reserved for per-client signatures (issue 13)
+    assert {"mac"} == SEAL_FIELDS
 
 
 def test_a_forged_update_is_refused_and_the_real_one_merges(make_world: Callable[..., World]) -> None:  # noqa: F811
@@ -111,7 +111,7 @@ def test_a_forged_update_is_refused_and_the_real_one_merges(make_world: Callable
     world.store.put(key, forged)
     forged_announce = UpdateReady(
         job_id=world.job_id, round=1, client=client, attempt=0, key=key, num_samples=100_000, train_loss=0.0,
-        compute_s=0.0, upload_bytes=len(forged), blob_sha256=hashlib.sha256(forged).hexdigest(),
+        compute_s=0.0, upload_bytes=len(forged), digest=hashlib.sha256(forged).hexdigest(),
     )  # fmt: skip
     before = {reason: rejected(reason) for reason in ("missing_tag", "bad_tag")}
     with pytest.raises(InvalidMessage, match="missing_tag"):
@@ -217,7 +217,7 @@ def test_services_seal_with_their_auth(make_world: Callable[..., World]) -> None
     message = decode_aggregator(announcement, auth=AUTH)
     assert isinstance(message, UpdateReady)
     blob = world.store.get(message.key)
-    assert blob is not None and message.blob_sha256 == hashlib.sha256(blob).hexdigest()
+    assert blob is not None and message.digest == hashlib.sha256(blob).hexdigest()
     assert isinstance(world.aggregator, Aggregator)
     world.aggregator.handle(announcement)
     assert world.merged() == {client}

@@ -8,6 +8,7 @@ from services.aggregator.aggregator import Aggregator
 from shared.bus import Queues
 from shared.bus.rabbitmq import RabbitBus
 from shared.health import Readiness, serve_probes
+from shared.identity import ClientRegistry
 from shared.metrics import dead_letter_counter
 from shared.runtime import run_until_signalled
 from shared.settings import Settings, configure_process
@@ -27,6 +28,7 @@ def main() -> None:
         max_message_bytes=settings.max_message_bytes,
         auth=auth,
         max_update_bytes=settings.max_update_bytes,
+        identities=ClientRegistry(settings.clients_file) if settings.clients_file is not None else None,
     )
     # /healthz, /readyz (consume loop, broker and store, from the connections it already has) and /metrics.
     probes = serve_probes(

@@ -18,7 +18,6 @@ so no round's evaluation pays for that.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import threading
@@ -35,6 +34,7 @@ from shared.bus import Bus, Queues
 from shared.catalog import model_info
 from shared.codec import Codec, apply_delta, decode_tensors, encode_tensors, encode_update, state_digest
 from shared.evaluation import evaluate, evaluation_subset
+from shared.identity import ClientRegistry, IdentityError, payload_digest
 from shared.messages import (
     CloseRound,
     DropJob,
@@ -86,11 +86,14 @@ class Aggregator:
         namespace: str = "pwff",
         max_message_bytes: int = 64 * 1024,
         max_update_bytes: int = 512 * 1024 * 1024,
+        identities: ClientRegistry | None = None,
         auth: BusAuth | None = None,
     ) -> None:
         self.bus = bus
         self.auth = auth if auth is not None else BusAuth.unsealed()
         """Seals what it publishes and checks what it consumes (shared.signing)."""
+        self.identities = identities
+        """Enrolled bound clients' keys (PWFF_CLIENTS_FILE); without it every bound client's update is refused."""
         self.state = Repositories(store, namespace)
         self.queues = Queues(namespace)
         self.models = ModelCache(cache_dir)
@@ -165,6 +168,9 @@ class Aggregator:
         if announce.key != expected_key:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"update key {announce.key!r} does not match its job, round, client and wave")
+        identity = spec.clients.identity(announce.client)
+        if identity is not None:
+            self._authenticate(announce, identity)  # before anything acts on it (a late one's blob is deleted)
         if self.state.rounds.is_committed(job_id, round_) or self.state.jobs.state(job_id) != JobState.RUNNING:
             UPDATES_RECEIVED.labels(outcome="late").inc()
             self.state.tensors.drop_update(announce.key)
@@ -185,6 +191,9 @@ class Aggregator:
             open_round = self._open_round(job_id, round_, spec)
             if blob is None:
                 raise UpdateRejected("no stored update under that key")
+            if identity is not None and payload_digest(blob) != announce.digest:
+                UPDATES_RECEIVED.labels(outcome="unauthenticated").inc()
+                raise InvalidMessage(f"update {announce.key}: the stored blob is not the one client {identity} signed")
             _check_claims(announce, blob, spec)
             update = open_round.accumulator.validate(announce, blob, self.max_update_bytes)
         except (UpdateRejected, MissingState) as error:
@@ -195,6 +204,21 @@ class Aggregator:
         UPDATES_RECEIVED.labels(outcome="merged").inc()
         count = len(open_round.tally.merged)
         self._emit(UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=count))
+
+    def _authenticate(self, announce: UpdateReady, identity: str) -> None:
+        """A bound client's update must carry that client's signature, by its enrolled, unrevoked key."""
+        try:
+            if self.identities is None:
+                raise IdentityError(
+                    "no clients file is configured (PWFF_CLIENTS_FILE): bound clients cannot be verified"
+                )
+            self.identities.verify(
+                identity, announce.model_dump(mode="json", exclude={"signature"}), announce.signature
+            )
+        except IdentityError as error:
+            UPDATES_RECEIVED.labels(outcome="unauthenticated").inc()
+            log.warning("rejected update %s: %s", announce.key, error)
+            raise InvalidMessage(f"update {announce.key}: {error}") from None
 
     def _global(self, job_id: str, round_: int) -> tuple[State, int]:
         """The global state committed at `round_`, and its size on the wire."""
@@ -362,11 +386,14 @@ def _check_claims(announce: UpdateReady, blob: bytes, spec: JobSpec) -> None:
 
     The blob must be the one announced (its SHA-256 is in the announcement, under the message's MAC):
     whoever can write the store but not seal messages cannot swap a client's update. `num_samples`
-    weighs the client in the mean, so it may not exceed what the client's shard holds.
+    weighs the client in the mean, so it may not exceed what the client's shard holds (a pool client's: a
+    bound client's data is not known here).
     """
-    if not hmac.compare_digest(hashlib.sha256(blob).hexdigest(), announce.blob_sha256):
+    if not hmac.compare_digest(payload_digest(blob), announce.digest):
         MESSAGES_REJECTED.labels(reason="update_digest").inc()
         raise UpdateRejected("the stored blob is not the one announced (SHA-256 mismatch)")
+    if spec.clients.kind == "bound":
+        return  # a bound client's data is its own: no shard here to bound it by (its signature vouches)
     shard = len(data.client_indices(spec, announce.client))
     if announce.num_samples > shard:
         MESSAGES_REJECTED.labels(reason="num_samples").inc()

@@ -12,6 +12,7 @@ from services.scheduler.api import create_app
 from services.scheduler.core import Scheduler
 from services.scheduler.tenants import SubmitRateLimiter, Tenants
 from shared.bus.rabbitmq import RabbitBus
+from shared.identity import ClientRegistry
 from shared.metrics import dead_letter_counter
 from shared.settings import Settings, configure_process
 from shared.signing import BusAuth
@@ -37,6 +38,7 @@ def main() -> None:
         retention_s=settings.job_retention_s,
         job_pools=settings.job_pools,
         auth=auth,
+        identities=ClientRegistry(settings.clients_file) if settings.clients_file is not None else None,
     )
     stop = threading.Event()
     loop = threading.Thread(target=scheduler.run, args=(stop,), name="scheduler-loop", daemon=True)

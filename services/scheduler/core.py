@@ -23,12 +23,14 @@ import numpy as np
 from services.scaler.status import read_pool_status
 from services.scheduler.budgets import sample_clients, task_budget
 from shared.bus import Bus, Queues
+from shared.identity import ClientRegistry, IdentityError
 from shared.messages import (
     ClientEvaluated,
     CloseRound,
     DropJob,
     EvaluateTask,
     InitJob,
+    InvalidMessage,
     JobFailed,
     JobInitialized,
     MoreWork,
@@ -39,6 +41,7 @@ from shared.messages import (
 )
 from shared.metrics import (
     CLIENT_MEAN_FIGURE,
+    EVALUATIONS_REJECTED,
     FWD_EXTRA_WAVES,
     JOBS_FINISHED,
     JOBS_RUNNING,
@@ -105,6 +108,7 @@ class Scheduler:
         tick_s: float = 0.5,
         retention_s: int = 0,
         job_pools: bool = False,
+        identities: ClientRegistry | None = None,
         auth: BusAuth | None = None,
     ) -> None:
         self.bus = bus
@@ -121,6 +125,8 @@ class Scheduler:
         self._lock = threading.RLock()
         self.job_pools = job_pools
         """A job with `resources` goes to its own task queue, served by its pool (services.scaler)."""
+        self.identities = identities
+        """Enrolled bound clients' keys (PWFF_CLIENTS_FILE): a bound client's evaluation must be signed by it."""
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -192,6 +198,7 @@ class Scheduler:
             "spec": meta.spec.model_dump(mode="json"),
             "metrics": [self._round_view(job_id, record) for record in self.state.rounds.history(job_id)],
             "pool": read_pool_status(self.store, self.state.keys, job_id),  # its own workers (services.scaler)
+            "clients": self.client_presence(meta.spec),
         }
 
     def _round_view(self, job_id: str, record: RoundRecord) -> dict[str, Any]:
@@ -323,12 +330,15 @@ class Scheduler:
         if spec.personalization.evaluates_after(round_, spec.rounds):
             for client in range(spec.num_clients):
                 task = EvaluateTask(job_id=job_id, round=round_, client=client, publish=last)
-                self.bus.publish(self._tasks_queue(spec, job_id), self.auth.seal(task))
+                self.bus.publish(self._tasks_queue(spec, job_id, client), self.auth.seal(task))
         if not last:
             self._open_round(job_id, round_ + 1)
 
     def _on_client_evaluated(self, event: ClientEvaluated) -> None:
         job_id, round_ = event.job_id, event.round
+        identity = self.jobs.spec(job_id).clients.identity(event.client)
+        if identity is not None:
+            self._authenticate(event, identity)
         figures: dict[str, Any] = dict(event.metrics)
         if event.samples:
             figures["samples"] = event.samples
@@ -340,6 +350,20 @@ class Scheduler:
         if reported >= self.jobs.spec(job_id).num_clients:
             self.jobs.update_plan(job_id, round_, status=RoundStatus.COMMITTED)
             self._finish(job_id, JobState.SUCCEEDED, "")
+
+    def _authenticate(self, event: ClientEvaluated, identity: str) -> None:
+        """A bound client's figures count only signed by its enrolled, unrevoked key (else dead-lettered)."""
+        try:
+            if self.identities is None:
+                raise IdentityError(
+                    "no clients file is configured (PWFF_CLIENTS_FILE): bound clients cannot be verified"
+                )
+            fields = event.model_dump(mode="json", exclude={"signature"})
+            self.identities.verify(identity, fields, event.signature, "evaluation")
+        except IdentityError as error:
+            EVALUATIONS_REJECTED.inc()
+            log.warning("rejected evaluation of %s round %d: %s", event.job_id, event.round, error)
+            raise InvalidMessage(f"evaluation of {event.job_id} round {event.round}: {error}") from None
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -360,11 +384,28 @@ class Scheduler:
         for client in clients:
             budget = mode.task_fields(spec, task_budget(spec, round_, client, upload))
             task = TrainTask(job_id=job_id, round=round_, client=client, attempt=0, wave=wave, **budget)
-            self.bus.publish(self._tasks_queue(spec, job_id), self.auth.seal(task))
+            self.bus.publish(self._tasks_queue(spec, job_id, client), self.auth.seal(task))
         TASKS_DISPATCHED.inc(len(clients))
 
-    def _tasks_queue(self, spec: JobSpec, job_id: str) -> str:
+    def _tasks_queue(self, spec: JobSpec, job_id: str, client: int) -> str:
+        identity = spec.clients.identity(client)
+        if identity is not None:
+            return self.queues.client_tasks(identity)  # only the worker started for that client gets it
         return self.queues.job_tasks(job_id) if self.job_pools and spec.resources is not None else self.queues.tasks
+
+    def client_presence(self, spec: JobSpec) -> list[dict[str, Any]] | None:
+        """Bound clients: whether a worker is consuming each one's task queue now (absent: a straggler)."""
+        if spec.clients.ids is None:
+            return None
+        presence = []
+        for index, identity in enumerate(spec.clients.ids):
+            try:
+                present = self.bus.consumers(self.queues.client_tasks(identity)) > 0
+            except Exception:  # the job view must answer even when the broker does not
+                log.warning("could not count the consumers of client %s", identity, exc_info=True)
+                present = False
+            presence.append({"client": index, "id": identity, "present": present})
+        return presence
 
     def _recent_upload_bytes(self, job_id: str) -> float:
         """Mean bytes per update of the last committed round: what the budgets expect a device to send."""

@@ -109,6 +109,17 @@ class JobSummary(BaseModel):
     created_at: float = Field(description="Unix time")
 
 
+class ClientPresence(BaseModel):
+    """A bound client and whether a worker of its own is connected now."""
+
+    client: int = Field(description="the client's index (as in per_client figures and downloads)")
+    id: str = Field(description="the client's identity (clients.ids)")
+    present: bool = Field(
+        description="a worker consumes the client's task queue now; absent clients are stragglers that the round "
+        "deadline and quorum handle"
+    )
+
+
 class JobView(JobSummary):
     """A job with its spec and every committed round's figures."""
 
@@ -119,6 +130,9 @@ class JobView(JobSummary):
     metrics: list[RoundView] = Field(description="committed rounds, round 0 first")
     pool: PoolStatus | None = Field(
         None, description="the job's own worker pool (a spec with `resources`): replicas, ready and lost pods"
+    )
+    clients: list[ClientPresence] | None = Field(
+        None, description="bound clients (clients.kind bound): each one's identity and whether its worker is present"
     )
 
 

@@ -14,18 +14,18 @@ state, stored apart from its personal tensors).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from prometheus_client import Counter
 
-from shared import data
+from shared import data, local_data
 from shared.adapters import ModelCache
 from shared.bus import Bus, Queues
 from shared.codec import (
@@ -38,6 +38,7 @@ from shared.codec import (
     split_residual,
     state_digest,
 )
+from shared.identity import UpdateSigner, payload_digest
 from shared.messages import (
     ClientEvaluated,
     EvaluateTask,
@@ -55,6 +56,7 @@ from shared.spec import JobSpec
 from shared.state import JobNotFound, JobState, Repositories
 from shared.state.tensors import PersonalVersion
 from shared.store import Store
+from shared.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,14 @@ class _Cached:
         return self.digest
 
 
+@dataclass(frozen=True)
+class BoundClient:
+    """A client this worker was started for: its own data file and its signing key."""
+
+    data: Path
+    signer: UpdateSigner
+
+
 class Worker:
     def __init__(
         self,
@@ -94,6 +104,7 @@ class Worker:
         max_message_bytes: int = 64 * 1024,
         name: str = "worker",
         tasks_queue: str = "",
+        clients: Mapping[str, BoundClient] | None = None,
         auth: BusAuth | None = None,
     ) -> None:
         self.bus = bus
@@ -101,8 +112,21 @@ class Worker:
         """Seals what it publishes and checks what it consumes (shared.signing)."""
         self.state = Repositories(store, namespace, update_ttl_s)
         self.queues = Queues(namespace)
-        self.tasks_queue = tasks_queue or self.queues.tasks
-        """The shared task queue, or a per-job pool's (PWFF_TASKS_QUEUE, set by services.scaler)."""
+        self.clients = dict(clients or {})
+        """Bound clients this worker serves (`--client`): it consumes only their queues and reads only their files."""
+        self.task_queues = [self.queues.client_tasks(identity) for identity in self.clients] or [
+            tasks_queue or self.queues.tasks
+        ]
+        # A bound client's personal tensors and codec residual never leave its worker: they live in the
+        # worker's memory (a restarted worker starts them afresh); a pool worker keeps them in the store.
+        self.client_tensors = (
+            Repositories(MemoryStore(), namespace, update_ttl_s).tensors if self.clients else self.state.tensors
+        )
+        self.tasks_queue = self.task_queues[0]
+        """The shared task queue, a per-job pool's (PWFF_TASKS_QUEUE, set by services.scaler), or the first
+        bound client's."""
+        # One task at a time even when several clients' queues are consumed: tasks share the loaded model.
+        self._task_lock = threading.Lock()
         self.cache_dir = cache_dir
         self.max_message_bytes = max_message_bytes
         self.name = name
@@ -111,8 +135,18 @@ class Worker:
         self._states: OrderedDict[str, _Cached] = OrderedDict()
 
     def run(self, stop: threading.Event) -> None:
-        log.info("%s consuming %s", self.name, self.tasks_queue)
-        self.bus.consume(self.tasks_queue, self.handle, stop)
+        log.info("%s consuming %s", self.name, ", ".join(self.task_queues))
+        if len(self.task_queues) == 1:
+            self.bus.consume(self.tasks_queue, self.handle, stop)
+            return
+        loops = [
+            threading.Thread(target=self.bus.consume, args=(queue, self.handle, stop), name=f"consume-{queue}")
+            for queue in self.task_queues
+        ]
+        for loop in loops:
+            loop.start()
+        for loop in loops:
+            loop.join()
 
     # -- one task ---------------------------------------------------------------------------
 
@@ -125,11 +159,18 @@ class Worker:
             raise InvalidMessage(f"task for unknown job {task.job_id}") from None
         if task.client >= spec.num_clients:
             raise InvalidMessage(f"client {task.client} out of range for job {task.job_id}")
+        identity = spec.clients.identity(task.client)
+        if (identity is None) != (not self.clients) or (identity is not None and identity not in self.clients):
+            # A bound client's task only in its own worker; a pool job's only in a pool worker.
+            held = ", ".join(self.clients) or "none (a pool worker)"
+            raise InvalidMessage(f"task for client {identity or task.client} of {job_id}; this worker holds {held}")
+        sources = {name: client.data for name, client in self.clients.items()}
         if isinstance(task, TrainTask):
             _check_budget(task, spec)
         try:
-            outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
-        except TaskFailed as error:
+            with self._task_lock, local_data.using(sources):
+                outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
+        except (TaskFailed, local_data.LocalDataInvalid, local_data.LocalDataMissing) as error:
             # Deterministic: a retry would fail the same way. Dead-lettered (and counted) by the bus.
             TASKS_PROCESSED.labels(outcome="failed").inc()
             log.error("%s: task of %s round %d client %d failed: %s", self.name, job_id, task.round, task.client, error)
@@ -185,11 +226,11 @@ class Worker:
         personal_after, residual_after = split_residual(result.personal)
         if personal_after:
             blob = encode_tensors(personal_after, "float32", spec.compression.zstd_level)
-            self.state.tensors.put_personal(job_id, task.client, version, blob)
+            self.client_tensors.put_personal(job_id, task.client, version, blob)
         if residual_after:
             blob = encode_tensors(residual_after, "float32", spec.compression.zstd_level)
             CLIENT_STATE_BYTES.labels(direction="write").inc(len(blob))
-            self.state.tensors.put_residual(job_id, task.client, version, blob, read=residual_from)
+            self.client_tensors.put_residual(job_id, task.client, version, blob, read=residual_from)
         compute_s = time.perf_counter() - began
         TASK_DURATION.observe(compute_s)
         self._upload(task, result, num_samples=len(context.examples), compute_s=compute_s)
@@ -200,24 +241,22 @@ class Worker:
         tensors = self.state.tensors
         key = tensors.update_key(task.job_id, task.round, task.client, task.wave, task.attempt)
         tensors.put_update(key, result.payload)
-        message = self.auth.seal(
-            UpdateReady(
-                job_id=task.job_id,
-                round=task.round,
-                client=task.client,
-                attempt=task.attempt,
-                wave=task.wave,
-                key=key,
-                blob_sha256=hashlib.sha256(result.payload).hexdigest(),
-                num_samples=num_samples,
-                train_loss=result.loss,
-                compute_s=compute_s,
-                upload_bytes=len(result.payload),
-                perturbations=result.perturbations,
-                cosine=result.cosine,
-                flops=result.flops,
-            )
+        announce = UpdateReady(
+            job_id=task.job_id,
+            round=task.round,
+            client=task.client,
+            attempt=task.attempt,
+            wave=task.wave,
+            key=key,
+            num_samples=num_samples,
+            train_loss=result.loss,
+            compute_s=compute_s,
+            upload_bytes=len(result.payload),
+            perturbations=result.perturbations,
+            cosine=result.cosine,
+            flops=result.flops,
         )
+        message = self.auth.seal(self._signed(task, announce, result.payload))
         tensors.put_announcement(task.job_id, task.round, task.client, task.wave, message)
         self.bus.publish(self.queues.aggregate, message)
         UPLOAD_BYTES.inc(len(result.payload))
@@ -229,6 +268,17 @@ class Worker:
             compute_s,
             len(result.payload),
         )
+
+    def _signed(self, task: TrainTask, announce: UpdateReady, payload: bytes) -> UpdateReady:
+        """The update with its blob's digest (every update: the aggregator merges no other blob), and a bound
+        client's signature with its key over every field, digest included."""
+        spec = self._spec(task.job_id)
+        identity = spec.clients.identity(task.client)
+        with_digest = announce.model_copy(update={"digest": payload_digest(payload)})
+        if identity is None:
+            return with_digest
+        signature = self.clients[identity].signer.sign(with_digest.model_dump(mode="json", exclude={"signature"}))
+        return with_digest.model_copy(update={"signature": signature})
 
     # -- client-side evaluation -------------------------------------------------------------
 
@@ -256,18 +306,18 @@ class Worker:
         )
         if task.publish:  # the mode left the client's personalized state in the model
             self.state.tensors.put_archive(task.job_id, f"client-{task.client}", peft_folder_archive(model))
-        self.bus.publish(
-            self.queues.events,
-            self.auth.seal(
-                ClientEvaluated(
-                    job_id=task.job_id,
-                    round=task.round,
-                    client=task.client,
-                    metrics=evaluation.figures,
-                    samples=evaluation.samples,
-                )
-            ),
+        event = ClientEvaluated(
+            job_id=task.job_id,
+            round=task.round,
+            client=task.client,
+            metrics=evaluation.figures,
+            samples=evaluation.samples,
         )
+        identity = spec.clients.identity(task.client)
+        if identity is not None:  # the scheduler takes a bound client's figures only signed by that client
+            fields = event.model_dump(mode="json", exclude={"signature"})
+            event = event.model_copy(update={"signature": self.clients[identity].signer.sign(fields, "evaluation")})
+        self.bus.publish(self.queues.events, self.auth.seal(event))
         return "evaluated"
 
     # -- state kept in the store between tasks ----------------------------------------------
@@ -321,7 +371,7 @@ class Worker:
 
     def _residual(self, job_id: str, client: int, before: PersonalVersion) -> tuple[PersonalVersion | None, State]:
         """The client's error-feedback residual as its last task left it: (version, residual)."""
-        found = self.state.tensors.latest_residual(job_id, client, before)
+        found = self.client_tensors.latest_residual(job_id, client, before)
         if found is None:
             return None, {}
         version, blob = found
@@ -330,7 +380,7 @@ class Worker:
 
     def _personal_state(self, job_id: str, client: int, before: PersonalVersion) -> tuple[str, State]:
         """The client's personal tensors as it left them last time (before `before`): (version, state)."""
-        found = self.state.tensors.latest_personal(job_id, client, before)
+        found = self.client_tensors.latest_personal(job_id, client, before)
         if found is None:
             return "", {}
         version, blob = found

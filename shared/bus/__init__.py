@@ -60,6 +60,13 @@ class Queues:
         """scheduler -> the workers of a job's own pool (a spec with `resources`; services.scaler runs them)."""
         return f"{self.namespace}.tasks.{job_id}"
 
+    def client_tasks(self, client_id: str) -> str:
+        """scheduler -> the worker(s) started for one bound client (`pwff worker --client ID`): only its tasks.
+
+        A queue per identity, so a broker user of that client can be given read access to its own queue only.
+        """
+        return f"{self.namespace}.client.{client_id}.tasks"
+
     @property
     def all(self) -> tuple[str, str, str]:
         return (self.tasks, self.aggregate, self.events)

@@ -39,8 +39,12 @@ class RabbitBus:
         on_dead_letter: DeadLetterHook | None = None,
         heartbeat_s: int = 30,
         policy: RetryPolicy = DEFAULT_POLICY,
+        declare_published: bool = True,
     ) -> None:
         self._params = pika.URLParameters(url)
+        self._declare_published = declare_published
+        """False: publish without declaring the target queue, which its consumer (a platform service) declared.
+        A bound client's broker user may configure its own queue only, and a declare of any other is refused."""
         self._params.heartbeat = heartbeat_s
         self._params.blocked_connection_timeout = 60
         self._on_dead_letter = on_dead_letter
@@ -94,7 +98,7 @@ class RabbitBus:
         with self._publish_lock:
             try:
                 channel = self._publisher()
-                if queue not in self._declared:
+                if queue not in self._declared and self._declare_published:
                     self._declare(channel, queue)
                     self._declared.add(queue)
                 channel.basic_publish(

@@ -222,3 +222,33 @@ def test_rabbit_redelivers_a_message_whose_consumer_died_before_acking(rabbitmq_
     finally:
         bus.delete_queues(queue)
         bus.close()
+
+
+def test_a_bound_clients_queue_reaches_only_its_worker_and_counts_its_presence(
+    bus: Bus, new_queue: Callable[[], str], request: pytest.FixtureRequest
+) -> None:
+    # Per-client routing: each bound client's tasks go to the queue named by its identity, which
+    # only its own worker consumes; the scheduler reads a client's presence from its consumer count.
+    queues = Queues(new_queue().removesuffix(".q"))
+    a, b = queues.client_tasks("site-a"), queues.client_tasks("site-b")
+    for name in (a, b):
+        request.addfinalizer(lambda name=name: _delete_if_rabbit(request, bus, name))
+    assert len({a, b, queues.tasks, queues.aggregate, queues.events}) == 5
+    assert bus.consumers(a) == 0
+    bus.publish(a, b"task of a")
+    bus.publish(b, b"task of b")
+    got: list[bytes] = []
+    with Consumer(bus, a, got.append):
+        assert wait_for(lambda: got == [b"task of a"] and bus.consumers(a) == 1)
+        assert bus.consumers(b) == 0  # site-b has no worker: absent
+    assert wait_for(lambda: bus.consumers(a) == 0)
+    assert bus.depth(b) == 1 and got == [b"task of a"]  # site-b's task waits for site-b's worker only
+
+
+def _delete_if_rabbit(request: pytest.FixtureRequest, bus: Bus, queue: str) -> None:
+    if isinstance(bus, RabbitBus):
+        cleaner = RabbitBus(request.getfixturevalue("rabbitmq_url"))
+        try:
+            cleaner.delete_queues(queue)
+        finally:
+            cleaner.close()

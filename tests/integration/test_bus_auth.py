@@ -79,7 +79,7 @@ def test_forged_updates_and_job_failed_are_dead_lettered_and_counted(cluster: Se
         store.put(key, forged)
         announce = UpdateReady(
             job_id=job_id, round=1, client=client, attempt=0, key=key, num_samples=100_000, train_loss=0.0,
-            compute_s=0.0, upload_bytes=len(forged), blob_sha256=hashlib.sha256(forged).hexdigest(),
+            compute_s=0.0, upload_bytes=len(forged), digest=hashlib.sha256(forged).hexdigest(),
         )  # fmt: skip
         bus.publish(cluster.queues.aggregate, encode(announce))  # no MAC
         bus.publish(cluster.queues.aggregate, rogue.seal(announce))  # another secret's MAC
