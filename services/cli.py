@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from services.client import ApiError, Client, PwffError
 from shared.rewards import TRAIN_EVAL_EXAMPLES as REWARD_EVAL_EXAMPLES
 from shared.rewards import TRAIN_STEPS as REWARD_TRAIN_STEPS
 from shared.spec import SpecError, load_spec_file
@@ -26,16 +32,45 @@ ApiOption = Annotated[str, typer.Option("--api", envvar="PWFF_API_URL", help="sc
 TokenOption = Annotated[str, typer.Option("--token", envvar="PWFF_API_TOKEN", help="API bearer token")]
 
 
+def _version() -> str:
+    try:
+        return package_version("pwff")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"pwff {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print pwff's version and exit"),
+    ] = False,
+) -> None:
+    """Personalized federated fine-tuning of language models."""
+
+
 def _spec_or_exit(path: Path, overrides: list[str] | None) -> Any:
     try:
         return load_spec_file(str(path), overrides or [])
     except SpecError as error:
-        console.print(f"[red]invalid spec:[/red] {error}")
+        console.print(f"[red]invalid spec:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
 
 
-def _progress() -> Progress:
-    return Progress(
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    """A live progress bar on stderr; while it shows, log records go through rich's console too.
+
+    A plain StreamHandler writes to the stderr it captured at start, under the bar: each log line
+    would leave a torn copy of the bar behind. A RichHandler on the bar's console prints above it.
+    """
+    progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -43,6 +78,20 @@ def _progress() -> Progress:
         TimeElapsedColumn(),
         console=console,
     )
+    root = logging.getLogger()
+    plain = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    rich = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    rich.setLevel(min((h.level for h in plain), default=logging.NOTSET))
+    for handler in plain:
+        root.removeHandler(handler)
+    root.addHandler(rich)
+    try:
+        with progress:
+            yield progress
+    finally:
+        root.removeHandler(rich)
+        for handler in plain:
+            root.addHandler(handler)
 
 
 def _round_status(job: dict[str, Any]) -> str:
@@ -124,32 +173,54 @@ def _summary(job: dict[str, Any], elapsed: float | None = None) -> None:
         console.print(f"[red]{job['error']}[/red]")
 
 
-# -- the HTTP client ------------------------------------------------------------------------
+# -- the HTTP commands: services.client ----------------------------------------------------
 
 
-def _client(api: str, token: str) -> httpx.Client:
+@contextmanager
+def _client(api: str, token: str) -> Iterator[Client]:
+    """The API's Python client; its errors become one line on stderr and an exit code (1: refused, 3: unreachable)."""
     if not token:
         console.print("[red]no API token:[/red] pass --token or set PWFF_API_TOKEN")
         raise typer.Exit(2)
-    return httpx.Client(base_url=api.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=60)
-
-
-def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
     try:
-        response = client.request(method, path, **kwargs)
-    except httpx.HTTPError as error:
-        console.print(f"[red]cannot reach the API at {client.base_url}:[/red] {error}")
+        with Client(api, token) as client:
+            yield client
+    except ApiError as error:
+        console.print(f"[red]{error.status_code}:[/red] {error.message}", highlight=False)
+        raise typer.Exit(1) from None
+    except PwffError as error:
+        console.print(f"[red]{error}[/red]", highlight=False)
         raise typer.Exit(3) from None
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        if isinstance(detail, list):
-            detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
-        console.print(f"[red]{response.status_code}:[/red] {detail}")
-        raise typer.Exit(1)
-    return response
+
+
+@app.command()
+def validate(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="job spec (YAML)")],
+    set_: SetOption = None,
+) -> None:
+    """Check a spec without submitting it: exit 0 with a summary, 2 with what is wrong.
+
+    A local data source is read as the API would read it (its fields, labels and partition).
+    """
+    spec = _spec_or_exit(spec_path, set_)
+    from shared.catalog import LocalData
+    from shared.data import check_local_data
+
+    try:
+        spec = check_local_data(spec)
+    except ValueError as error:
+        console.print(f"[red]invalid spec:[/red] dataset: {error}", highlight=False)
+        raise typer.Exit(2) from None
+    source = spec.dataset
+    if isinstance(source, LocalData):
+        labels = f", classes {source.labels}" if source.labels else ""
+        data = f"{source.path} ({source.task}{labels})"
+    else:
+        data = source
+    print(
+        f"valid: {spec.name}: {spec.model} on {data}, mode {spec.mode}, {spec.num_clients} clients "
+        f"({spec.clients_per_round} a round, {spec.partition.kind} partition), {spec.rounds} rounds"
+    )
 
 
 @app.command()
@@ -162,7 +233,7 @@ def submit(
     """Submit a job to a deployment; prints its id."""
     spec = _spec_or_exit(spec_path, set_)
     with _client(api, token) as client:
-        job_id = _call(client, "POST", "/v1/jobs", json=spec.model_dump(mode="json")).json()["id"]
+        job_id = client.submit(spec)
     print(job_id)
 
 
@@ -170,7 +241,7 @@ def submit(
 def status(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
     """Show a job's state and per-round metrics."""
     with _client(api, token) as client:
-        job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
+        job = client.status(job_id).model_dump(mode="json", by_alias=True)
     table = Table(title=f"{job['id']} — {job['state']} (round {job['round']}/{job['rounds']})")
     for column in ("round", "accuracy", "loss", "train loss", "clients", "kB up", "duration s"):
         table.add_column(column, justify="right")
@@ -198,14 +269,10 @@ def wait(
 ) -> None:
     """Follow a job until it ends; exit code 1 unless it succeeded."""
     with _client(api, token) as client, _progress() as progress:
-        job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
-        bar = _RoundBar(progress, job_id, job["rounds"])
-        while True:
-            bar(job)
-            if JobState(job["state"]).final:
-                break
-            time.sleep(poll)
-            job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
+        first = client.status(job_id)
+        bar = _RoundBar(progress, job_id, first.rounds)
+        view = client.wait(job_id, lambda view: bar(view.model_dump(mode="json", by_alias=True)), poll_s=poll)
+    job = view.model_dump(mode="json", by_alias=True)
     _summary(job)
     if job["state"] != JobState.SUCCEEDED:
         raise typer.Exit(1)
@@ -220,29 +287,12 @@ def download(
     token: TokenOption = "",
 ) -> None:
     """Download a job's results: all of them (as `pwff run` writes them), or one client's PEFT folder."""
-    from services.results import write_results
-    from shared.models import extract_archive
-
     with _client(api, token) as client:
-        if client_id is not None:
-            blob = _call(client, "GET", f"/v1/jobs/{job_id}/models/clients/{client_id}").content
-            extract_archive(blob, out)
-            console.print(f"client {client_id} adapter in [bold]{out}[/bold]")
-            return
-        job = _call(client, "GET", f"/v1/jobs/{job_id}").json()
-
-        def fetch(path: str) -> bytes | None:
-            response = client.get(path)
-            return response.content if response.status_code == 200 else None
-
-        write_results(
-            out,
-            job,
-            fetch(f"/v1/jobs/{job_id}/models/global"),
-            lambda c: fetch(f"/v1/jobs/{job_id}/models/clients/{c}"),
-            range(job["spec"]["num_clients"]),
-        )
-    console.print(f"results in [bold]{out}[/bold]")
+        client.download(job_id, out, client_id)
+    if client_id is not None:
+        console.print(f"client {client_id} adapter in [bold]{out}[/bold]")
+    else:
+        console.print(f"results in [bold]{out}[/bold]")
 
 
 @app.command()
@@ -263,7 +313,7 @@ def generate(
     if not folder.is_dir():
         body = {"prompt": prompt, "client": client, "max_new_tokens": max_new_tokens, "temperature": temperature}
         with _client(api, token) as http:
-            print(_call(http, "POST", f"/v1/jobs/{job}/generate", json={**body, "seed": seed}).json()["text"])
+            print(http.request("POST", f"/v1/jobs/{job}/generate", json={**body, "seed": seed}).json()["text"])
         return
     from shared import coldstart, generation
     from shared.adapters import build_model
@@ -358,15 +408,13 @@ def adapt(
             client_folders = sorted(p for p in (folder / "clients").glob("*") if p.is_dir())
         else:
             with _client(api, token) as client:
-                spec_data = _call(client, "GET", f"/v1/jobs/{job}").json()["spec"]
-                global_folder = extract_archive(
-                    _call(client, "GET", f"/v1/jobs/{job}/models/global").content, Path(tmp) / "global"
-                )
+                spec_data = client.status(job).spec.model_dump(mode="json")
+                global_folder = extract_archive(client.global_model(job), Path(tmp) / "global")
                 if chosen_start is not coldstart.Start.GLOBAL:
                     for index in range(int(spec_data["num_clients"])):
-                        response = client.get(f"/v1/jobs/{job}/models/clients/{index}")
-                        if response.status_code == 200:
-                            client_folders.append(extract_archive(response.content, Path(tmp) / f"client-{index}"))
+                        blob = client.client_model(job, index)
+                        if blob is not None:
+                            client_folders.append(extract_archive(blob, Path(tmp) / f"client-{index}"))
         try:
             spec = parse_spec(spec_data)
         except SpecError as error:
@@ -425,12 +473,12 @@ def adapt(
 def jobs(api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
     """List jobs, newest first."""
     with _client(api, token) as client:
-        listed = _call(client, "GET", "/v1/jobs").json()
+        listed = client.jobs()
     table = Table()
     for column in ("id", "name", "state", "round"):
         table.add_column(column)
     for job in listed:
-        table.add_row(job["id"], job["name"], job["state"], str(job["round"]))
+        table.add_row(job.id, job.name, str(job.state), str(job.round))
     Console().print(table)
 
 
@@ -438,8 +486,18 @@ def jobs(api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> N
 def cancel(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
     """Cancel a queued or running job."""
     with _client(api, token) as client:
-        job = _call(client, "DELETE", f"/v1/jobs/{job_id}").json()
-    console.print(f"job {job_id} {job['state']}")
+        job = client.cancel(job_id)
+    console.print(f"job {job_id} {job.state}")
+
+
+@app.command()
+def events(job_id: str, api: ApiOption = "http://127.0.0.1:8080", token: TokenOption = "") -> None:
+    """What happened to a job: state changes, round commits, clients absent at a deadline, client failures."""
+    with _client(api, token) as client:
+        listed = client.events(job_id)
+    for event in listed:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
+        print(f"{stamp}  {event.kind:<13} {event.message}")
 
 
 # -- bound clients: their workers and their identities ------------------------------------------------------

@@ -30,7 +30,8 @@ class EmbeddedCluster:
         self.bus = MemoryBus(on_dead_letter=count_dead_letter)
         self.store = store if store is not None else MemoryStore()
         # One process, one random secret: messages are sealed and checked exactly as between service processes.
-        auth = BusAuth.ephemeral()
+        self.auth = auth = BusAuth.ephemeral()
+        """What a service added to this cluster (e.g. another Worker) seals and checks its messages with."""
         self.scheduler = Scheduler(self.bus, self.store, namespace=namespace, tick_s=0.2, auth=auth)
         self.aggregator = Aggregator(self.bus, self.store, namespace=namespace, cache_dir=cache_dir, auth=auth)
         self.workers = [

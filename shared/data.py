@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from shared.catalog import AUSTEN_NOVELS as _AUSTEN_NOVELS
-from shared.catalog import DATASETS
+from shared.catalog import DATASETS, DatasetRef, LocalData, dataset_key, dataset_ref
 from shared.catalog import dataset_info as info
 from shared.settings import Settings
 from shared.spec import JobSpec, PartitionSpec
@@ -58,6 +58,9 @@ class Example:
     # Class index; for causal-LM data sets the natural group (which novel), so the same field
     # drives label skew for classifiers and the natural partition for language models.
     label: int
+    group: int | None = None
+    """A local source's natural group (its group_field) when it differs from the label: what a
+    `natural` partition follows."""
 
 
 class DataUnavailable(RuntimeError):
@@ -282,6 +285,166 @@ def _read_austen() -> list[Example]:
 _READERS = {"bbc-news": _read_bbc, "tweets-sentiment": _read_tweets, "jane-austen": _read_austen}
 
 
+# --- bring-your-own data --------------------------------------------------------------------------
+
+
+class DataMismatch(ValueError):
+    """Local records that do not fit the job (a missing field, a label outside its classes).
+
+    Where the job is submitted it is a 422; in a worker, a failed task (the round goes on)."""
+
+
+def _format_of(source: LocalData) -> str:
+    if source.format != "auto":
+        return source.format
+    path = Path(source.path).expanduser()
+    if path.is_dir():
+        return "arrow"
+    suffix = path.suffix.lower()
+    formats = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+    if suffix not in formats:
+        raise DataMismatch(
+            f"{source.path}: cannot tell the format from {suffix or 'no suffix'!r}; "
+            "use .jsonl, .csv, .parquet, a save_to_disk folder, or set dataset.format"
+        )
+    return formats[suffix]
+
+
+def _arrow_files(folder: Path) -> list[Path]:
+    """The Arrow files of a `datasets` save_to_disk folder (one split), read without `datasets`."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        raise DataMismatch(
+            f"{folder} holds several splits ({', '.join(map(str, splits))}); point dataset.path at one of them"
+        )
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        return [folder / str(entry["filename"]) for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataMismatch(f"{folder} is not a folder written by datasets' save_to_disk (no state.json)") from None
+
+
+def _read_records(source: LocalData) -> list[dict[str, Any]]:
+    path = Path(source.path).expanduser()
+    if not path.exists():
+        raise DataMismatch(f"{source.path}: no such file or folder")
+    kind = _format_of(source)
+    try:
+        if kind == "jsonl":
+            records = []
+            with path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if not isinstance(record, dict):
+                            raise DataMismatch(f"{source.path}: line {number} is not a JSON object")
+                        records.append(record)
+            return records
+        if kind == "csv":
+            with path.open(encoding="utf-8", newline="") as handle:
+                return [dict(row) for row in csv.DictReader(handle)]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if kind == "parquet":
+            return list(pq.read_table(path).to_pylist())
+        tables = []
+        for file in _arrow_files(path):
+            with pa.memory_map(str(file)) as stream:
+                tables.append(pa.ipc.open_stream(stream).read_all())
+        return list(pa.concat_tables(tables).to_pylist()) if tables else []
+    except DataMismatch:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError, ImportError) as error:
+        raise DataMismatch(f"{source.path}: cannot read it as {kind} ({error})") from None
+
+
+def _field(source: LocalData, record: dict[str, Any], field: str, number: int) -> Any:
+    if field not in record or record[field] is None:
+        known = ", ".join(sorted(map(str, record))[:10])
+        raise DataMismatch(f"{source.path}: record {number} has no field {field!r} (its fields: {known})")
+    return record[field]
+
+
+def _sorted_values(values: set[str]) -> tuple[str, ...]:
+    # Integer labels sort as numbers (so 0..n-1 keep their indices), anything else as text.
+    return tuple(sorted(values, key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v)))
+
+
+def infer_labels(source: LocalData) -> tuple[str, ...]:
+    """The class names of a local source without `labels`: the sorted distinct label values."""
+    assert source.label_field is not None
+    records = _read_records(source)
+    values = {str(_field(source, r, source.label_field, n)) for n, r in enumerate(records, 1)}
+    if len(values) < 2:
+        raise DataMismatch(f"{source.path}: field {source.label_field!r} has {len(values)} distinct value(s); need 2")
+    return _sorted_values(values)
+
+
+def read_local(source: LocalData) -> list[Example]:
+    """A local source's records as examples; DataMismatch for a record that does not fit."""
+    records = _read_records(source)
+    if not records:
+        raise DataMismatch(f"{source.path}: no records")
+    names = info(source).label_names
+    index = {name: i for i, name in enumerate(names)}
+    groups: dict[str, int] = {}
+    if source.group_field:
+        values = {str(_field(source, r, source.group_field, n)) for n, r in enumerate(records, 1)}
+        groups = {value: i for i, value in enumerate(_sorted_values(values))}
+    examples: list[Example] = []
+    for number, record in enumerate(records, 1):
+        text = str(_field(source, record, source.text_field, number)).strip()
+        if not text:
+            continue
+        group = groups[str(record[source.group_field])] if source.group_field else None
+        if source.label_field:
+            value = _field(source, record, source.label_field, number)
+            label = index.get(str(value))
+            if label is None and not isinstance(value, bool) and str(value).isdigit() and int(value) < len(names):
+                label = int(value)  # a class index (an int, or digits in a CSV cell)
+            if label is None:
+                raise DataMismatch(
+                    f"{source.path}: record {number}: label {value!r} is not one of the classes {list(names)}"
+                )
+            examples.append(Example(text, label, group))
+        else:
+            # A text set: the group doubles as the label, as the packaged novels' titles do.
+            examples.append(Example(text, group or 0))
+    return examples
+
+
+def _read(key: str) -> list[Example]:
+    ref = dataset_ref(key)
+    return read_local(ref) if isinstance(ref, LocalData) else _READERS[ref]()
+
+
+def check_local_data(spec: JobSpec) -> JobSpec:
+    """Where a job is submitted: read a local source, check its fields and labels, and pin its label set.
+
+    Returns the spec with `dataset.labels` filled in (the inferred classes), so every worker maps
+    labels to the same indices whatever its own copy of the data holds. Raises DataMismatch, or
+    ValueError when the partition cannot give every client its examples. A packaged set passes as is.
+    """
+    source = spec.dataset
+    if not isinstance(source, LocalData):
+        return spec
+    if spec.clients.kind == "bound":
+        # Each bound client reads its own file in its own worker (shared.local_data): nothing to read
+        # here, so the classes cannot be inferred and every worker must map labels alike.
+        if source.label_field and source.labels is None:
+            raise DataMismatch("a bound job's clients each read their own file: list the classes in dataset.labels")
+        return spec
+    if source.label_field and source.labels is None:
+        source = source.model_copy(update={"labels": list(infer_labels(source))})
+        spec = spec.model_copy(update={"dataset": source})
+    if len(set(source.labels or ())) != len(source.labels or ()):
+        raise DataMismatch(f"dataset.labels lists a class twice: {source.labels}")
+    _splits(source.key)  # reads every record: missing fields and unknown labels surface here
+    client_indices(spec, 0)  # and the partition: enough examples for every client
+    return spec
+
+
 # --- splits ---------------------------------------------------------------------------------------
 
 
@@ -305,24 +468,31 @@ def _test_texts(examples: Sequence[Example]) -> set[str]:
     return chosen
 
 
-@functools.cache
-def _splits(name: str) -> dict[str, tuple[Example, ...]]:
-    examples = _READERS[name]()
+@functools.lru_cache(maxsize=16)
+def _splits(key: str) -> dict[str, tuple[Example, ...]]:
+    examples = _read(key)
     test = _test_texts(examples)
     # Stable order: by label, then the reader's order (sorted file names, CSV row order, novel text).
     ordered = [e for _, e in sorted(enumerate(examples), key=lambda pair: (pair[1].label, pair[0]))]
     return {
         "train": tuple(e for e in ordered if e.text not in test),
         "test": tuple(e for e in ordered if e.text in test),
+        # What an `own` data set partitions: every example, each client's test part then being its own.
+        "all": tuple(ordered),
     }
 
 
-def load(name: str, split: Split) -> tuple[Example, ...]:
+def load(name: DatasetRef, split: Split) -> tuple[Example, ...]:
     """The examples of one split; read once per process, then served from memory."""
     info(name)
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
-    return _splits(name)[split]
+    return _splits(dataset_key(name))[split]
+
+
+def _pool(key: str) -> tuple[Example, ...]:
+    """What the clients' shards are cut from: the train split, or (held_out `own`) every example."""
+    return _splits(key)["all" if info(dataset_ref(key)).held_out == "own" else "train"]
 
 
 # --- partitions -----------------------------------------------------------------------------------
@@ -440,27 +610,40 @@ def partition(labels: Sequence[int], num_clients: int, spec: PartitionSpec, seed
 def _partition_cached(
     dataset: str, num_clients: int, kind: str, alpha: float, min_examples: int, seed: int
 ) -> tuple[tuple[int, ...], ...]:
-    labels = [e.label for e in load(dataset, "train")]
+    # A natural partition follows the examples' group where a local source names one apart from the label.
+    keys = [e.group if kind == "natural" and e.group is not None else e.label for e in _pool(dataset)]
     spec = PartitionSpec.model_validate({"kind": kind, "alpha": alpha, "min_examples": min_examples})
-    return tuple(tuple(shard) for shard in partition(labels, num_clients, spec, seed))
+    return tuple(tuple(shard) for shard in partition(keys, num_clients, spec, seed))
 
 
 def client_indices(spec: JobSpec, client_id: int) -> list[int]:
-    """Indices into load(spec.dataset, "train") that make up one client's shard."""
+    """Indices into the pool (load(spec.dataset, "train"), or every example of an `own` set) of a client's shard."""
     if not 0 <= client_id < spec.num_clients:
         raise ValueError(f"client_id {client_id} is out of range for a job with {spec.num_clients} clients")
     p = spec.partition
-    shards = _partition_cached(spec.dataset, spec.num_clients, p.kind, p.alpha, p.min_examples, spec.seed)
+    key = dataset_key(spec.dataset)
+    shards = _partition_cached(key, spec.num_clients, p.kind, p.alpha, p.min_examples, spec.seed)
     return list(shards[client_id])
 
 
+@functools.lru_cache(maxsize=16)
+def _test_text_set(key: str) -> frozenset[str]:
+    return frozenset(e.text for e in _splits(key)["test"])
+
+
 def client_examples(spec: JobSpec, client_id: int) -> list[Example]:
+    """A client's training shard; of an `own` set, its shard less its held-out part."""
     if spec.clients.kind == "bound":  # the client's own file, readable only in its own worker
         from shared import local_data
 
         return local_data.train_examples(spec, client_id)
-    train = load(spec.dataset, "train")
-    return [train[i] for i in client_indices(spec, client_id)]
+    key = dataset_key(spec.dataset)
+    pool = _pool(key)
+    shard = [pool[i] for i in client_indices(spec, client_id)]
+    if info(spec.dataset).held_out == "own":
+        test = _test_text_set(key)
+        shard = [e for e in shard if e.text not in test]
+    return shard
 
 
 # --- per-client held-out examples -----------------------------------------------------------------
@@ -514,7 +697,9 @@ def _client_test_cached(
     from shared.seeding import derive_seed
 
     shard = _partition_cached(dataset, num_clients, kind, alpha, min_examples, seed)[client_id]
-    train, test = load(dataset, "train"), load(dataset, "test")
+    if info(dataset_ref(dataset)).held_out == "own":
+        return _own_test_indices(dataset, shard, seed, client_id, limit)
+    train, test = load(dataset_ref(dataset), "train"), load(dataset_ref(dataset), "test")
     train_counts: dict[int, int] = {}
     for i in shard:
         train_counts[train[i].label] = train_counts.get(train[i].label, 0) + 1
@@ -532,6 +717,19 @@ def _client_test_cached(
         order = rng.permutation(len(pools[label]))
         chosen.extend(pools[label][int(j)] for j in order[: quotas[label]])
     return tuple(chosen[int(j)] for j in rng.permutation(len(chosen)))
+
+
+def _own_test_indices(
+    dataset: str, shard: Sequence[int], seed: int, client_id: int, limit: int | None
+) -> tuple[int, ...]:
+    """An `own` set: the held-out part of the client's own shard (indices into the pool), in a seeded order."""
+    from shared.seeding import derive_seed
+
+    pool, test = _pool(dataset), _test_text_set(dataset)
+    held_out = [i for i in shard if pool[i].text in test]
+    rng = np.random.Generator(np.random.PCG64(derive_seed("client-test", dataset, seed, client_id)))
+    order = [held_out[int(j)] for j in rng.permutation(len(held_out))]
+    return tuple(order if limit is None else order[:limit])
 
 
 def client_test_examples(spec: JobSpec, client_id: int, limit: int | None = None) -> list[Example]:
@@ -563,8 +761,8 @@ def client_test_examples(spec: JobSpec, client_id: int, limit: int | None = None
 
         return local_data.test_examples(spec, client_id, limit)
     p = spec.partition
-    indices = _client_test_cached(
-        spec.dataset, spec.num_clients, p.kind, p.alpha, p.min_examples, spec.seed, client_id, limit
-    )
-    test = load(spec.dataset, "test")
-    return [test[i] for i in indices]
+    key = dataset_key(spec.dataset)
+    indices = _client_test_cached(key, spec.num_clients, p.kind, p.alpha, p.min_examples, spec.seed, client_id, limit)
+    # An `own` set's indices point into its pool (the client's own shard), a packaged set's into its test split.
+    source = _pool(key) if info(spec.dataset).held_out == "own" else load(spec.dataset, "test")
+    return [source[i] for i in indices]

@@ -61,12 +61,18 @@ def source_of(spec: JobSpec, client: int) -> Path:
 
 @functools.lru_cache(maxsize=32)
 def _splits(path: Path, mtime_ns: int, spec_json: str) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    from shared.catalog import LocalData
     from shared.coldstart import ColdStartError, read_examples  # torch-heavy; only a bound worker needs it
+    from shared.data import DataMismatch, read_local
 
     spec = JobSpec.model_validate_json(spec_json)
     try:
-        examples = read_examples(path, spec)
-    except ColdStartError as error:
+        if isinstance(spec.dataset, LocalData):
+            # The job names its fields and format (shared.data): read this client's file with them.
+            examples = read_local(spec.dataset.model_copy(update={"path": str(path)}))
+        else:
+            examples = read_examples(path, spec)
+    except (ColdStartError, DataMismatch) as error:
         raise LocalDataInvalid(f"local data of this client does not fit the job: {error}") from None
     test = _test_texts(examples)
     train = tuple(e for e in examples if e.text not in test)

@@ -177,9 +177,24 @@ class JobFailed(_Message):
     error: str = Field(max_length=4000)
 
 
+# --- workers -> scheduler (event queue) -------------------------------------------------------
+
+
+class ClientFailed(_Message):
+    """A client's task failed for a reason of its own (e.g. its local data does not fit the job).
+
+    Only for the job's event log: the round goes on without the client (deadline and quorum)."""
+
+    type: Literal["client-failed"] = "client-failed"
+    job_id: JobId
+    round: Round
+    client: ClientId
+    reason: str = Field(max_length=4000)
+
+
 WorkerTask = TrainTask | EvaluateTask
 AggregatorCommand = UpdateReady | InitJob | CloseRound | DropJob
-SchedulerEvent = JobInitialized | UpdateMerged | MoreWork | RoundCommitted | ClientEvaluated | JobFailed
+SchedulerEvent = JobInitialized | UpdateMerged | MoreWork | RoundCommitted | ClientEvaluated | JobFailed | ClientFailed
 
 _worker_adapter: TypeAdapter[WorkerTask] = TypeAdapter(Annotated[WorkerTask, Field(discriminator="type")])
 _aggregator_adapter: TypeAdapter[AggregatorCommand] = TypeAdapter(

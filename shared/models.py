@@ -36,6 +36,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from shared.catalog import is_model_folder_ref, local_model_info
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,6 +101,12 @@ def smollm2_dir(cache_dir: Path) -> Path:
 
 
 def load_tokenizer(name: str, cache_dir: Path) -> PreTrainedTokenizerBase:
+    if is_model_folder_ref(name):
+        # Never trust_remote_code: a folder whose tokenizer needs its own code is refused.
+        tokenizer = AutoTokenizer.from_pretrained(local_model_info(name).name, trust_remote_code=False)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
     if name in ("minilm-l6", "tiny-bert"):
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     else:
@@ -117,7 +125,25 @@ def load_base_model(
     SDPA kernel has no forward derivative.
     """
     model: PreTrainedModel
-    if name == "minilm-l6":
+    if is_model_folder_ref(name):
+        info = local_model_info(name)  # checked: config.json without custom code, safetensors weights
+        common: dict[str, Any] = {
+            "trust_remote_code": False,
+            "use_safetensors": True,  # pickle weights can run code when loaded
+            "dtype": torch.float32,
+            "attn_implementation": attn_implementation,
+        }
+        if info.task == "classification":
+            # The folder's own head (if any) is for other labels: a new one is drawn for the job's classes.
+            model = AutoModelForSequenceClassification.from_pretrained(
+                info.name, num_labels=num_labels, ignore_mismatched_sizes=True, **common
+            )
+            if model.config.pad_token_id is None and model.config.eos_token_id is not None:
+                # Decoder classifiers find each sequence's last token through the pad id.
+                model.config.pad_token_id = model.config.eos_token_id
+        else:
+            model = AutoModelForCausalLM.from_pretrained(info.name, **common)
+    elif name == "minilm-l6":
         model = AutoModelForSequenceClassification.from_pretrained(
             minilm_dir(), num_labels=num_labels, attn_implementation=attn_implementation
         )

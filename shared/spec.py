@@ -10,27 +10,29 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
+    Tag,
     ValidationError,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
-from shared.catalog import DATASETS, MODELS, dataset_info, model_info
+from shared.catalog import DATASETS, MODELS, LocalData, dataset_info, is_model_folder_ref, model_info
 from shared.registry import MODES, PRESETS, REWARDS, STRATEGIES
 from shared.wireless import DevicesSpec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: a field may be a union of it and another type
 class OneOf:
     """Annotated metadata: a string field whose allowed values are a registry's names (an enum in the schema)."""
 
@@ -49,7 +51,29 @@ class OneOf:
         return {**handler(schema), "enum": list(self.registry)}
 
 
-ModelName = Annotated[str, OneOf(MODELS, "model")]
+@dataclass(frozen=True)
+class ModelOrFolder:
+    """Annotated metadata: a packaged model's name, or a path to a local Hugging Face model folder."""
+
+    def check(self, value: str) -> str:
+        model_info(value)  # a clear error for an unknown name or a folder pwff will not load
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        base = handler(schema)
+        return {
+            "anyOf": [
+                {"type": "string", "enum": list(MODELS)},
+                {"type": "string", "pattern": r"^(/|\./|\.\./|~/)", "description": "a local model folder"},
+            ],
+            **{k: v for k, v in base.items() if k not in ("type",)},
+        }
+
+
+ModelName = Annotated[str, ModelOrFolder()]
 ModuleName = Annotated[str, Field(min_length=1, max_length=200)]
 """A module name or glob pattern: bounded, so a spec cannot grow without limit (the API stores it)."""
 DatasetName = Annotated[str, OneOf(DATASETS, "data set")]
@@ -57,6 +81,14 @@ ModeName = Annotated[str, OneOf(MODES, "training mode")]
 PresetName = Annotated[str, OneOf(PRESETS, "personalization preset")]
 StrategyName = Annotated[str, OneOf(STRATEGIES, "aggregation strategy")]
 RewardKindName = Annotated[str, OneOf(REWARDS, "reward model")]
+
+
+_NAME_TAG, _LOCAL_TAG = "data set name", "local source"
+DatasetChoice = Annotated[
+    Annotated[DatasetName, Tag(_NAME_TAG)] | Annotated[LocalData, Tag(_LOCAL_TAG)],
+    # A mapping is a local source, anything else a name: errors then come from that branch alone.
+    Discriminator(lambda value: _LOCAL_TAG if isinstance(value, dict | LocalData) else _NAME_TAG),
+]
 
 
 class _Strict(BaseModel):
@@ -467,8 +499,15 @@ class JobSpec(_Strict):
     name: str = Field(
         "job", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$", description="a label; job ids start with it"
     )
-    model: ModelName = Field("minilm-l6", description="frozen base model")
-    dataset: DatasetName = Field("bbc-news", description="data set the clients' shards are drawn from")
+    model: ModelName = Field(
+        "minilm-l6",
+        description="frozen base model: a packaged model's name, or a local Hugging Face folder (a sequence "
+        "classifier or a causal LM, safetensors weights; LoRA targets from peft's default for its architecture "
+        "unless lora.target_modules names them)",
+    )
+    dataset: DatasetChoice = Field(
+        "bbc-news", description="data set the clients' shards are drawn from: a packaged set's name or a local source"
+    )
     mode: ModeName = Field(
         "backprop", description="training mode: backprop (local AdamW/SGD steps) or fwd (forward gradients, FwdLLM)"
     )
@@ -532,17 +571,31 @@ class JobSpec(_Strict):
         task = model_info(self.model).task
         if self.mode == "align":
             _check_alignment(self)
-        elif task != dataset_info(self.dataset).task:
+        elif task != _data_shape(self.dataset)[0]:
             kind = "a causal LM" if task == "causal-lm" else "a sequence classifier"
-            raise ValueError(f"model {self.model!r} is {kind} and cannot train on dataset {self.dataset!r}")
+            data = self.dataset.path if isinstance(self.dataset, LocalData) else self.dataset
+            raise ValueError(f"model {self.model!r} is {kind} and cannot train on dataset {data!r}")
         if self.fwd.perturbations_per_task > self.fwd.max_perturbations_per_step:
             raise ValueError("fwd.perturbations_per_task exceeds fwd.max_perturbations_per_step")
         if self.fwd.upload == "pool" and self.fwd.regime != "local":
             raise ValueError("fwd.upload 'pool' needs fwd.regime 'local'")
         if self.fwd.perturbations_per_local_step > self.fwd.max_perturbations_per_local_step:
             raise ValueError("fwd.perturbations_per_local_step exceeds fwd.max_perturbations_per_local_step")
-        if self.partition.kind == "natural" and not dataset_info(self.dataset).natural_groups:
-            raise ValueError(f"partition 'natural' needs a data set with natural groups, not {self.dataset!r}")
+        if self.partition.kind == "natural" and not _data_shape(self.dataset)[1]:
+            raise ValueError(
+                "partition 'natural' needs a data set with natural groups (a local source's group_field), "
+                f"not {self.dataset!r}"
+            )
+        if (
+            is_model_folder_ref(self.model)
+            and not self.lora.full
+            and not self.lora.target_modules
+            and not model_info(self.model).lora_targets
+        ):
+            raise ValueError(
+                f"model {self.model!r}: peft has no default LoRA targets for its architecture; "
+                "name them in lora.target_modules"
+            )
         if self.lora.full:
             _check_full_finetuning(self)
         if self.devices.profiles is not None and len(self.devices.profiles) != self.num_clients:
@@ -559,6 +612,14 @@ class JobSpec(_Strict):
     def quorum_count_of(self, expected: int) -> int:
         """The quorum when `expected` updates were asked for (fwd rounds may ask for more waves)."""
         return max(1, math.ceil(self.quorum * expected - 1e-9))
+
+
+def _data_shape(ref: str | LocalData) -> tuple[str, bool]:
+    """(task, has natural groups) of a data set, without reading a local source's records."""
+    if isinstance(ref, LocalData):
+        return ref.task, ref.group_field is not None
+    info = dataset_info(ref)
+    return info.task, info.natural_groups
 
 
 def _check_alignment(spec: JobSpec) -> None:
@@ -619,11 +680,54 @@ class SpecError(ValueError):
     """A spec that cannot become a job; the message names the offending field."""
 
 
+def plain_message(message: str) -> str:
+    """A validator's message in plain words: without pydantic's "Value error, " / "Assertion failed, " prefix."""
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names the spec allows at `loc` (the path of the mapping that holds an unknown key)."""
+    model: Any = JobSpec
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return []
+        # A nested section, possibly optional or a union with a name (dataset): the model among its arguments.
+        pending: list[Any] = [model.model_fields[part].annotation]
+        model = None
+        while pending and model is None:
+            candidate = pending.pop()
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+            else:
+                pending.extend(get_args(candidate))
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def did_you_mean(loc: tuple[int | str, ...]) -> str:
+    """ " (did you mean X?)" for an unknown key close to a known one at the same place, else ""."""
+    import difflib
+
+    if not loc:
+        return ""
+    matches = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
 def format_validation_error(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "spec"
-        parts.append(f"{where}: {item['msg']}")
+        loc = tuple(item["loc"])
+        # A union (dataset: a name or a local source) reports each branch; name the branch in words.
+        loc = tuple(p for p in loc if p not in (_NAME_TAG, _LOCAL_TAG))
+        where = ".".join(str(p) for p in loc)
+        if item["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown field{did_you_mean(loc)}")
+        else:
+            # A rule between fields has no single place: its message names the fields itself.
+            parts.append(f"{where}: {plain_message(item['msg'])}" if where else plain_message(item["msg"]))
     return "; ".join(parts)
 
 

@@ -102,6 +102,7 @@ def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     from fastapi.testclient import TestClient
 
     from services import cli
+    from services.client import Client
     from services.scheduler.api import create_app
     from services.scheduler.core import Scheduler
     from shared.bus.memory import MemoryBus
@@ -109,11 +110,11 @@ def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     app_ = create_app(Scheduler(MemoryBus(), MemoryStore()), TOKEN)
 
-    def client(api: str, token: str) -> TestClient:
+    def client(api: str, token: str) -> Client:
         assert token == TOKEN
-        return TestClient(app_, headers={"Authorization": f"Bearer {token}"})
+        return Client(token=token, http=TestClient(app_))
 
-    monkeypatch.setattr(cli, "_client", client)
+    monkeypatch.setattr(cli, "Client", client)
     monkeypatch.setenv("PWFF_API_TOKEN", TOKEN)
     monkeypatch.setenv("COLUMNS", "200")
     yield
@@ -158,3 +159,74 @@ def test_http_commands_need_a_token_and_a_reachable_api(workdir: Path, monkeypat
     assert code == 2 and "no API token" in output
     code, _, output = _pwff("jobs", "--api", "http://127.0.0.1:9", "--token", "t")
     assert code == 3 and "cannot reach the API" in output
+
+
+# -- --version, validate, plain errors, logs under the progress bar ---------------------------------
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    code, stdout, _ = _pwff("--version")
+    assert code == 0 and stdout.strip() == f"pwff {version('pwff')}"
+
+
+def test_validate_checks_a_spec_without_submitting_it(workdir: Path) -> None:
+    code, stdout, output = _pwff("validate", "spec.yaml", "--set", "rounds=3")
+    assert code == 0, output
+    assert stdout.strip() == (
+        "valid: cli: tiny-bert on bbc-news, mode backprop, 2 clients (2 a round, dirichlet partition), 3 rounds"
+    )
+    assert _created(workdir) == {"spec.yaml"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "roundz=3"], "invalid spec: roundz: unknown field (did you mean 'rounds'?)"),
+        (["--set", "lora.alpah=4"], "invalid spec: lora.alpah: unknown field (did you mean 'alpha'?)"),
+        (["--set", "clients_per_round=5"], "invalid spec: clients_per_round (5) exceeds num_clients (2)"),
+        (["--set", "model=./no-such-model"], "invalid spec: model: model './no-such-model': no such folder"),
+    ],
+)
+def test_validate_says_what_is_wrong_in_plain_words(workdir: Path, args: list[str], message: str) -> None:
+    code, _, output = _pwff("validate", "spec.yaml", *args)
+    assert code == 2
+    assert output.strip() == message  # one line, no "Value error," and no pydantic link
+    assert "Value error" not in output
+
+
+def test_validate_reads_a_local_data_source(workdir: Path) -> None:
+    rows = [{"text": f"note {i}", "label": ["good", "bad"][i % 2]} for i in range(40)]
+    (workdir / "notes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    local = ["--set", "dataset.path=notes.jsonl", "--set", "dataset.label_field=label"]
+    code, stdout, output = _pwff("validate", "spec.yaml", *local)
+    assert code == 0, output
+    assert "on notes.jsonl (classification, classes ['bad', 'good'])" in stdout
+    code, _, output = _pwff("validate", "spec.yaml", *local, "--set", "dataset.labels=[good, maybe]")
+    assert code == 2
+    assert "label 'bad' is not one of the classes ['good', 'maybe']" in output
+
+
+def test_log_lines_go_through_the_progress_bars_console(capsys: pytest.CaptureFixture[str]) -> None:
+    """While a bar is live the root logger's stream handlers give way to a RichHandler on its console."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    from services import cli
+
+    root = logging.getLogger()
+    plain = logging.StreamHandler()
+    root.addHandler(plain)
+    try:
+        with cli._progress() as progress:
+            progress.add_task("job", total=2, status="")
+            assert plain not in root.handlers
+            live = [h for h in root.handlers if isinstance(h, RichHandler)]
+            assert len(live) == 1 and live[0].console is cli.console
+            logging.getLogger("pwff.test").warning("a log line under the bar")
+        assert plain in root.handlers and not any(isinstance(h, RichHandler) for h in root.handlers)
+    finally:
+        root.removeHandler(plain)
+    assert "a log line under the bar" in capsys.readouterr().err

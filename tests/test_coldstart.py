@@ -306,7 +306,9 @@ def test_pwff_adapt_reads_a_job_over_the_api(
 
     job = trained("pwff")
     app_ = create_app(Scheduler(MemoryBus(), job.store), TOKEN, cache_dir=cache_dir)
-    monkeypatch.setattr(cli_module, "_client", lambda api, token: TestClient(app_, headers=AUTH))
+    from services.client import Client
+
+    monkeypatch.setattr(cli_module, "Client", lambda api, token: Client(token=token, http=TestClient(app_)))
     monkeypatch.setenv("PWFF_API_TOKEN", TOKEN)
     monkeypatch.setenv("PWFF_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("COLUMNS", "200")

@@ -8,6 +8,7 @@ Operations on one job need a job that exists to get past 404, so a few explicit 
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -23,9 +24,10 @@ from schemathesis.generation.modes import GenerationMode
 from services.scheduler.api import create_app
 from services.scheduler.core import Scheduler
 from shared.bus.memory import MemoryBus
-from shared.catalog import DATASETS, dataset_info, model_info
+from shared.catalog import DATASETS, MODELS, dataset_info, model_info
+from shared.messages import ClientFailed, encode
 from shared.registry import PRESETS
-from shared.spec import FULL_FINETUNING_MAX_STATE_BYTES, JobSpec
+from shared.spec import _LABEL_KEY, FULL_FINETUNING_MAX_STATE_BYTES, JobSpec
 from shared.state.records import RoundRecord
 from shared.state.rounds import RoundCommit
 from shared.store import Keys
@@ -110,6 +112,19 @@ def consistent(body: Any) -> Any:
     num_clients: int = spec.get("num_clients", defaults.num_clients)
     if spec.get("clients_per_round", defaults.clients_per_round) > num_clients:
         spec["clients_per_round"] = num_clients
+    resources = spec.get("resources")
+    if isinstance(resources, dict) and isinstance(resources.get("node_selector"), dict):
+        # The generator does not always keep to propertyNames and additionalProperties of a map (a
+        # key off the label pattern, a non-string value): keep the entries the schema allows.
+        allowed = re.compile(_LABEL_KEY)
+        selector = {k: v for k, v in resources["node_selector"].items() if allowed.match(k) and isinstance(v, str)}
+        spec["resources"] = {**resources, "node_selector": {k: v for k, v in selector.items() if len(v) <= 63}}
+    # No local model folder or data file exists here: a generated path becomes a packaged entry
+    # (the 422s for folders and files are tested in tests/test_byo.py).
+    if spec.get("model", defaults.model) not in MODELS:
+        spec["model"] = defaults.model
+    if isinstance(spec.get("dataset"), dict):
+        spec["dataset"] = defaults.dataset
     task = model_info(spec.get("model", defaults.model)).task
     partition: dict[str, Any] = spec.get("partition") or {}
     natural = partition.get("kind", defaults.partition.kind) == "natural"
@@ -124,6 +139,8 @@ def consistent(body: Any) -> Any:
         if task != "causal-lm":
             spec["model"] = "tiny-llama"
         spec["dataset"] = body.get("dataset", defaults.dataset)  # any data set gives prompts
+        if isinstance(spec["dataset"], dict):  # but no local source exists here
+            spec["dataset"] = defaults.dataset
     _consistent_alignment(spec)
     lora: dict[str, Any] = spec.get("lora") or {}
     if lora.get("full"):  # full fine-tuning: backprop, a preset without LoRA tensors, a model that fits
@@ -190,6 +207,7 @@ def test_the_property_test_covers_every_operation() -> None:
         ("POST", "/v1/jobs"),
         ("GET", "/v1/jobs"),
         ("GET", "/v1/jobs/{job_id}"),
+        ("GET", "/v1/jobs/{job_id}/events"),
         ("DELETE", "/v1/jobs/{job_id}"),
         ("GET", "/v1/jobs/{job_id}/models/global"),
         ("GET", "/v1/jobs/{job_id}/models/clients/{client}"),
@@ -241,6 +259,17 @@ def test_a_job_with_rounds_validates_against_jobview() -> None:
     assert job["metrics"][1]["loss"] is None  # not a finite number: null, as documented
     assert job["metrics"][1]["per_client"]["2"]["personalized_accuracy"] == 0.75
     assert job["id"] in [listed["id"] for listed in _call("GET", "/v1/jobs").json()]
+
+
+def test_a_jobs_events_validate() -> None:
+    job_id = _committed_job()
+    SCHEDULER.handle_event(encode(ClientFailed(job_id=job_id, round=1, client=3, reason="no field 'text'")))
+    events = _call("GET", "/v1/jobs/{job_id}/events", path_parameters={"job_id": job_id}).json()
+    assert [event["kind"] for event in events] == ["state", "client-failed"]
+    assert events[0]["state"] == "queued" and events[1]["client"] == 3
+    assert events[1]["message"] == "client 3 failed in round 1: no field 'text'"
+    missing = _call("GET", "/v1/jobs/{job_id}/events", path_parameters={"job_id": "no-such-job-0"})
+    assert missing.status_code == 404
 
 
 def test_published_models_validate() -> None:
@@ -305,7 +334,7 @@ def _reachable(root: str) -> dict[str, dict[str, Any]]:
     "root",
     [
         *("JobSpec", "JobView", "JobCreated", "ErrorBody", "ValidationErrors", "Readiness", "Purged"),
-        *("AdaptRequest", "AdaptationView"),
+        *("AdaptRequest", "AdaptationView", "JobEvent"),
     ],
 )
 def test_every_field_has_a_description(root: str) -> None:
@@ -327,6 +356,7 @@ ERRORS = {
     ("post", "/v1/jobs"): {"400", "401", "413", "422", "429"},
     ("get", "/v1/jobs"): {"401"},
     ("get", "/v1/jobs/{job_id}"): {"401", "404"},
+    ("get", "/v1/jobs/{job_id}/events"): {"401", "404"},
     ("delete", "/v1/jobs/{job_id}"): {"401", "404", "409"},
     ("get", "/v1/jobs/{job_id}/models/global"): {"401", "404"},
     ("get", "/v1/jobs/{job_id}/models/clients/{client}"): {"401", "404", "422"},

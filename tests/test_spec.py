@@ -20,8 +20,17 @@ def test_defaults_are_a_valid_job() -> None:
 
 
 def test_unknown_top_level_key_is_rejected_and_named() -> None:
-    with pytest.raises(SpecError, match=r"roundz: Extra inputs are not permitted"):
+    with pytest.raises(SpecError, match=r"roundz: unknown field \(did you mean 'rounds'\?\)$"):
         parse_spec({"roundz": 3})
+
+
+def test_errors_are_in_plain_words_with_a_suggestion_for_near_misses() -> None:
+    with pytest.raises(SpecError, match=r"^clients_per_round \(3\) exceeds num_clients \(2\)$"):
+        parse_spec({"num_clients": 2, "clients_per_round": 3})  # no pydantic "Value error," prefix
+    with pytest.raises(SpecError, match=r"^dataset\.lable_field: unknown field \(did you mean 'label_field'\?\)$"):
+        parse_spec({"dataset": {"path": "/data/x.jsonl", "lable_field": "y"}})
+    with pytest.raises(SpecError, match=r"^fwd\.zebra: unknown field$"):  # nothing close: no guess
+        parse_spec({"fwd": {"zebra": 1}})
 
 
 def test_unknown_nested_key_is_rejected_with_its_dotted_path() -> None:

@@ -108,6 +108,7 @@ ROUTES = [
     ("POST", "/v1/jobs"),
     ("GET", "/v1/jobs"),
     ("GET", "/v1/jobs/{job}"),
+    ("GET", "/v1/jobs/{job}/events"),
     ("DELETE", "/v1/jobs/{job}"),
     ("DELETE", "/v1/jobs/{job}?purge=true"),
     ("GET", "/v1/jobs/{job}/models/global"),

@@ -35,11 +35,12 @@ from services.scheduler.views import (
     Readiness,
     ValidationErrors,
 )
+from shared.data import check_local_data
 from shared.health import STALE_AFTER_S
 from shared.health import Readiness as ProbeChecks
 from shared.metrics import HTTP_REQUESTS
 from shared.spec import JobSpec
-from shared.state import JobNotFound
+from shared.state import JobEvent, JobNotFound
 
 # Module level: FastAPI resolves dependency annotations against module globals.
 _bearer = HTTPBearer(auto_error=False)
@@ -399,6 +400,7 @@ def _jobs_router(scheduler: Scheduler, submit_limit: SubmitRateLimiter | None, c
         The body is a JobSpec; every field has a default, so `{}` is a valid job. Each tenant may submit
         PWFF_SUBMIT_BURST jobs at once and PWFF_SUBMIT_RATE_PER_MINUTE a minute (429 beyond).
         """
+        # Before the spec's data is read: the limit also bounds the work a tenant can make the API do.
         wait_s = submit_limit.take(caller.name) if submit_limit is not None else 0.0
         if wait_s > 0:
             raise HTTPException(
@@ -406,6 +408,11 @@ def _jobs_router(scheduler: Scheduler, submit_limit: SubmitRateLimiter | None, c
                 f"tenant {caller.name} is over its submission rate limit; retry in {math.ceil(wait_s)}s",
                 {"Retry-After": str(math.ceil(wait_s))},
             )
+        try:
+            # A local data source is read here: its fields and labels are checked and its label set pinned.
+            spec = check_local_data(spec)
+        except ValueError as error:
+            raise _unprocessable("dataset", str(error)) from None
         return JobCreated(id=scheduler.submit(spec, tenant=caller.name))
 
     @router.get("")
@@ -418,6 +425,16 @@ def _jobs_router(scheduler: Scheduler, submit_limit: SubmitRateLimiter | None, c
     def get_job(job_id: JobId, caller: Caller) -> dict[str, Any]:
         """A job: its state, spec and every committed round's figures."""
         return job_or_404(job_id, caller)
+
+    @router.get("/{job_id}/events", responses=_NOT_FOUND)
+    def job_events(job_id: JobId, caller: Caller) -> list[JobEvent]:
+        """What happened to a job, oldest first: state changes, round commits, rounds closed at their
+        deadline without some clients, and client failures with their reasons (the latest 1000)."""
+        owned(job_id, caller)
+        try:
+            return scheduler.events(job_id)
+        except JobNotFound:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
 
     @router.delete(
         "/{job_id}",

@@ -23,9 +23,11 @@ import numpy as np
 from services.scaler.status import read_pool_status
 from services.scheduler.budgets import sample_clients, task_budget
 from shared.bus import Bus, Queues
+from shared.data import check_local_data
 from shared.identity import ClientRegistry, IdentityError
 from shared.messages import (
     ClientEvaluated,
+    ClientFailed,
     CloseRound,
     DropJob,
     EvaluateTask,
@@ -54,7 +56,8 @@ from shared.metrics import (
 from shared.modes import mode_of
 from shared.signing import BusAuth
 from shared.spec import JobSpec
-from shared.state import JobMeta, JobNotFound, JobState, Repositories, RoundPlan, RoundRecord, RoundStatus
+from shared.state import JobEvent, JobMeta, JobNotFound, JobState, Repositories, RoundPlan, RoundRecord, RoundStatus
+from shared.state.records import EventKind
 from shared.store import Store
 
 log = logging.getLogger(__name__)
@@ -148,12 +151,16 @@ class Scheduler:
     # -- API-facing operations --------------------------------------------------------------
 
     def submit(self, spec: JobSpec, tenant: str = "") -> str:
-        """Create a job owned by `tenant` (the API's caller) and ask the aggregator to initialize it."""
+        """Create a job owned by `tenant` (the API's caller) and ask the aggregator to initialize it.
+
+        Raises ValueError (DataMismatch) for a local data source that does not fit the spec."""
+        spec = check_local_data(spec)  # reads a local source once: its fields, labels and partition
         job_id = new_job_id(spec.name)
         now = self.clock()
         with self._lock:
             meta = JobMeta(id=job_id, spec=spec, tenant=tenant, created_at=now, updated_at=now, init_sent_at=now)
             self.jobs.create(meta)
+            self._event(job_id, "state", "submitted", state=JobState.QUEUED)
         JOBS_SUBMITTED.inc()
         self.bus.publish(self.queues.aggregate, self.auth.seal(InitJob(job_id=job_id)))
         log.info("job %s submitted (%s on %s, %d rounds)", job_id, spec.model, spec.dataset, spec.rounds)
@@ -200,6 +207,11 @@ class Scheduler:
             "pool": read_pool_status(self.store, self.state.keys, job_id),  # its own workers (services.scaler)
             "clients": self.client_presence(meta.spec),
         }
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        """The job's events, oldest first: state changes, round commits and deadlines, client failures."""
+        self.jobs.require(job_id)
+        return self.jobs.events(job_id)
 
     def _round_view(self, job_id: str, record: RoundRecord) -> dict[str, Any]:
         entry: dict[str, Any] = {"round": record.round, "clients": record.clients, **record.metrics}
@@ -260,9 +272,19 @@ class Scheduler:
                 return
             if state.final:
                 return  # e.g. a round that committed after the job was cancelled
+            if isinstance(event, ClientFailed):
+                self._event(
+                    event.job_id,
+                    "client-failed",
+                    f"client {event.client} failed in round {event.round}: {event.reason}",
+                    round=event.round,
+                    client=event.client,
+                )
+                return
             if isinstance(event, JobInitialized):
                 if state == JobState.QUEUED:
                     self._set(event.job_id, state=JobState.RUNNING)
+                    self._event(event.job_id, "state", "running: the initial state is ready", state=JobState.RUNNING)
                     JOBS_RUNNING.inc()
                     self._open_round(event.job_id, 1)
             elif isinstance(event, UpdateMerged):
@@ -322,6 +344,9 @@ class Scheduler:
             return
         now = self.clock()
         spec = self.jobs.spec(job_id)
+        accuracy = event.metrics.get("accuracy")
+        figure = f", accuracy {accuracy:.4f}" if accuracy is not None and accuracy == accuracy else ""
+        self._event(job_id, "round", f"round {round_} committed with clients {event.clients}{figure}", round=round_)
         last = round_ >= spec.rounds
         # The last round waits for every client's evaluation: that is what publishes their models.
         status = RoundStatus.EVALUATING if last else RoundStatus.COMMITTED
@@ -460,6 +485,14 @@ class Scheduler:
                 "job %s round %d: deadline with %d of %d updates; closing", job_id, round_, merged, plan.expected
             )
             LATE_TASKS.inc()
+            absent = sorted({*plan.clients} - {client for client, _ in self.state.rounds.merged(job_id, round_)})
+            self._event(
+                job_id,
+                "deadline",
+                f"round {round_} closed at its deadline with {merged} of {plan.expected} updates; "
+                f"absent: clients {absent}",
+                round=round_,
+            )
             self._close_round(job_id, round_, force=True)
         else:
             self._finish(
@@ -474,9 +507,13 @@ class Scheduler:
     def _set(self, job_id: str, **fields: Any) -> None:
         self.jobs.update(job_id, **fields, updated_at=self.clock())
 
+    def _event(self, job_id: str, kind: EventKind, message: str, **fields: Any) -> None:
+        self.jobs.add_event(job_id, JobEvent(at=self.clock(), kind=kind, message=message[:4000], **fields))
+
     def _finish(self, job_id: str, state: JobState, error: str) -> None:
         previous = self.jobs.state(job_id)
         self._set(job_id, state=state, error=error)
+        self._event(job_id, "state", f"{state}: {error}" if error else str(state), state=state)
         if previous == JobState.RUNNING:
             JOBS_RUNNING.dec()
         JOBS_FINISHED.labels(state=str(state)).inc()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from prometheus_client import Counter
+from pydantic import ValidationError
 
 from shared import data, local_data
 from shared.adapters import ModelCache
@@ -41,6 +42,7 @@ from shared.codec import (
 from shared.identity import UpdateSigner, payload_digest
 from shared.messages import (
     ClientEvaluated,
+    ClientFailed,
     EvaluateTask,
     InvalidMessage,
     TrainTask,
@@ -52,7 +54,7 @@ from shared.models import load_trainable_state, peft_folder_archive
 from shared.modes import mode_of
 from shared.modes.base import EvaluationContext, LocalContext, LocalResult, State, TaskFailed
 from shared.signing import BusAuth
-from shared.spec import JobSpec
+from shared.spec import JobSpec, format_validation_error
 from shared.state import JobNotFound, JobState, Repositories
 from shared.state.tensors import PersonalVersion
 from shared.store import Store
@@ -154,26 +156,39 @@ class Worker:
         task = decode_task(body, self.max_message_bytes, self.auth)
         job_id = task.job_id
         try:
-            spec = self._spec(job_id)
-        except JobNotFound:
-            raise InvalidMessage(f"task for unknown job {task.job_id}") from None
-        if task.client >= spec.num_clients:
-            raise InvalidMessage(f"client {task.client} out of range for job {task.job_id}")
-        identity = spec.clients.identity(task.client)
-        if (identity is None) != (not self.clients) or (identity is not None and identity not in self.clients):
-            # A bound client's task only in its own worker; a pool job's only in a pool worker.
-            held = ", ".join(self.clients) or "none (a pool worker)"
-            raise InvalidMessage(f"task for client {identity or task.client} of {job_id}; this worker holds {held}")
-        sources = {name: client.data for name, client in self.clients.items()}
-        if isinstance(task, TrainTask):
-            _check_budget(task, spec)
-        try:
-            with self._task_lock, local_data.using(sources):
-                outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
+            try:
+                spec = self._spec(job_id)
+            except JobNotFound:
+                raise InvalidMessage(f"task for unknown job {task.job_id}") from None
+            except ValidationError as error:
+                # The spec names something this worker lacks (e.g. a local model folder it does not mount).
+                raise TaskFailed(f"the job's spec does not load here: {format_validation_error(error)}") from None
+            if task.client >= spec.num_clients:
+                raise InvalidMessage(f"client {task.client} out of range for job {task.job_id}")
+            identity = spec.clients.identity(task.client)
+            if (identity is None) != (not self.clients) or (identity is not None and identity not in self.clients):
+                # A bound client's task only in its own worker; a pool job's only in a pool worker.
+                held = ", ".join(self.clients) or "none (a pool worker)"
+                raise InvalidMessage(f"task for client {identity or task.client} of {job_id}; this worker holds {held}")
+            sources = {name: client.data for name, client in self.clients.items()}
+            if isinstance(task, TrainTask):
+                _check_budget(task, spec)
+            try:
+                with self._task_lock, local_data.using(sources):
+                    outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
+            except data.DataMismatch as error:
+                # This worker's copy of the data does not fit the job (a missing field, a label outside
+                # its classes): the client cannot take part, the round goes on without it.
+                raise TaskFailed(f"client {task.client}: local data does not match the job: {error}") from None
         except (TaskFailed, local_data.LocalDataInvalid, local_data.LocalDataMissing) as error:
             # Deterministic: a retry would fail the same way. Dead-lettered (and counted) by the bus.
             TASKS_PROCESSED.labels(outcome="failed").inc()
             log.error("%s: task of %s round %d client %d failed: %s", self.name, job_id, task.round, task.client, error)
+            reason = str(error)[:4000]
+            self.bus.publish(
+                self.queues.events,
+                self.auth.seal(ClientFailed(job_id=job_id, round=task.round, client=task.client, reason=reason)),
+            )
             raise InvalidMessage(f"task failed: {error}") from None
         TASKS_PROCESSED.labels(outcome=outcome).inc()
 

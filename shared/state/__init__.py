@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.state.jobs import JobRepository
-from shared.state.records import JobMeta, JobNotFound, JobState, RoundPlan, RoundRecord, RoundStatus
+from shared.state.records import JobEvent, JobMeta, JobNotFound, JobState, RoundPlan, RoundRecord, RoundStatus
 from shared.state.rounds import RoundCommit, RoundRepository
 from shared.state.tensors import TensorRepository
 from shared.store import Keys, Store
@@ -35,6 +35,7 @@ class Repositories:
 
 
 __all__ = [
+    "JobEvent",
     "JobMeta",
     "JobNotFound",
     "JobRepository",

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from shared.spec import JobSpec
-from shared.state.records import JobMeta, JobNotFound, JobState, RoundPlan, from_fields, to_fields
+from shared.state.records import JobEvent, JobMeta, JobNotFound, JobState, RoundPlan, from_fields, to_fields
 from shared.store import Keys, Store
 
 
@@ -29,6 +29,18 @@ class JobRepository:
         batch.hash_set(self.keys.job(meta.id), to_fields(meta.model_dump(mode="json")))
         batch.set_add(self.keys.jobs, meta.id)
         batch.execute()
+
+    MAX_EVENTS = 1000
+    """Events kept per job: the latest ones (a long job's round commits would grow without bound)."""
+
+    def add_event(self, job_id: str, event: JobEvent) -> None:
+        key = self.keys.events(job_id)
+        self.store.list_append(key, event.model_dump_json(exclude_none=True).encode())
+        self.store.list_trim(key, self.MAX_EVENTS)
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        """The job's events, oldest first (the latest MAX_EVENTS)."""
+        return [JobEvent.model_validate_json(raw) for raw in self.store.list_range(self.keys.events(job_id))]
 
     def expire(self, job_id: str, ttl_s: int) -> int:
         """Every key of the job goes in `ttl_s` seconds (Redis expires them: no service needs to run)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -98,6 +98,23 @@ class RoundPlan(_Record):
     close_sent_at: float = 0.0
     force: bool = False
     committed_at: float | None = None
+
+
+EventKind = Literal["state", "round", "deadline", "client-failed"]
+
+
+class JobEvent(_Record):
+    """One thing that happened to a job, as the scheduler saw it (GET /v1/jobs/{id}/events)."""
+
+    at: float = Field(description="Unix time the scheduler recorded it")
+    kind: EventKind = Field(
+        description="state: the job changed state; round: a round committed; deadline: a round closed at its "
+        "deadline without some of its clients; client-failed: a client's task failed (its reason in message)"
+    )
+    message: str = Field(max_length=4000, description="what happened, in words")
+    state: JobState | None = Field(None, description="state: the new state")
+    round: int | None = Field(None, description="the round it concerns")
+    client: int | None = Field(None, description="client-failed: the client")
 
 
 class RoundRecord(_Record):

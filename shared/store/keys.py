@@ -21,6 +21,10 @@ class Keys:
         """Hash: the fields of `JobMeta`, JSON-encoded (scheduler-owned)."""
         return f"{self.namespace}:job:{job_id}:meta"
 
+    def events(self, job_id: str) -> str:
+        """List: the job's events (JSON), oldest first, bounded (scheduler-owned)."""
+        return f"{self.namespace}:job:{job_id}:events"
+
     def round_plan(self, job_id: str, round_: int) -> str:
         """Hash: the fields of `RoundPlan` (scheduler-owned)."""
         return f"{self.namespace}:job:{job_id}:round:{round_}:plan"

@@ -128,6 +128,12 @@ class MemoryStore:
         with self._lock:
             return list(self._typed(key, list) or ())
 
+    def list_trim(self, key: str, keep_last: int) -> None:
+        with self._lock:
+            items = self._typed(key, list)
+            if items is not None and len(items) > keep_last:
+                del items[: len(items) - keep_last]
+
     def delete_prefix(self, prefix: str) -> int:
         with self._lock:
             doomed = [k for k in list(self._data) if k.startswith(prefix) and self._live(k) is not None]

@@ -85,6 +85,9 @@ class RedisStore:
     def list_range(self, key: str) -> list[bytes]:
         return cast(list[bytes], self._client.lrange(key, 0, -1))
 
+    def list_trim(self, key: str, keep_last: int) -> None:
+        self._client.ltrim(key, -keep_last, -1)
+
     def delete_prefix(self, prefix: str) -> int:
         count = 0
         for key in self._client.scan_iter(match=_literal_glob(prefix) + "*", count=500):

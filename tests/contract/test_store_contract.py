@@ -58,6 +58,18 @@ def test_missing_keys_read_as_empty(store: Store, key: Key) -> None:
     assert store.delete_prefix(key("missing")) == 0
 
 
+def test_list_trim_keeps_the_last_items(store: Store, key: Key) -> None:
+    k = key("log")
+    for value in (b"a", b"b", b"c", b"d"):
+        store.list_append(k, value)
+    store.list_trim(k, 5)  # shorter than the bound: unchanged
+    assert store.list_range(k) == [b"a", b"b", b"c", b"d"]
+    store.list_trim(k, 2)
+    assert store.list_range(k) == [b"c", b"d"]
+    store.list_trim(key("missing"), 2)  # nothing there: no error, nothing created
+    assert not store.exists(key("missing"))
+
+
 def test_put_if_absent(store: Store, key: Key) -> None:
     k = key("lock")
     assert store.put_if_absent(k, b"first") is True
