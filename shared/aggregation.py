@@ -24,13 +24,30 @@ class DeltaAggregate(Protocol):
 
     count: int
 
+    def check(self, update: Mapping[str, torch.Tensor]) -> None:
+        """Raise ValueError if `update` can never be added (names, NaN/Inf, a memory bound); adds nothing."""
+        ...
+
     def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None: ...
+
+
+def check_update(update: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor]) -> None:
+    """An update must name what the round merged so far and hold only finite values.
+
+    The codec already rejects NaN/Inf while decoding; this is the last check before a strategy
+    sees the values, whatever produced them.
+    """
+    if merged and set(update) != set(merged):
+        raise ValueError("update names differ from the ones already merged")
+    for name, tensor in update.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"tensor {name!r} has NaN or infinite values")
 
 
 class AggregationStrategy(ABC):
     """Turns a stream of weighted deltas into the round's new global state.
 
-    Robust aggregators (trimmed mean, clipping) subclass this and register a name.
+    Robust aggregators (clipping, median, trimmed mean, Krum: `shared.robust`) subclass this and register a name.
     """
 
     @abstractmethod
@@ -50,11 +67,13 @@ class StreamingMean:
         self.total_weight = 0.0
         self.count = 0
 
+    def check(self, update: Mapping[str, torch.Tensor]) -> None:
+        check_update(update, self._sum)
+
     def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
         if weight <= 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        if self._sum and set(update) != set(self._sum):
-            raise ValueError("update names differ from the ones already merged")
+        self.check(update)
         for name, tensor in update.items():
             term = tensor.detach().to("cpu", torch.float64) * weight
             if name in self._sum:

@@ -135,6 +135,21 @@ class UpdateMerged(_Message):
     round: Round
     client: ClientId
     merged_count: int = Field(ge=1)
+    rejected_count: int = Field(0, ge=0)
+    """Updates of the round rejected so far: they will not come, so the round may close without them."""
+
+
+class UpdateInvalid(_Message):
+    """A sampled client's upload that can never be merged (NaN/Inf, malformed, over a bound): the round
+    closes once every other update is in, from the valid ones."""
+
+    type: Literal["invalid"] = "invalid"
+    job_id: JobId
+    round: Round
+    client: ClientId
+    merged_count: int = Field(ge=0)
+    rejected_count: int = Field(ge=1)
+    reason: str = Field(max_length=1000)
 
 
 class MoreWork(_Message):
@@ -194,7 +209,16 @@ class ClientFailed(_Message):
 
 WorkerTask = TrainTask | EvaluateTask
 AggregatorCommand = UpdateReady | InitJob | CloseRound | DropJob
-SchedulerEvent = JobInitialized | UpdateMerged | MoreWork | RoundCommitted | ClientEvaluated | JobFailed | ClientFailed
+SchedulerEvent = (
+    JobInitialized
+    | UpdateMerged
+    | UpdateInvalid
+    | MoreWork
+    | RoundCommitted
+    | ClientEvaluated
+    | JobFailed
+    | ClientFailed
+)
 
 _worker_adapter: TypeAdapter[WorkerTask] = TypeAdapter(Annotated[WorkerTask, Field(discriminator="type")])
 _aggregator_adapter: TypeAdapter[AggregatorCommand] = TypeAdapter(

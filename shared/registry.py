@@ -75,7 +75,13 @@ PRESETS: Registry[PersonalizationPreset] = Registry(
 )
 STRATEGIES: Registry[AggregationStrategy] = Registry(
     "aggregation strategy",
-    {"fedavg": "shared.aggregation:FedAvg"},
+    {
+        "fedavg": "shared.aggregation:FedAvg",
+        "clip": "shared.robust:Clip",
+        "median": "shared.robust:Median",
+        "trimmed_mean": "shared.robust:TrimmedMean",
+        "krum": "shared.robust:Krum",
+    },
 )
 REWARDS: Registry[RewardKind] = Registry(
     "reward model",

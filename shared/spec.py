@@ -138,14 +138,55 @@ class OptimizerSpec(_Strict):
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (ignored by AdamW)")
 
 
+class RobustSpec(_Strict):
+    """Parameters of the robust strategies (`shared.robust`): clip, median, trimmed_mean, krum.
+
+    They treat every client alike (a client's self-reported num_samples is not trusted).
+    """
+
+    clip_norm: float = Field(
+        1.0, gt=0, le=1e6, description="clip: each client's delta is scaled to at most this L2 norm before the mean"
+    )
+    trim_fraction: float = Field(
+        0.25,
+        ge=0,
+        lt=0.5,
+        description="trimmed_mean: fraction of the round's values dropped at each end, per coordinate "
+        "(floor(fraction x clients) per side; must drop at least one)",
+    )
+    byzantine: int = Field(
+        1, ge=0, le=10_000, description="krum: f, the Byzantine clients tolerated (needs clients_per_round > 2f + 2)"
+    )
+    krum_selected: int = Field(
+        1,
+        ge=1,
+        le=10_000,
+        description="krum: m, the lowest-scoring deltas averaged (1: Krum; more: Multi-Krum; at most "
+        "clients_per_round - f)",
+    )
+    max_buffer_mb: float = Field(
+        1024.0,
+        gt=0,
+        le=65_536,
+        description="median, trimmed_mean, krum: memory bound of the round's buffered deltas (float32 MiB); "
+        "an update past it is rejected and the round commits from the buffered ones",
+    )
+
+
 class AggregationSpec(_Strict):
     """How the server merges the clients' updates into the global part."""
 
-    strategy: StrategyName = Field("fedavg", description="aggregation strategy (a registered class)")
+    strategy: StrategyName = Field(
+        "fedavg",
+        description="aggregation strategy (a registered class): fedavg (weighted mean), or a robust one: clip "
+        "(norm clipping), median (coordinate-wise), trimmed_mean, krum ((Multi-)Krum)",
+    )
     server_lr: float = Field(1.0, gt=0, le=10, description="step size applied to the averaged update")
     weighting: Literal["samples", "uniform"] = Field(
-        "samples", description="weigh each client by its number of examples, or all alike"
+        "samples",
+        description="fedavg: weigh each client by its number of examples, or all alike (robust strategies: alike)",
     )
+    robust: RobustSpec = Field(RobustSpec(), description="parameters of the robust strategies")
 
 
 class ForwardSpec(_Strict):
@@ -417,6 +458,33 @@ class CompressionSpec(_Strict):
     )
 
 
+SUMMING_STRATEGIES = frozenset({"fedavg"})
+"""Strategies that need only the (weighted) sum of a round's updates, so secure aggregation can
+hide each one; median, trimmed mean, Krum and the like read individual updates."""
+
+
+class SecureAggregationSpec(_Strict):
+    """Pairwise-masked secure aggregation (`shared.secagg`): the server learns only the sum of a round's updates.
+
+    Each round runs three waves of tasks: key advertisement, training with the masked upload and
+    encrypted Shamir shares, then unmasking by the survivors. Updates are clipped per coordinate to
+    [-clip, clip], pre-multiplied by the client's FedAvg weight (its examples, or 1 with uniform
+    weighting), and fixed-point encoded as integers mod 2^bits, with the largest power-of-two scale
+    that cannot overflow the round's total weight.
+    """
+
+    enabled: bool = Field(False, description="mask every upload; the aggregator sees only the round's sum")
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="fraction of the round's advertised clients whose shares rebuild a secret "
+        "(t = max(2, ceil(threshold x clients))); fewer survivors than t fail the round",
+    )
+    bits: int = Field(32, ge=16, le=62, description="masks and fixed-point values are integers modulo 2^bits")
+    clip: float = Field(1.0, gt=0, le=1e6, description="each update coordinate is clipped to [-clip, clip]")
+
+
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 _LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 
@@ -485,6 +553,34 @@ class ClientsSpec(_Strict):
         return self.ids[client] if self.kind == "bound" and self.ids is not None else None
 
 
+class PoisonSpec(_Strict):
+    """TEST/BENCHMARK SIMULATION ONLY: some clients upload a poisoned delta instead of their own."""
+
+    fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="SIMULATION ONLY: fraction of the clients that are poisoned (round(fraction x num_clients), "
+        "drawn from the seed, the same all job long); 0: none",
+    )
+    kind: Literal["nan", "scale", "sign_flip", "noise"] = Field(
+        "scale",
+        description="SIMULATION ONLY: nan (every value NaN), scale (delta x scale), sign_flip (minus the delta), "
+        "noise (Gaussian noise, scale x the delta's RMS as its standard deviation)",
+    )
+    scale: float = Field(1000.0, gt=0, le=1e6, description="SIMULATION ONLY: the factor of `scale` and `noise`")
+
+
+class SimulationSpec(_Strict):
+    """TEST/BENCHMARK SIMULATION ONLY: faults injected by the workers, to measure what the server withstands."""
+
+    poison: PoisonSpec = Field(
+        PoisonSpec(),
+        description="SIMULATION ONLY: poisoned clients (delta uploads: modes backprop and align); never set "
+        "it on a real job",
+    )
+
+
 class JobSpec(_Strict):
     """A federated fine-tuning job: what to train, on which data, how, for how long.
 
@@ -493,7 +589,11 @@ class JobSpec(_Strict):
     text set); fwd.perturbations_per_task <= fwd.max_perturbations_per_step;
     fwd.perturbations_per_local_step <= fwd.max_perturbations_per_local_step; fwd.upload `pool` needs
     fwd.regime `local`; partition `natural`
-    needs a data set with natural groups; devices.profiles, when given, lists num_clients profiles.
+    needs a data set with natural groups; devices.profiles, when given, lists num_clients profiles;
+    aggregation.strategy `krum` needs clients_per_round > 2 x aggregation.robust.byzantine + 2 and
+    krum_selected <= clients_per_round - byzantine; `trimmed_mean` must trim at least one client per
+    side; robust strategies need deltas (not fwd.regime `fedsgd`); simulation.poison needs mode
+    backprop or align.
     """
 
     name: str = Field(
@@ -546,8 +646,14 @@ class JobSpec(_Strict):
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of the round's clients needed at the deadline")
     eval_max_examples: int = Field(512, ge=1, le=100_000, description="cap on held-out examples evaluated per round")
     align: AlignSpec = Field(AlignSpec(), description="rewards, preferences and the alignment loss (mode align)")
+    secure_aggregation: SecureAggregationSpec = Field(
+        SecureAggregationSpec(), description="secure aggregation: the server learns only the sum of the updates"
+    )
     resources: ResourcesSpec | None = Field(
         None, description="run this job on its own worker pool with these resources (None: the shared workers)"
+    )
+    simulation: SimulationSpec = Field(
+        SimulationSpec(), description="TEST/BENCHMARK SIMULATION ONLY: injected faults (poisoned clients)"
     )
 
     @model_validator(mode="before")
@@ -598,6 +704,10 @@ class JobSpec(_Strict):
             )
         if self.lora.full:
             _check_full_finetuning(self)
+        if self.secure_aggregation.enabled:
+            _check_secure_aggregation(self)
+
+        _check_robust(self)
         if self.devices.profiles is not None and len(self.devices.profiles) != self.num_clients:
             raise ValueError(
                 f"devices.profiles lists {len(self.devices.profiles)} profiles but num_clients is {self.num_clients}"
@@ -620,6 +730,36 @@ def _data_shape(ref: str | LocalData) -> tuple[str, bool]:
         return ref.task, ref.group_field is not None
     info = dataset_info(ref)
     return info.task, info.natural_groups
+
+
+def _check_robust(spec: JobSpec) -> None:
+    """The robust strategies' parameters against the round's size; poisoning only where it applies."""
+    strategy, robust, n = spec.aggregation.strategy, spec.aggregation.robust, spec.clients_per_round
+    if strategy != "fedavg" and spec.mode == "fwd" and spec.fwd.regime != "local":
+        raise ValueError(
+            f"aggregation.strategy {strategy!r} merges deltas; mode fwd with fwd.regime 'fedsgd' merges "
+            "gradient coefficients (use fwd.regime 'local', or strategy 'fedavg')"
+        )
+    if strategy == "krum":
+        if n <= 2 * robust.byzantine + 2:
+            raise ValueError(
+                f"aggregation.robust.byzantine: Krum needs clients_per_round > 2 x byzantine + 2; with "
+                f"{n} clients per round byzantine can be at most {max(0, (n - 3) // 2)}, not {robust.byzantine}"
+                if n >= 3
+                else f"aggregation.strategy 'krum' needs at least 3 clients per round, not {n}"
+            )
+        if robust.krum_selected > n - robust.byzantine:
+            raise ValueError(
+                f"aggregation.robust.krum_selected ({robust.krum_selected}) exceeds clients_per_round - byzantine "
+                f"({n - robust.byzantine})"
+            )
+    if strategy == "trimmed_mean" and int(robust.trim_fraction * n + 1e-9) < 1:
+        raise ValueError(
+            f"aggregation.robust.trim_fraction {robust.trim_fraction:g} of {n} clients per round trims none; "
+            f"use at least {1 / n:.3g} (or strategy 'fedavg')"
+        )
+    if spec.simulation.poison.fraction > 0 and spec.mode not in ("backprop", "align"):
+        raise ValueError("simulation.poison applies to delta uploads: modes backprop and align")
 
 
 def _check_alignment(spec: JobSpec) -> None:
@@ -653,6 +793,18 @@ def _check_alignment(spec: JobSpec) -> None:
             raise ValueError(f"align.preferences.{where}: weights must be non-negative, got {weights}")
         if abs(sum(weights) - 1.0) > 1e-6:
             raise ValueError(f"align.preferences.{where}: weights must sum to 1, got {sum(weights):g}")
+
+
+def _check_secure_aggregation(spec: JobSpec) -> None:
+    if spec.mode != "backprop":
+        raise ValueError(f"secure_aggregation masks backprop deltas; mode {spec.mode!r} is not supported")
+    if spec.aggregation.strategy not in SUMMING_STRATEGIES:
+        raise ValueError(
+            f"secure_aggregation hides individual updates, but aggregation.strategy {spec.aggregation.strategy!r} "
+            f"needs them; use one of {', '.join(sorted(SUMMING_STRATEGIES))}"
+        )
+    if spec.clients_per_round < 2:
+        raise ValueError("secure_aggregation needs clients_per_round >= 2 (the sum of one update is that update)")
 
 
 FULL_FINETUNING_MAX_STATE_BYTES = 512 * 1024 * 1024

@@ -29,6 +29,7 @@ from shared.messages import (
     MoreWork,
     RoundCommitted,
     TrainTask,
+    UpdateInvalid,
     UpdateMerged,
     UpdateReady,
     decode_aggregator,
@@ -399,12 +400,15 @@ def test_invalid_update_is_rejected_and_counted(
     with pytest.raises(InvalidMessage, match="update"):
         world.aggregator.handle(world.announce(client, delta=corrupt(world, client)))
     assert received("invalid") == before + 1
-    assert world.events() == []
+    # The scheduler hears of it: the round need not wait for this client until its deadline.
+    [rejected] = world.events()
+    assert isinstance(rejected, UpdateInvalid)
+    assert (rejected.client, rejected.merged_count, rejected.rejected_count) == (client, 0, 1)
     assert world.merged() == set()
     # The client is not poisoned: a good retry merges, and the bad one left no trace in the sum.
     world.aggregator.handle(world.announce(client, attempt=1))
     [merged] = world.events()
-    assert isinstance(merged, UpdateMerged) and merged.merged_count == 1
+    assert isinstance(merged, UpdateMerged) and (merged.merged_count, merged.rejected_count) == (1, 0)
     world.close()
     assert_states_close(world.global_state(1), weighted_step(world.global_state(0), [world.delta(client)], [1.0]))
 

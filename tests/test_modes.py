@@ -32,7 +32,7 @@ def test_spec_allows_exactly_the_registered_names() -> None:
     [
         ("mode", "rl", "unknown training mode 'rl'; known: backprop, fwd"),
         ("personalization", {"preset": "x"}, "unknown personalization preset 'x'"),
-        ("aggregation", {"strategy": "krum"}, "unknown aggregation strategy 'krum'; known: fedavg"),
+        ("aggregation", {"strategy": "bulyan"}, "unknown aggregation strategy 'bulyan'; known: fedavg"),
         ("model", "gpt-9", "unknown model 'gpt-9'"),
     ],
 )

@@ -160,7 +160,37 @@ def consistent(body: Any) -> Any:
         fwd["max_perturbations_per_local_step"] = per_local_step
     if fwd.get("upload", defaults.fwd.upload) == "pool":
         fwd["regime"] = "local"
+    _consistent_robust(spec, defaults)
     return spec
+
+
+def _consistent_robust(spec: dict[str, Any], defaults: JobSpec) -> None:
+    """Robust strategies sized to the round (Krum: n > 2f + 2; trimmed mean trims one), on deltas; poison on
+    delta uploads only."""
+    mode = spec.get("mode", defaults.mode)
+    aggregation: dict[str, Any] = dict(spec.get("aggregation") or {})
+    robust: dict[str, Any] = dict(aggregation.get("robust") or {})
+    strategy = aggregation.get("strategy", defaults.aggregation.strategy)
+    n: int = spec.get("clients_per_round", defaults.clients_per_round)
+    regime = (spec.get("fwd") or {}).get("regime", defaults.fwd.regime)
+    if (mode == "fwd" and regime != "local") or (strategy == "krum" and n < 3):
+        strategy = "fedavg"
+    if strategy == "krum":
+        byzantine = robust["byzantine"] = min(
+            robust.get("byzantine", defaults.aggregation.robust.byzantine), (n - 3) // 2
+        )
+        selected = robust.get("krum_selected", defaults.aggregation.robust.krum_selected)
+        robust["krum_selected"] = min(selected, n - byzantine)
+    if (
+        strategy == "trimmed_mean"
+        and int(robust.get("trim_fraction", defaults.aggregation.robust.trim_fraction) * n + 1e-9) < 1
+    ):
+        strategy = "median"
+    spec["aggregation"] = {**aggregation, "strategy": strategy, "robust": robust}
+    simulation: dict[str, Any] = dict(spec.get("simulation") or {})
+    if mode not in ("backprop", "align") and simulation.get("poison"):
+        simulation["poison"] = {**simulation["poison"], "fraction": 0.0}
+    spec["simulation"] = simulation
 
 
 def _consistent_alignment(spec: dict[str, Any]) -> None:

@@ -45,6 +45,7 @@ from shared.messages import (
     MoreWork,
     RoundCommitted,
     SchedulerEvent,
+    UpdateInvalid,
     UpdateMerged,
     UpdateReady,
     decode_aggregator,
@@ -180,7 +181,16 @@ class Aggregator:
         if (announce.client, announce.wave) in merged:
             UPDATES_RECEIVED.labels(outcome="duplicate").inc()
             # Say it again: the first announcement may have died with a previous process.
-            self._emit(UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=len(merged)))
+            rejected = len(self.state.rounds.rejected(job_id, round_))
+            self._emit(
+                UpdateMerged(
+                    job_id=job_id,
+                    round=round_,
+                    client=announce.client,
+                    merged_count=len(merged),
+                    rejected_count=rejected,
+                )
+            )
             return
         planned = self.state.jobs.planned_clients(job_id, round_)
         if planned is None or announce.client not in planned:
@@ -196,14 +206,49 @@ class Aggregator:
                 raise InvalidMessage(f"update {announce.key}: the stored blob is not the one client {identity} signed")
             _check_claims(announce, blob, spec)
             update = open_round.accumulator.validate(announce, blob, self.max_update_bytes)
-        except (UpdateRejected, MissingState) as error:
+        except UpdateRejected as error:
+            self._reject(announce, str(error))
+            raise InvalidMessage(f"update {announce.key}: {error}") from None
+        except MissingState as error:
             UPDATES_RECEIVED.labels(outcome="invalid").inc()
             raise InvalidMessage(f"update {announce.key}: {error}") from None
+        if open_round.accumulator.closes_waves and announce.wave < self._current_wave(job_id, round_):
+            # The next wave was built on this wave's set without it (secure aggregation's U1, U2).
+            UPDATES_RECEIVED.labels(outcome="late").inc()
+            self.state.tensors.drop_update(announce.key)
+            log.info(
+                "late wave-%d update for %s round %d client %d dropped", announce.wave, job_id, round_, announce.client
+            )
+            return
         _apply(open_round, announce, update)
         self.state.rounds.add_merged(job_id, round_, announce.client, announce.wave)
         UPDATES_RECEIVED.labels(outcome="merged").inc()
         count = len(open_round.tally.merged)
-        self._emit(UpdateMerged(job_id=job_id, round=round_, client=announce.client, merged_count=count))
+        rejected = len(self.state.rounds.rejected(job_id, round_))
+        self._emit(
+            UpdateMerged(
+                job_id=job_id, round=round_, client=announce.client, merged_count=count, rejected_count=rejected
+            )
+        )
+
+    def _reject(self, announce: UpdateReady, reason: str) -> None:
+        """A sampled client's upload that can never be merged (NaN/Inf, malformed, past a strategy's bound):
+        counted, remembered for the round's record, and announced so the round closes from the valid ones
+        instead of waiting for its deadline. The caller dead-letters the message."""
+        job_id, round_ = announce.job_id, announce.round
+        UPDATES_RECEIVED.labels(outcome="invalid").inc()
+        self.state.rounds.add_rejected(job_id, round_, announce.client, announce.wave)
+        log.warning("job %s round %d: update of client %d rejected: %s", job_id, round_, announce.client, reason)
+        self._emit(
+            UpdateInvalid(
+                job_id=job_id,
+                round=round_,
+                client=announce.client,
+                merged_count=len(self.state.rounds.merged(job_id, round_)),
+                rejected_count=max(1, len(self.state.rounds.rejected(job_id, round_))),
+                reason=reason[:1000],
+            )
+        )
 
     def _authenticate(self, announce: UpdateReady, identity: str) -> None:
         """A bound client's update must carry that client's signature, by its enrolled, unrevoked key."""
@@ -219,6 +264,10 @@ class Aggregator:
             UPDATES_RECEIVED.labels(outcome="unauthenticated").inc()
             log.warning("rejected update %s: %s", announce.key, error)
             raise InvalidMessage(f"update {announce.key}: {error}") from None
+
+    def _current_wave(self, job_id: str, round_: int) -> int:
+        plan = self.state.jobs.plan(job_id, round_)
+        return plan.wave if plan is not None else 0
 
     def _global(self, job_id: str, round_: int) -> tuple[State, int]:
         """The global state committed at `round_`, and its size on the wire."""
@@ -262,6 +311,13 @@ class Aggregator:
             return
         open_round = self._open_round(job_id, round_, spec)
         more = open_round.accumulator.wants_more_work(close.force)
+        if more is not None and open_round.tally.next_wave() <= self._current_wave(job_id, round_):
+            # That wave went out and closed with nothing of it merged: asking again would be ignored
+            # (the scheduler dedups waves) and the round would never end. Commit what there is.
+            log.warning(
+                "job %s round %d: wave %d brought no update; committing", job_id, round_, open_round.tally.next_wave()
+            )
+            more = None
         if more is not None:
             log.info(
                 "job %s round %d: variance %.3g after %d perturbations; asking for more",
@@ -298,8 +354,10 @@ class Aggregator:
             aggregate_s=aggregate_s,
             eval_s=time.perf_counter() - began,
             download_delta_bytes=float(len(downloads[DOWNLOAD_DELTA])),
+            rejected=float(len(self.state.rounds.rejected(job_id, round_))),
         )
-        record = RoundRecord(round=round_, clients=tally.clients, metrics=metrics, extra=tally.extra())
+        clients = step.clients if step.clients is not None else tally.clients
+        record = RoundRecord(round=round_, clients=clients, metrics=metrics, extra=tally.extra())
         commit = RoundCommit(
             record=record,
             state=encode_tensors(state, _STATE_DTYPE),
@@ -322,7 +380,7 @@ class Aggregator:
             mode.observe(job_id, step.figures)
         if round_ >= spec.rounds:
             forget_job(job_id)  # the last round: the job's series go (after a last scrape)
-        log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(tally.clients), _fmt(metrics))
+        log.info("job %s round %d committed from %d clients: %s", job_id, round_, len(clients), _fmt(metrics))
         self._emit(RoundCommitted(job_id=job_id, round=round_, clients=record.clients, metrics=metrics))
 
     def _downloadable(

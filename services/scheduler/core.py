@@ -38,6 +38,7 @@ from shared.messages import (
     MoreWork,
     RoundCommitted,
     TrainTask,
+    UpdateInvalid,
     UpdateMerged,
     decode_scheduler,
 )
@@ -287,7 +288,7 @@ class Scheduler:
                     self._event(event.job_id, "state", "running: the initial state is ready", state=JobState.RUNNING)
                     JOBS_RUNNING.inc()
                     self._open_round(event.job_id, 1)
-            elif isinstance(event, UpdateMerged):
+            elif isinstance(event, UpdateMerged | UpdateInvalid):
                 self._on_merged(event)
             elif isinstance(event, MoreWork):
                 self._on_more_work(event)
@@ -296,9 +297,11 @@ class Scheduler:
             elif isinstance(event, RoundCommitted):
                 self._on_committed(event)
 
-    def _on_merged(self, event: UpdateMerged) -> None:
+    def _on_merged(self, event: UpdateMerged | UpdateInvalid) -> None:
+        """Close the round once every update is in: merged, or rejected (it will never come)."""
         plan = self.jobs.plan(event.job_id, event.round)
-        if plan is not None and plan.status == RoundStatus.OPEN and event.merged_count >= plan.expected:
+        arrived = event.merged_count + event.rejected_count
+        if plan is not None and plan.status == RoundStatus.OPEN and arrived >= plan.expected:
             self._close_round(event.job_id, event.round)
 
     def _on_more_work(self, event: MoreWork) -> None:
@@ -316,12 +319,15 @@ class Scheduler:
         # Rotate through the round's clients so a partial wave does not always land on the same ones.
         start = (event.wave * count) % len(clients)
         chosen = [clients[(start + i) % len(clients)] for i in range(count)]
+        # The wave expects what is merged so far plus its own tasks: an update an earlier wave closed
+        # without (at its deadline) is not waited for again.
+        merged = len(self.state.rounds.merged(job_id, round_))
         self.jobs.update_plan(
             job_id,
             round_,
             status=RoundStatus.OPEN,
             wave=event.wave,
-            expected=plan.expected + count,
+            expected=merged + count,
             deadline_at=self.clock() + spec.round_deadline_s,
         )
         self._dispatch(spec, job_id, round_, chosen, event.wave)

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from shared.messages import (
     InvalidMessage,
     TrainTask,
     UpdateReady,
+    decode_aggregator,
     decode_task,
 )
 from shared.metrics import DOWNLOAD_BYTES, MESSAGES_REJECTED, TASK_DURATION, TASKS_PROCESSED, UPLOAD_BYTES
@@ -56,7 +57,7 @@ from shared.modes.base import EvaluationContext, LocalContext, LocalResult, Stat
 from shared.signing import BusAuth
 from shared.spec import JobSpec, format_validation_error
 from shared.state import JobNotFound, JobState, Repositories
-from shared.state.tensors import PersonalVersion
+from shared.state.tensors import PersonalVersion, TensorRepository
 from shared.store import Store
 from shared.store.memory import MemoryStore
 
@@ -236,6 +237,8 @@ class Worker:
             personal={**personal, **{RESIDUAL_PREFIX + name: value for name, value in residual.items()}},
             artifact=lambda name, round_: self._artifact(job_id, name, round_),
             cache_dir=self.cache_dir,
+            round_uploads=lambda wave: self._round_uploads(job_id, task.round, wave),
+            secrets=_ClientSecrets(self.state.tensors, job_id, task.client),
         )
         result = mode_of(spec).run_local(context)
         personal_after, residual_after = split_residual(result.personal)
@@ -402,6 +405,11 @@ class Worker:
         DOWNLOAD_BYTES.inc(len(blob))
         return f"{version[0]}.{version[1]}", decode_tensors(blob)
 
+    def _round_uploads(self, job_id: str, round_: int, wave: int) -> _RoundUploads:
+        """The uploads merged into the round in `wave`, by client (what the server broadcasts)."""
+        clients = [client for client, merged in self.state.rounds.merged(job_id, round_) if merged == wave]
+        return _RoundUploads(self, job_id, round_, wave, clients)
+
     def _artifact(self, job_id: str, name: str, round_: int) -> dict[str, torch.Tensor] | None:
         blob = self.state.tensors.artifact(job_id, name, round_)
         return decode_tensors(blob) if blob is not None else None
@@ -416,6 +424,55 @@ def _check_budget(task: TrainTask, spec: JobSpec) -> None:
         if asked > ceiling.get(name, 0):
             MESSAGES_REJECTED.labels(reason="task_budget").inc()
             raise InvalidMessage(f"task asks for {name}={asked}; job {task.job_id} allows at most {ceiling.get(name)}")
+
+
+class _RoundUploads(Mapping[int, bytes]):
+    """A wave's merged uploads by client, each read from the store when first looked up (a client
+    reads only what it needs of its peers' uploads, e.g. their keys and not their masked vectors)."""
+
+    def __init__(self, worker: Worker, job_id: str, round_: int, wave: int, clients: list[int]) -> None:
+        self.worker, self.job_id, self.round, self.wave = worker, job_id, round_, wave
+        self.clients = clients
+        self._read: dict[int, bytes] = {}
+
+    def __getitem__(self, client: int) -> bytes:
+        if client not in self.clients:
+            raise KeyError(client)
+        if client not in self._read:
+            tensors = self.worker.state.tensors
+            raw = tensors.announcement(self.job_id, self.round, client, self.wave)
+            announce = (
+                decode_aggregator(raw, self.worker.max_message_bytes, self.worker.auth) if raw is not None else None
+            )
+            blob = tensors.update(announce.key) if isinstance(announce, UpdateReady) else None
+            if blob is None:
+                raise RuntimeError(
+                    f"merged upload of client {client} wave {self.wave} in {self.job_id} round {self.round} is gone"
+                )
+            DOWNLOAD_BYTES.inc(len(blob))
+            self._read[client] = blob
+        return self._read[client]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.clients)
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+
+@dataclass(frozen=True)
+class _ClientSecrets:
+    """`shared.modes.base.ClientSecrets` of one client, in the store under the client's key."""
+
+    tensors: TensorRepository
+    job_id: str
+    client: int
+
+    def get(self, name: str) -> bytes | None:
+        return self.tensors.client_secret(self.job_id, self.client, name)
+
+    def put(self, name: str, value: bytes) -> None:
+        self.tensors.put_client_secret(self.job_id, self.client, name, value)
 
 
 def _where(task: TrainTask) -> tuple[str, int, int, int]:

@@ -24,11 +24,20 @@ from transformers import PreTrainedTokenizerBase
 from shared.aggregation import DeltaAggregate
 from shared.batches import collate, minibatches
 from shared.catalog import Task, model_info
-from shared.codec import RESIDUAL_PREFIX, Codec, decode_update, encode_update, split_residual
+from shared.codec import (
+    RESIDUAL_PREFIX,
+    Codec,
+    Encoded,
+    decode_update,
+    encode_tensors,
+    encode_update,
+    split_residual,
+)
 from shared.models import GLOBAL_RNG_LOCK, parameter_count
 from shared.modes.base import LocalContext, LocalResult, RoundAccumulator, State, Step, TrainingMode
 from shared.personalization import is_personal
 from shared.registry import STRATEGIES
+from shared.robust import poison_delta, poisoned_clients
 from shared.seeding import derive_seed
 from shared.wireless import backprop_step_flops
 
@@ -57,7 +66,15 @@ class BackpropMode(TrainingMode):
     def task_fields(self, spec: JobSpec, budget: int) -> dict[str, int]:
         return {"local_steps": budget, "perturbations": 0}
 
+    def wave_tasks(self, spec: JobSpec, clients: int, work_so_far: int) -> int:
+        # A secure round's mask and unmask waves go to every client of the round (shared.modes.secure).
+        return clients if spec.secure_aggregation.enabled else 0
+
     def run_local(self, context: LocalContext) -> LocalResult:
+        if context.spec.secure_aggregation.enabled:
+            from shared.modes.secure import run_secure_task  # it builds on this module
+
+            return run_secure_task(context)
         spec, task = context.spec, context.task
         seed = derive_seed("train", spec.seed, task.round, task.client)
         trained = train_backprop(
@@ -74,7 +91,11 @@ class BackpropMode(TrainingMode):
         payload, personal = upload_from_model(context, residual)
         return LocalResult(payload=payload, loss=trained.loss, flops=trained.flops, personal=personal)
 
-    def accumulator(self, spec: JobSpec, start_state: State) -> DeltaAccumulator:
+    def accumulator(self, spec: JobSpec, start_state: State) -> RoundAccumulator[Any]:
+        if spec.secure_aggregation.enabled:
+            from shared.modes.secure import SecureAccumulator
+
+            return SecureAccumulator(spec, start_state)
         return DeltaAccumulator(spec, start_state)
 
 
@@ -85,7 +106,14 @@ def upload_from_model(context: LocalContext, residual: State) -> tuple[bytes, St
     With error feedback, `residual` (what the codec did not send last time) is added first and the new
     residual returned among the personal tensors (`RESIDUAL_PREFIX` names, stored apart by the worker).
     """
-    spec, task = context.spec, context.task
+    encoded, personal = encode_delta(context, residual, codec_seed(context.spec, context.task))
+    return encoded.blob, personal
+
+
+def encode_delta(context: LocalContext, residual: State, seed: int) -> tuple[Encoded, State]:
+    """`upload_from_model`'s codec output (bytes and the decoded values) and personal tensors;
+    `seed` seeds the codec's stochastic rounding."""
+    spec = context.spec
     delta: State = {}
     personal: State = {}
     with torch.no_grad():
@@ -96,14 +124,19 @@ def upload_from_model(context: LocalContext, residual: State) -> tuple[bytes, St
                 personal[name] = param.detach().to("cpu", torch.float32, copy=True)
             else:
                 delta[name] = param.detach().to("cpu", torch.float32) - context.start_state[name]
+    task = context.task
+    if spec.simulation.poison.fraction > 0 and task.client in poisoned_clients(spec):
+        # Test/benchmark simulation: a bad client. Dense float32, so even NaN reaches the aggregator.
+        poisoned = poison_delta(spec, delta, derive_seed("poison", spec.seed, task.round, task.client, task.wave))
+        return Encoded(blob=encode_tensors(poisoned, "float32"), decoded=poisoned), personal
     if spec.compression.error_feedback:
         for name, value in residual.items():
             if name in delta:
                 delta[name] += value
-    encoded = encode_update(delta, Codec.for_uploads(spec.compression), codec_seed(spec, task))
+    encoded = encode_update(delta, Codec.for_uploads(spec.compression), seed)
     if spec.compression.error_feedback:
         personal.update({RESIDUAL_PREFIX + name: delta[name] - encoded.decoded[name] for name in delta})
-    return encoded.blob, personal
+    return encoded, personal
 
 
 @dataclass(frozen=True)
@@ -253,7 +286,10 @@ class DeltaAccumulator(RoundAccumulator[State]):
 
     def _validate(self, announce: UpdateReady, blob: bytes, max_bytes: int) -> State:
         # The header is checked against the global part's names and shapes before any tensor is built.
-        return decode_update(blob, max_bytes, expected=self.shared_state).tensors
+        tensors = decode_update(blob, max_bytes, expected=self.shared_state).tensors
+        # The strategy's own checks (NaN/Inf, a buffered strategy's memory bound) reject here, before merging.
+        self.aggregate.check(tensors)
+        return tensors
 
     def weight(self, announce: UpdateReady) -> float:
         return float(announce.num_samples) if self.spec.aggregation.weighting == "samples" else 1.0

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 
@@ -62,6 +62,19 @@ class LocalContext:
     """Reads what the mode committed beside the global state in earlier rounds."""
     cache_dir: Path | None = None
     """The worker's model cache (reward models live there too); None: the settings' default."""
+    round_uploads: Callable[[int], Mapping[int, bytes]] | None = None
+    """Wave -> the uploads merged into this task's round in that wave, by client (each read from the
+    store when first looked up): what the server broadcasts to the round's clients (secure
+    aggregation's keys and encrypted shares)."""
+    secrets: ClientSecrets | None = None
+    """The client's own secrets (secure aggregation's private keys): stored under the client's key,
+    never read by the aggregator."""
+
+
+class ClientSecrets(Protocol):
+    def get(self, name: str) -> bytes | None: ...
+
+    def put(self, name: str, value: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,9 @@ class Step:
     artifacts: dict[str, State] = field(default_factory=dict)
     """Named tensors stored with the round (e.g. fwd's gradient estimate and server momentum)."""
     figures: dict[str, float] = field(default_factory=dict)
+    clients: list[int] | None = None
+    """The clients the new state is built on, when not every client that uploaded something this
+    round (secure aggregation: the survivors, not those that only advertised keys or abstained)."""
 
 
 U = TypeVar("U")
@@ -137,6 +153,10 @@ class RoundAccumulator(ABC, Generic[U]):
     start_state : State
         The global trainable state the round's tasks started from.
     """
+
+    closes_waves: ClassVar[bool] = False
+    """An upload of a wave before the round's current one is late and dropped (True: each wave's
+    set of uploads is fixed once the next wave is asked for, as secure aggregation needs)."""
 
     def __init__(self, spec: JobSpec, start_state: State) -> None:
         self.spec = spec

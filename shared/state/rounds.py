@@ -43,6 +43,19 @@ class RoundRepository:
     def add_merged(self, job_id: str, round_: int, client: int, wave: int) -> None:
         self.store.set_add(self.keys.round_merged(job_id, round_), f"{client}:{wave}")
 
+    def rejected(self, job_id: str, round_: int) -> list[tuple[int, int]]:
+        """(client, wave) of every update rejected this round and not merged since (a retried upload may be)."""
+        members = self.store.set_members(self.keys.round_rejected(job_id, round_))
+        merged = set(self.merged(job_id, round_))
+        return sorted(
+            key
+            for key in ((int(client), int(wave)) for client, wave in (m.split(":") for m in members))
+            if key not in merged
+        )
+
+    def add_rejected(self, job_id: str, round_: int, client: int, wave: int) -> None:
+        self.store.set_add(self.keys.round_rejected(job_id, round_), f"{client}:{wave}")
+
     # -- committed rounds -------------------------------------------------------------------
 
     def is_committed(self, job_id: str, round_: int) -> bool:

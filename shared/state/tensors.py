@@ -115,6 +115,16 @@ class TensorRepository:
         # The version set only grows by one short member per task; its entries point at deleted keys
         # only below `read`, which no later task asks for (they read the latest before their own).
 
+    # -- a client's own secrets (secure aggregation's private keys) -------------------------------
+
+    def client_secret(self, job_id: str, client: int, name: str) -> bytes | None:
+        return self.store.get(f"{self.keys.job_prefix(job_id)}client:{client}:secret:{name}")
+
+    def put_client_secret(self, job_id: str, client: int, name: str, blob: bytes) -> None:
+        # Client-side state kept in the store only because pwff's clients are simulated by stateless
+        # workers; the aggregator never reads these keys.
+        self.store.put(f"{self.keys.job_prefix(job_id)}client:{client}:secret:{name}", blob, self.update_ttl_s)
+
     # -- published models ---------------------------------------------------------------------
 
     def archive(self, job_id: str, which: str) -> bytes | None:

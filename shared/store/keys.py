@@ -33,6 +33,10 @@ class Keys:
         """Set of "client:wave" whose update the aggregator merged this round (dedup key)."""
         return f"{self.namespace}:job:{job_id}:round:{round_}:merged"
 
+    def round_rejected(self, job_id: str, round_: int) -> str:
+        """Set of "client:wave" whose update the aggregator rejected this round (NaN, malformed, over a bound)."""
+        return f"{self.namespace}:job:{job_id}:round:{round_}:rejected"
+
     def round_committed(self, job_id: str, round_: int) -> str:
         """Committed round record (msgpack): exists iff the round committed."""
         return f"{self.namespace}:job:{job_id}:round:{round_}:committed"
