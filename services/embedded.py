@@ -18,6 +18,7 @@ from services.scheduler.core import Scheduler
 from services.worker.worker import Worker
 from shared.bus.memory import MemoryBus
 from shared.metrics import count_dead_letter
+from shared.signing import BusAuth
 from shared.state import JobState
 from shared.store.memory import MemoryStore
 
@@ -28,10 +29,13 @@ class EmbeddedCluster:
     ) -> None:
         self.bus = MemoryBus(on_dead_letter=count_dead_letter)
         self.store = store if store is not None else MemoryStore()
-        self.scheduler = Scheduler(self.bus, self.store, namespace=namespace, tick_s=0.2)
-        self.aggregator = Aggregator(self.bus, self.store, namespace=namespace, cache_dir=cache_dir)
+        # One process, one random secret: messages are sealed and checked exactly as between service processes.
+        self.auth = auth = BusAuth.ephemeral()
+        """What a service added to this cluster (e.g. another Worker) seals and checks its messages with."""
+        self.scheduler = Scheduler(self.bus, self.store, namespace=namespace, tick_s=0.2, auth=auth)
+        self.aggregator = Aggregator(self.bus, self.store, namespace=namespace, cache_dir=cache_dir, auth=auth)
         self.workers = [
-            Worker(self.bus, self.store, namespace=namespace, cache_dir=cache_dir, name=f"worker-{i}")
+            Worker(self.bus, self.store, namespace=namespace, cache_dir=cache_dir, name=f"worker-{i}", auth=auth)
             for i in range(workers)
         ]
         self._stop = threading.Event()

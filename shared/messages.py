@@ -7,7 +7,7 @@ validate is an `InvalidMessage`, which the bus dead-letters instead of retrying.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -18,6 +18,12 @@ JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{2,63}$"
 
 class InvalidMessage(ValueError):
     """A message that can never be processed: wrong shape, wrong version, too large."""
+
+
+class Verifier(Protocol):
+    """Checks a message's seals and strips them (`shared.signing.BusAuth`); raises InvalidMessage if they fail."""
+
+    def verify(self, data: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class _Message(BaseModel):
@@ -79,14 +85,19 @@ class UpdateReady(_Message):
     attempt: int = Field(ge=0, le=1000)
     wave: int = Field(0, ge=0, le=10_000)
     key: str = Field(min_length=1, max_length=512)
-    num_samples: int = Field(ge=1)
+    num_samples: int = Field(ge=1, le=1_000_000_000)
     train_loss: float
     compute_s: float = Field(ge=0)
     upload_bytes: int = Field(ge=0)
     perturbations: int = Field(0, ge=0, description="fwd: directions evaluated")
     flops: float = Field(0.0, ge=0, description="compute spent on the task (wireless cost model)")
     cosine: float = Field(0.0, ge=-1, le=1, description="fwd: mean |cosine| of the chosen directions")
-    digest: str = Field("", max_length=64, description="bound clients: SHA-256 (hex) of the blob under `key`")
+    digest: str = Field(
+        "",
+        pattern=r"^([0-9a-f]{64})?$",
+        description="SHA-256 (hex) of the blob under `key`: binds the stored update to this announcement (under "
+        "its MAC, and a bound client's signature); the aggregator merges no blob that does not match it",
+    )
     signature: str = Field(
         "", max_length=128, description="bound clients: the client's Ed25519 signature of every other field"
     )
@@ -241,24 +252,26 @@ def _unpack(body: bytes, max_bytes: int) -> Any:
     return data
 
 
-def _decode(adapter: TypeAdapter[Any], body: bytes, max_bytes: int) -> Any:
+def _decode(adapter: TypeAdapter[Any], body: bytes, max_bytes: int, auth: Verifier | None) -> Any:
     data = _unpack(body, max_bytes)
+    if auth is not None:
+        data = auth.verify(data)  # before validation: nothing of an unauthenticated message is looked at
     try:
         return adapter.validate_python(data)
     except ValidationError as error:
         raise InvalidMessage(str(error).replace("\n", " ")[:1000]) from None
 
 
-def decode_task(body: bytes, max_bytes: int = 64 * 1024) -> WorkerTask:
-    result: WorkerTask = _decode(_worker_adapter, body, max_bytes)
+def decode_task(body: bytes, max_bytes: int = 64 * 1024, auth: Verifier | None = None) -> WorkerTask:
+    result: WorkerTask = _decode(_worker_adapter, body, max_bytes, auth)
     return result
 
 
-def decode_aggregator(body: bytes, max_bytes: int = 64 * 1024) -> AggregatorCommand:
-    result: AggregatorCommand = _decode(_aggregator_adapter, body, max_bytes)
+def decode_aggregator(body: bytes, max_bytes: int = 64 * 1024, auth: Verifier | None = None) -> AggregatorCommand:
+    result: AggregatorCommand = _decode(_aggregator_adapter, body, max_bytes, auth)
     return result
 
 
-def decode_scheduler(body: bytes, max_bytes: int = 64 * 1024) -> SchedulerEvent:
-    result: SchedulerEvent = _decode(_scheduler_adapter, body, max_bytes)
+def decode_scheduler(body: bytes, max_bytes: int = 64 * 1024, auth: Verifier | None = None) -> SchedulerEvent:
+    result: SchedulerEvent = _decode(_scheduler_adapter, body, max_bytes, auth)
     return result

@@ -53,6 +53,13 @@ STORE_STATE_LOST = Counter(
     "Times the scheduler found the store's state gone (its instance marker missing: e.g. Redis restarted without "
     "persistence); every job it knew unfinished was failed",
 )
+MESSAGES_REJECTED = Counter(
+    "pwff_messages_rejected_total",
+    "Bus messages refused before handling, by reason: missing_tag|bad_tag (authentication, shared.signing), "
+    "update_digest (an update blob that is not the one announced), task_budget (a task over its job's budget), "
+    "num_samples (an update claiming more examples than its client holds)",
+    ["reason"],
+)
 LATE_TASKS = Counter("pwff_rounds_closed_at_deadline_total", "Rounds closed at their deadline with updates missing")
 
 
@@ -74,6 +81,8 @@ CLIENT_FAILURES_REJECTED = Counter(
 )
 for _outcome in ("merged", "duplicate", "late", "invalid", "unauthenticated"):
     UPDATES_RECEIVED.labels(outcome=_outcome)
+for _reason in ("missing_tag", "bad_tag", "update_digest", "task_budget", "num_samples"):
+    MESSAGES_REJECTED.labels(reason=_reason)
 
 
 def count_dead_letter(queue: str, reason: str) -> None:

@@ -22,7 +22,17 @@ class Settings(BaseSettings):
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: str = Field("pwff", pattern=r"^[A-Za-z0-9_.-]+$", description="prefix of queues and keys")
-    api_token: str = ""
+    api_token: str = Field("", description="the API's one token (an admin tenant) when there is no tenants file")
+    tenants_file: Path | None = Field(
+        None, description="YAML of tenants, their tokens' SHA-256 and role (services.scheduler.tenants)"
+    )
+    submit_rate_per_minute: float = Field(30.0, gt=0, description="job submissions a tenant may make per minute")
+    submit_burst: int = Field(10, ge=1, description="job submissions a tenant may make at once (token bucket size)")
+    bus_secret: str = Field(
+        "",
+        description="deployment secret every service derives per-job bus message keys from (shared.signing); "
+        "at least 16 bytes, the same in every service",
+    )
     api_host: str = "0.0.0.0"
     api_port: int = 8080
     metrics_port: int = 0

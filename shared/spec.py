@@ -74,6 +74,8 @@ class ModelOrFolder:
 
 
 ModelName = Annotated[str, ModelOrFolder()]
+ModuleName = Annotated[str, Field(min_length=1, max_length=200)]
+"""A module name or glob pattern: bounded, so a spec cannot grow without limit (the API stores it)."""
 DatasetName = Annotated[str, OneOf(DATASETS, "data set")]
 ModeName = Annotated[str, OneOf(MODES, "training mode")]
 PresetName = Annotated[str, OneOf(PRESETS, "personalization preset")]
@@ -100,16 +102,22 @@ class PartitionSpec(_Strict):
         description="iid: uniform shards; dirichlet: label skew drawn per client; natural: one natural group "
         "(e.g. a novel) per client",
     )
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller means more label skew")
-    min_examples: int = Field(8, ge=1, description="every client gets at least this many training examples")
+    alpha: float = Field(0.5, gt=0, le=1e6, description="Dirichlet concentration; smaller means more label skew")
+    min_examples: int = Field(
+        8, ge=1, le=1_000_000, description="every client gets at least this many training examples"
+    )
 
 
 class LoraSpec(_Strict):
     r: int = Field(8, ge=1, le=256, description="LoRA rank")
-    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r)")
+    alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (the update is scaled by alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: list[str] | None = Field(
-        None, description="module names to adapt; default depends on the model (query/value, q_proj/v_proj)"
+    target_modules: list[ModuleName] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="module names to adapt (at most 64, each up to 200 characters); default depends on the model "
+        "(query/value, q_proj/v_proj)",
     )
     train_head: bool = Field(True, description="train the classifier head too (sequence classification only)")
     full: bool = Field(
@@ -126,7 +134,7 @@ class OptimizerSpec(_Strict):
 
     name: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer")
     lr: float = Field(1e-3, gt=0, le=10, description="local learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="decoupled (AdamW) or L2 (SGD) weight decay")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="decoupled (AdamW) or L2 (SGD) weight decay")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (ignored by AdamW)")
 
 
@@ -195,8 +203,10 @@ class ForwardSpec(_Strict):
     variance_control: Literal["adaptive", "fixed"] = Field(
         "adaptive", description="adaptive: ask for more perturbations while the variance is above the threshold"
     )
-    variance_threshold: float = Field(0.5, gt=0, description="normalized split-half variance that ends a step")
-    max_perturbations_per_step: int = Field(1024, ge=1, description="cap on perturbations per step (all waves)")
+    variance_threshold: float = Field(0.5, gt=0, le=1e6, description="normalized split-half variance that ends a step")
+    max_perturbations_per_step: int = Field(
+        1024, ge=1, le=1_000_000, description="cap on perturbations per step (all waves)"
+    )
     upload: Literal["seeds", "dense", "pool"] = Field(
         "seeds",
         description="seeds: (seed, g, loss) triples (fedsgd) or the per-step trajectory (local); dense: the "
@@ -209,7 +219,7 @@ class ForwardSpec(_Strict):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="constant lr, or cosine decay from lr to lr_min over the job's rounds"
     )
-    lr_min: float = Field(0.0, ge=0, description="the cosine schedule's final learning rate")
+    lr_min: float = Field(0.0, ge=0, le=100, description="the cosine schedule's final learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="server SGD momentum on the gradient estimate")
     regime: Literal["fedsgd", "local"] = Field(
         "fedsgd",
@@ -242,7 +252,9 @@ class RewardSpec(_Strict):
         "conciseness (1 at target_words or fewer, falling with length), keyword (share of words that are "
         "`keyword`), hf (any Hugging Face sequence-classification folder)"
     )
-    path: str | None = Field(None, description="hf: a sequence-classification folder (config.json and weights)")
+    path: str | None = Field(
+        None, max_length=4096, description="hf: a sequence-classification folder (config.json and weights)"
+    )
     label: int | str | None = Field(
         None, description="hf: the label whose probability is the reward (index or name; default: the last)"
     )
@@ -280,7 +292,7 @@ class PreferenceSpec(_Strict):
     groups: list[Weights] = Field(
         default_factory=lambda: [[0.9, 0.1], [0.1, 0.9]], min_length=1, description="groups: each group's weights"
     )
-    alpha: float = Field(1.0, gt=0, description="dirichlet: concentration (small: clients lean to one reward)")
+    alpha: float = Field(1.0, gt=0, le=1e6, description="dirichlet: concentration (small: clients lean to one reward)")
     weights: dict[int, Weights] | None = Field(
         None,
         description="explicit: client (0-based) -> its weights",
@@ -332,10 +344,12 @@ class AlignSpec(_Strict):
         description="nats per token: the KL a client's model may reach; beta doubles (per client) when a step "
         "exceeds it by half and halves when it is under half of it",
     )
-    proximal_mu: float = Field(0.01, ge=0, description="mu: (mu / 2) |theta - theta_start|^2 to the task's start")
+    proximal_mu: float = Field(
+        0.01, ge=0, le=1e4, description="mu: (mu / 2) |theta - theta_start|^2 to the task's start"
+    )
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clipping of the probability ratio")
     ppo_epochs: int = Field(2, ge=1, le=16, description="optimizer passes over each step's samples")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="gradient clipping")
     perturbations: int = Field(16, ge=1, le=4096, description="fwd: directions per optimizer pass")
     eval_prompts: int = Field(16, ge=1, le=1024, description="held-out prompts per client evaluation")
     eval_samples_kept: int = Field(3, ge=0, le=32, description="responses per client and round kept in metrics")
@@ -369,13 +383,18 @@ class PersonalizationSpec(_Strict):
     """
 
     preset: PresetName = Field("none", description="which tensors stay personal (a registered preset)")
-    personal: list[str] = Field(default_factory=list, description="extra glob patterns of personal tensors")
+    personal: list[ModuleName] = Field(
+        default_factory=list,
+        max_length=64,
+        description="extra glob patterns of personal tensors (at most 64, each up to 200 characters)",
+    )
     # Rank 4: the adapter reads the wide feed-forward activation (4x the hidden size), so at the
     # attention LoRA's rank 8 it would upload more than FedAvg of that LoRA; at 4 it uploads ~60%.
     adapter_r: int = Field(4, ge=1, le=256, description="pwff: rank of the shared feed-forward adapter")
     eval_every: int | None = Field(
         None,
         ge=1,
+        le=10_000,
         description="evaluate every client's models every this many rounds (default: every round when "
         "something is personal, else only after the last round, which also publishes every client's model)",
     )
@@ -387,7 +406,7 @@ class PersonalizationSpec(_Strict):
         every = self.eval_every or (1 if personalized else rounds)
         return round_ % every == 0
 
-    eval_examples_per_client: int = Field(64, ge=1, description="held-out examples per client evaluation")
+    eval_examples_per_client: int = Field(64, ge=1, le=100_000, description="held-out examples per client evaluation")
 
 
 class BudgetSpec(_Strict):
@@ -396,8 +415,10 @@ class BudgetSpec(_Strict):
     kind: Literal["fixed", "deadline"] = Field(
         "fixed", description="fixed: every task gets local_steps/perturbations; deadline: as much as fits"
     )
-    device_deadline_s: float = Field(60.0, gt=0, description="simulated per-round deadline of a device")
-    min_steps: int = Field(1, ge=1, description="never give a selected device less than this")
+    device_deadline_s: float = Field(
+        60.0, gt=0, le=86_400, description="simulated per-round deadline of a device (at most a day)"
+    )
+    min_steps: int = Field(1, ge=1, le=100_000, description="never give a selected device less than this")
     selection: Literal["random", "delay", "energy"] = Field(
         "random", description="sample clients at random, or prefer the lowest expected delay or energy"
     )
@@ -625,7 +646,11 @@ class JobSpec(_Strict):
         ClientsSpec(), description="pool clients (shards of `dataset`) or bound clients (their own workers and data)"
     )
     clients_per_round: int = Field(
-        8, ge=1, description="clients sampled each round (bound clients: all of them unless given)"
+        8,
+        ge=1,
+        le=10_000,
+        description="clients sampled each round; at most num_clients (a 422 otherwise); bound clients: all of them "
+        "unless given",
     )
     rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
     local_steps: int = Field(10, ge=1, le=100_000, description="backprop: local optimizer steps per task")
@@ -642,9 +667,11 @@ class JobSpec(_Strict):
     devices: DevicesSpec = Field(DevicesSpec(), description="the simulated wireless device population")
     budget: BudgetSpec = Field(BudgetSpec(), description="per-device compute budgets and client selection")
     seed: int = Field(0, ge=0, lt=2**31, description="seeds shards, sampling, initial weights and perturbations")
-    round_deadline_s: float = Field(900.0, gt=0, description="a round closes at this age if the quorum is in")
+    round_deadline_s: float = Field(
+        900.0, gt=0, le=7 * 86_400, description="a round closes at this age if the quorum is in (at most a week)"
+    )
     quorum: float = Field(1.0, gt=0, le=1, description="fraction of the round's clients needed at the deadline")
-    eval_max_examples: int = Field(512, ge=1, description="cap on held-out examples evaluated per round")
+    eval_max_examples: int = Field(512, ge=1, le=100_000, description="cap on held-out examples evaluated per round")
     align: AlignSpec = Field(AlignSpec(), description="rewards, preferences and the alignment loss (mode align)")
     secure_aggregation: SecureAggregationSpec = Field(
         SecureAggregationSpec(), description="secure aggregation: the server learns only the sum of the updates"

@@ -78,6 +78,7 @@ class ServiceCluster:
         self.launch = ["tests.plugins.launch"] if test_modes else []
         self.namespace = f"it-{uuid.uuid4().hex[:8]}"
         self.token = uuid.uuid4().hex
+        self.bus_secret = uuid.uuid4().hex
         self.api_port = free_port()
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.log_dir = log_dir
@@ -90,6 +91,7 @@ class ServiceCluster:
             "PWFF_NAMESPACE": self.namespace,
             "PWFF_CACHE_DIR": str(cache_dir),
             "PWFF_LOG_LEVEL": "INFO",
+            "PWFF_BUS_SECRET": self.bus_secret,
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
             "PWFF_RABBITMQ_URL": self.settings.rabbitmq_url,

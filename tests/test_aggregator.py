@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,10 +97,13 @@ class World:
         num_samples: int | None = None,
         loss: float | None = None,
         key: str | None = None,
+        blob: bytes | None = None,
     ) -> bytes:
-        """Store an update and its announcement as a worker would; returns the UpdateReady body."""
-        delta = self.delta(client) if delta is None else delta
-        blob = encode_tensors(delta, "float32")
+        """Store an update and its announcement as a worker would; returns the UpdateReady body.
+
+        `blob`: the stored update as it is (e.g. another codec's), instead of `delta` in float32."""
+        if blob is None:
+            blob = encode_tensors(self.delta(client) if delta is None else delta, "float32")
         key = key or self.update_key(client, round_, attempt)
         self.store.put(key, blob)
         message = encode(
@@ -109,6 +113,7 @@ class World:
                 client=client,
                 attempt=attempt,
                 key=key,
+                digest=hashlib.sha256(blob).hexdigest(),
                 num_samples=num_samples if num_samples is not None else 10 + 7 * client,
                 train_loss=loss if loss is not None else 1.0 + client / 10,
                 compute_s=0.1 * (client + 1),
@@ -274,7 +279,7 @@ def test_server_lr_and_uniform_weighting(make_world: Callable[..., World]) -> No
     world = make_world(aggregation={"server_lr": 0.5, "weighting": "uniform"})
     previous = world.global_state(0)
     for client in world.clients:
-        world.aggregator.handle(world.announce(client, num_samples=100 * (client + 1)))
+        world.aggregator.handle(world.announce(client, num_samples=1 + client % 3))  # uneven, within each shard
     world.events()
     world.close()
     expected = weighted_step(previous, [world.delta(c) for c in world.clients], [1.0] * len(world.clients), 0.5)
@@ -440,10 +445,9 @@ def test_update_whose_payload_is_missing_is_invalid(make_world: Callable[..., Wo
 def test_update_with_garbage_payload_is_invalid(make_world: Callable[..., World]) -> None:
     world = make_world()
     client = world.clients[0]
-    body = world.announce(client)
-    world.store.put(world.update_key(client), b"PWT1 not zstd")
+    body = world.announce(client, blob=b"PWT1 not zstd")  # announced as it is: the codec refuses it
     before = received("invalid")
-    with pytest.raises(InvalidMessage):
+    with pytest.raises(InvalidMessage, match="update"):
         world.aggregator.handle(body)
     assert received("invalid") == before + 1
 
@@ -629,6 +633,7 @@ def announce_seeds(
             attempt=0,
             wave=wave,
             key=key,
+            digest=hashlib.sha256(blob).hexdigest(),
             num_samples=10,
             train_loss=1.0,
             compute_s=0.1,

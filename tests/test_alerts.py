@@ -53,6 +53,19 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "fires_at": "5m",
         "firing": [{"namespace": "sick", "queue": "pwff.tasks"}],
     },
+    "PwffUnauthenticatedMessages": {
+        "series": {
+            # Counters start at 0 for every reason (shared.metrics).
+            'pwff_messages_rejected_total{namespace="sick",reason="bad_tag"}': "0 0 0 1x37",
+            'pwff_messages_rejected_total{namespace="sick",reason="missing_tag"}': "0x40",
+            # A task over its budget is refused too, but it is no authentication failure.
+            'pwff_messages_rejected_total{namespace="well",reason="task_budget"}': "0 0 0 1x37",
+            'pwff_messages_rejected_total{namespace="well",reason="bad_tag"}': "0x40",
+        },
+        "quiet_at": "30m",
+        "fires_at": "5m",
+        "firing": [{"namespace": "sick", "reason": "bad_tag"}],
+    },
     "PwffRoundsPastDeadline": {
         "series": {
             'pwff_rounds_closed_at_deadline_total{namespace="sick"}': "0 0 1x38",
@@ -129,7 +142,7 @@ def test_rules_pass_promtool_check(promtool: str) -> None:
     proc = _promtool(promtool, "check", "rules", str(RULES))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"SUCCESS: {len(_rules())} rules found" in proc.stdout
-    assert len(_rules()) == 4
+    assert len(_rules()) == 5
 
 
 def test_every_alert_has_a_unit_test() -> None:

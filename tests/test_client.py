@@ -142,7 +142,7 @@ def test_a_client_whose_data_does_not_match_shows_in_the_events(cache_dir: Path,
         data._splits.cache_clear()
         data._partition_cached.cache_clear()
         stop = threading.Event()
-        worker = Worker(cluster.bus, cluster.store, cache_dir=cache_dir, name="late-worker")
+        worker = Worker(cluster.bus, cluster.store, cache_dir=cache_dir, name="late-worker", auth=cluster.auth)
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
         thread.start()
         try:

@@ -422,8 +422,7 @@ def test_malformed_compressed_update_is_rejected_and_the_round_commits_from_the_
                 blob = _forge(header, parts)
             else:
                 blob = _forge(_with(header, "v", 9), parts)
-        body = world.announce(client, delta=delta)
-        world.store.put(world.update_key(client), blob)  # what the worker "uploaded"
+        body = world.announce(client, blob=blob)  # what the worker "uploaded"
         if client == bad:
             with pytest.raises(InvalidMessage, match="update"):
                 world.aggregator.handle(body)

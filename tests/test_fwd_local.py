@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,10 @@ def test_malformed_trajectory_is_counted_and_the_round_commits_from_the_valid_on
     def announce(client: int, blob: bytes, perturbations: int) -> bytes:
         key = world.update_key(client)
         world.store.put(key, blob)
-        message = _announce(world.spec, client, perturbations, key=key).model_copy(update={"job_id": world.job_id})
+        digest = hashlib.sha256(blob).hexdigest()
+        message = _announce(world.spec, client, perturbations, key=key).model_copy(
+            update={"job_id": world.job_id, "digest": digest}
+        )
         world.store.put(world.meta_key(client), encode(message))
         return encode(message)
 

@@ -247,6 +247,10 @@ def test_crd_validator_rejects_what_the_crds_reject(
         ["--set", "secrets.rabbitmqUrl=http://rabbitmq"],
         ["--set", "boundClients.clientsFile.secretName=Not_A_Name"],
         ["--set", "boundClients.clientsFile.path=/etc/clients.yaml"],
+        ["--set", "secrets.busSecret=short"],
+        ["--set", "auth.tenants.team-a.tokens_sha256[0]=the-token-itself"],
+        ["--set", "auth.tenants.team-a.role=root"],
+        ["--set", "config.submitBurst=0"],
     ],
     ids=lambda a: a[1],
 )
@@ -426,6 +430,7 @@ def test_config_map_and_secret(render: Render) -> None:
         "PWFF_RABBITMQ_URL",
         "PWFF_REDIS_URL",
         "PWFF_API_TOKEN",
+        "PWFF_BUS_SECRET",
         "rabbitmq-password",
         "rabbitmq-auth.conf",
         "redis-password",
@@ -549,7 +554,7 @@ def test_external_urls_from_values(render: Render) -> None:
     )  # fmt: skip
     assert not _find(docs, "StatefulSet")
     data = _secret_data(_one(docs, "Secret", RELEASE))
-    assert set(data) == {"PWFF_RABBITMQ_URL", "PWFF_REDIS_URL", "PWFF_API_TOKEN"}
+    assert set(data) == {"PWFF_RABBITMQ_URL", "PWFF_REDIS_URL", "PWFF_API_TOKEN", "PWFF_BUS_SECRET"}
     assert data["PWFF_RABBITMQ_URL"] == "amqps://pwff:s3cret@mq.example:5671/pwff"
     assert data["PWFF_REDIS_URL"] == "rediss://:s3cret@redis.example:6379/0"
 
@@ -1005,3 +1010,71 @@ def test_bound_clients_file_and_scheduler_key(render: Render) -> None:
         "name": "pwff-clients",
         "items": [{"key": "enrolled.yaml", "path": "clients.yaml"}],
     }
+
+
+def test_bus_secret_reaches_the_services_that_use_the_bus(render: Render) -> None:
+    docs = render()
+    data = _secret_data(_one(docs, "Secret", RELEASE))
+    assert len(data["PWFF_BUS_SECRET"]) == 48  # generated (and kept on upgrade, as the API token)
+    for component in ("scheduler", "worker", "aggregator"):
+        env = _env(_container(_deployment(docs, component)))
+        assert env["PWFF_BUS_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": RELEASE, "key": "PWFF_BUS_SECRET"}
+    scaler = [d for d in _find(docs, "Deployment") if d["metadata"]["name"] == f"{RELEASE}-scaler"]
+    for deployment in scaler:
+        assert "PWFF_BUS_SECRET" not in _env(_container(deployment)), "the scaler never touches the bus messages"
+    given = _secret_data(_one(render("--set", "secrets.busSecret=a-deployment-secret-123"), "Secret", RELEASE))
+    assert given["PWFF_BUS_SECRET"] == "a-deployment-secret-123"
+
+
+def test_tenants_file_is_mounted_from_a_secret(render: Render, tmp_path: Path) -> None:
+    from services.scheduler.tenants import Tenants, hash_token
+
+    # Without tenants: no tenants Secret, no PWFF_TENANTS_FILE (the API token is the one admin tenant).
+    docs = render()
+    assert not _find(docs, "Secret", f"{RELEASE}-tenants")
+    assert "PWFF_TENANTS_FILE" not in _env(_container(_deployment(docs, "scheduler")))
+
+    docs = render(
+        "--set", f"auth.tenants.team-a.tokens_sha256[0]={hash_token('token-a')}",
+        "--set", f"auth.tenants.ops.tokens_sha256[0]={hash_token('token-ops')}",
+        "--set", "auth.tenants.ops.role=admin",
+    )  # fmt: skip
+    file = _secret_data(_one(docs, "Secret", f"{RELEASE}-tenants"))["tenants.yaml"]
+    assert "token-a" not in file
+    path = tmp_path / "tenants.yaml"
+    path.write_text(file)
+    tenants = Tenants.from_file(path)  # the rendered file is what the scheduler reads
+    a, ops = tenants.authenticate("token-a"), tenants.authenticate("token-ops")
+    assert a is not None and (a.name, a.admin) == ("team-a", False)
+    assert ops is not None and (ops.name, ops.admin) == ("ops", True)
+    deployment = _deployment(docs, "scheduler")
+    container = _container(deployment)
+    assert _env(container)["PWFF_TENANTS_FILE"]["value"] == "/etc/pwff/tenants/tenants.yaml"
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tenants")
+    assert mount == {"name": "tenants", "mountPath": "/etc/pwff/tenants", "readOnly": True}
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tenants")
+    assert volume["secret"]["secretName"] == f"{RELEASE}-tenants"
+    assert "checksum/tenants" in deployment["spec"]["template"]["metadata"]["annotations"]
+    for component in ("worker", "aggregator"):
+        assert "PWFF_TENANTS_FILE" not in _env(_container(_deployment(docs, component)))
+
+    # An existing Secret instead: mounted as is, nothing rendered.
+    docs = render("--set", "auth.tenantsSecret=team-tokens", "--set", "auth.tenantsSecretKey=file.yaml")
+    assert not _find(docs, "Secret", f"{RELEASE}-tenants")
+    deployment = _deployment(docs, "scheduler")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tenants")
+    assert volume["secret"] == {"secretName": "team-tokens", "items": [{"key": "file.yaml", "path": "file.yaml"}]}
+    assert _env(_container(deployment))["PWFF_TENANTS_FILE"]["value"] == "/etc/pwff/tenants/file.yaml"
+
+
+def test_submission_rate_limits_reach_the_scheduler(render: Render) -> None:
+    from shared.settings import Settings
+
+    [cm] = [
+        m
+        for m in render("--set", "config.submitRatePerMinute=6", "--set", "config.submitBurst=2")
+        if m["kind"] == "ConfigMap" and m["metadata"]["name"] == RELEASE
+    ]
+    data = cm["data"]
+    settings = Settings(_env_file=None, **{k[5:].lower(): v for k, v in data.items() if k.startswith("PWFF_")})
+    assert (settings.submit_rate_per_minute, settings.submit_burst) == (6.0, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def test_a_client_that_fits_cannot_pass_off_a_trajectory(make_world: Callable[..
     world.store.put(key, blob)
     message = UpdateReady(
         job_id=world.job_id, round=1, client=client, attempt=0, key=key, num_samples=10, train_loss=1.0,
-        compute_s=0.1, upload_bytes=len(blob), perturbations=4,
+        compute_s=0.1, upload_bytes=len(blob), perturbations=4, digest=hashlib.sha256(blob).hexdigest(),
     )  # fmt: skip
     world.store.put(world.meta_key(client), encode(message))
     before = received("invalid")

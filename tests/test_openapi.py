@@ -421,7 +421,7 @@ def test_every_field_has_a_description(root: str) -> None:
 
 
 ERRORS = {
-    ("post", "/v1/jobs"): {"400", "401", "413", "422"},
+    ("post", "/v1/jobs"): {"400", "401", "413", "422", "429"},
     ("get", "/v1/jobs"): {"401"},
     ("get", "/v1/jobs/{job_id}"): {"401", "404"},
     ("get", "/v1/jobs/{job_id}/events"): {"401", "404"},

@@ -266,6 +266,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         "PWFF_RABBITMQ_URL": _via(settings.rabbitmq_url, broker),
         "PWFF_REDIS_URL": _via(settings.redis_url, store),
         "PWFF_PROBE_STALE_S": "3",
+        "PWFF_BUS_SECRET": "probe-test-bus-secret-0123",
         "PWFF_TORCH_THREADS": "1",
         "PWFF_CACHE_DIR": str(tmp_path_factory.mktemp("probe-cache")),
         "HF_HUB_OFFLINE": "1",

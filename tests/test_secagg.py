@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -165,7 +166,7 @@ def _drop_tasks(worker: Worker, drop: Callable[[TrainTask], bool]) -> None:
     handle = worker.handle
 
     def maybe(body: bytes) -> None:
-        task = decode_task(body, worker.max_message_bytes)
+        task = decode_task(body, worker.max_message_bytes, worker.auth)
         if isinstance(task, TrainTask) and drop(task):
             return
         handle(body)
@@ -257,6 +258,7 @@ def _upload(world: World, client: int, wave: int, payload: bytes, num_samples: i
             wave=wave,
             attempt=0,
             key=key,
+            digest=hashlib.sha256(payload).hexdigest(),
             num_samples=num_samples,
             train_loss=1.0,
             compute_s=0.1,

@@ -12,18 +12,21 @@ from shared.identity import ClientRegistry
 from shared.metrics import dead_letter_counter
 from shared.runtime import run_until_signalled
 from shared.settings import Settings, configure_process
+from shared.signing import BusAuth
 from shared.store.redis import RedisStore
 
 
 def main() -> None:
     settings = Settings(metrics_port=int(os.environ.get("PWFF_METRICS_PORT", "9102")))
     configure_process(settings)
+    auth = BusAuth.for_service(settings.bus_secret)
     aggregator = Aggregator(
         RabbitBus(settings.rabbitmq_url, on_dead_letter=dead_letter_counter(settings.namespace)),
         RedisStore(settings.redis_url),
         namespace=settings.namespace,
         cache_dir=settings.cache_dir,
         max_message_bytes=settings.max_message_bytes,
+        auth=auth,
         max_update_bytes=settings.max_update_bytes,
         identities=ClientRegistry(settings.clients_file) if settings.clients_file is not None else None,
     )

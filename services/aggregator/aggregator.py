@@ -18,6 +18,7 @@ so no round's evaluation pays for that.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -48,12 +49,12 @@ from shared.messages import (
     UpdateMerged,
     UpdateReady,
     decode_aggregator,
-    encode,
 )
 from shared.metrics import (
     DP_EPSILON,
     GLOBAL_ACCURACY,
     GLOBAL_LOSS,
+    MESSAGES_REJECTED,
     ROUNDS_COMMITTED,
     UPDATES_RECEIVED,
     forget_job,
@@ -62,6 +63,7 @@ from shared.models import initial_state, load_trainable_state, peft_folder_archi
 from shared.modes import mode_of
 from shared.modes.base import State, UpdateRejected
 from shared.seeding import derive_seed
+from shared.signing import BusAuth
 from shared.spec import JobSpec
 from shared.state import JobNotFound, JobState, Repositories, RoundCommit, RoundRecord
 from shared.state.tensors import DOWNLOAD_DELTA, DOWNLOAD_RESIDUAL
@@ -87,8 +89,11 @@ class Aggregator:
         max_message_bytes: int = 64 * 1024,
         max_update_bytes: int = 512 * 1024 * 1024,
         identities: ClientRegistry | None = None,
+        auth: BusAuth | None = None,
     ) -> None:
         self.bus = bus
+        self.auth = auth if auth is not None else BusAuth.unsealed()
+        """Seals what it publishes and checks what it consumes (shared.signing)."""
         self.identities = identities
         """Enrolled bound clients' keys (PWFF_CLIENTS_FILE); without it every bound client's update is refused."""
         self.state = Repositories(store, namespace)
@@ -103,7 +108,7 @@ class Aggregator:
         self.bus.consume(self.queues.aggregate, self.handle, stop)
 
     def handle(self, body: bytes) -> None:
-        message = decode_aggregator(body, self.max_message_bytes)
+        message = decode_aggregator(body, self.max_message_bytes, self.auth)
         try:
             spec = self.state.jobs.spec(message.job_id)
         except JobNotFound:
@@ -128,7 +133,7 @@ class Aggregator:
             self._emit(JobFailed(job_id=job_id, error=f"{type(error).__name__}: {error}"[:4000]))
 
     def _emit(self, message: SchedulerEvent) -> None:
-        self.bus.publish(self.queues.events, encode(message))
+        self.bus.publish(self.queues.events, self.auth.seal(message))
 
     def _forget(self, job_id: str) -> None:
         forget_job(job_id)
@@ -206,6 +211,7 @@ class Aggregator:
             if identity is not None and payload_digest(blob) != announce.digest:
                 UPDATES_RECEIVED.labels(outcome="unauthenticated").inc()
                 raise InvalidMessage(f"update {announce.key}: the stored blob is not the one client {identity} signed")
+            _check_claims(announce, blob, spec)
             update = open_round.accumulator.validate(announce, blob, self.max_update_bytes)
         except UpdateRejected as error:
             self._reject(announce, str(error))
@@ -287,12 +293,13 @@ class Aggregator:
                 raw = self.state.tensors.announcement(job_id, round_, client, wave)
                 if raw is None:
                     raise RuntimeError(f"merged update of client {client} in {job_id} round {round_} is gone")
-                announce = decode_aggregator(raw, self.max_message_bytes)
+                announce = decode_aggregator(raw, self.max_message_bytes, self.auth)
                 if not isinstance(announce, UpdateReady):
                     raise RuntimeError(f"the stored announcement of client {client} in {job_id} is not an update")
                 stored = self.state.tensors.update(announce.key)
                 if stored is None:
                     raise RuntimeError(f"merged update {announce.key} is gone")
+                _check_claims(announce, stored, spec)
                 _apply(open_round, announce, open_round.accumulator.validate(announce, stored, self.max_update_bytes))
             if open_round.tally.merged:
                 log.info("rebuilt %s round %d from %d stored updates", job_id, round_, len(open_round.tally.merged))
@@ -439,6 +446,27 @@ class Aggregator:
 def _apply(open_round: OpenRound, announce: UpdateReady, update: object) -> None:
     open_round.accumulator.merge(announce, update)
     open_round.tally.add(announce, open_round.accumulator.weight(announce))
+
+
+def _check_claims(announce: UpdateReady, blob: bytes, spec: JobSpec) -> None:
+    """What an announcement says about its update that the aggregator can check before trusting it.
+
+    The blob must be the one announced (its SHA-256 is in the announcement, under the message's MAC):
+    whoever can write the store but not seal messages cannot swap a client's update. `num_samples`
+    weighs the client in the mean, so it may not exceed what the client's shard holds (a pool client's: a
+    bound client's data is not known here).
+    """
+    if not hmac.compare_digest(payload_digest(blob), announce.digest):
+        MESSAGES_REJECTED.labels(reason="update_digest").inc()
+        raise UpdateRejected("the stored blob is not the one announced (SHA-256 mismatch)")
+    if spec.clients.kind == "bound":
+        return  # a bound client's data is its own: no shard here to bound it by (its signature vouches)
+    shard = len(data.client_indices(spec, announce.client))
+    if announce.num_samples > shard:
+        MESSAGES_REJECTED.labels(reason="num_samples").inc()
+        raise UpdateRejected(
+            f"num_samples {announce.num_samples} exceeds the {shard} examples of client {announce.client}"
+        )
 
 
 def _fmt(metrics: dict[str, float]) -> str:

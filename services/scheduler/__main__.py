@@ -10,10 +10,12 @@ import uvicorn
 
 from services.scheduler.api import create_app
 from services.scheduler.core import Scheduler
+from services.scheduler.tenants import SubmitRateLimiter, Tenants
 from shared.bus.rabbitmq import RabbitBus
 from shared.identity import ClientRegistry, TaskSigner
 from shared.metrics import dead_letter_counter
 from shared.settings import Settings, configure_process
+from shared.signing import BusAuth
 from shared.store.redis import RedisStore
 
 log = logging.getLogger("services.scheduler")
@@ -22,14 +24,20 @@ log = logging.getLogger("services.scheduler")
 def main() -> None:
     settings = Settings()
     configure_process(settings)
-    if not settings.api_token:
-        sys.exit("PWFF_API_TOKEN is not set: the scheduler refuses to serve an unauthenticated API")
+    try:
+        tenants = (
+            Tenants.from_file(settings.tenants_file) if settings.tenants_file else Tenants.single(settings.api_token)
+        )
+    except ValueError as error:
+        sys.exit(f"{error}: the scheduler refuses to serve an unauthenticated API")
+    auth = BusAuth.for_service(settings.bus_secret)
     scheduler = Scheduler(
         RabbitBus(settings.rabbitmq_url, on_dead_letter=dead_letter_counter(settings.namespace)),
         RedisStore(settings.redis_url),
         namespace=settings.namespace,
         retention_s=settings.job_retention_s,
         job_pools=settings.job_pools,
+        auth=auth,
         identities=ClientRegistry(settings.clients_file) if settings.clients_file is not None else None,
         task_signer=TaskSigner.from_file(settings.scheduler_key) if settings.scheduler_key is not None else None,
     )
@@ -39,7 +47,12 @@ def main() -> None:
     try:
         # uvicorn handles SIGTERM/SIGINT itself and returns; then the loop stops too.
         uvicorn.run(
-            create_app(scheduler, settings.api_token, probe_stale_s=settings.probe_stale_s),
+            create_app(
+                scheduler,
+                tenants,
+                probe_stale_s=settings.probe_stale_s,
+                submit_limit=SubmitRateLimiter(settings.submit_rate_per_minute, settings.submit_burst),
+            ),
             host=settings.api_host,
             port=settings.api_port,
             log_level=settings.log_level.lower(),

@@ -1,7 +1,12 @@
-"""The HTTP API (FastAPI; OpenAPI at /docs). Every /v1 route needs `Authorization: Bearer <token>`."""
+"""The HTTP API (FastAPI; OpenAPI at /docs). Every /v1 route needs `Authorization: Bearer <token>`.
+
+The token names a tenant (services.scheduler.tenants): a member sees and acts on its own jobs only
+(another tenant's job is a 404, as if it did not exist), an admin on every job.
+"""
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 from pathlib import Path as FilePath
@@ -19,6 +24,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.scheduler.core import JobConflict, Scheduler
+from services.scheduler.tenants import SubmitRateLimiter, Tenant, Tenants
 from services.scheduler.views import (
     ErrorBody,
     Health,
@@ -38,6 +44,21 @@ from shared.state import JobEvent, JobNotFound
 
 # Module level: FastAPI resolves dependency annotations against module globals.
 _bearer = HTTPBearer(auto_error=False)
+
+
+def _caller(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
+    """The tenant whose bearer token the request carries (the app's `tenants`), else 401."""
+    tenants: Tenants = request.app.state.tenants
+    tenant = tenants.authenticate(credentials.credentials) if credentials is not None else None
+    if tenant is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"}
+        )
+    return tenant
+
+
+# On the router too, so a route added later cannot forget it; FastAPI runs it once per request.
+Caller = Annotated[Tenant, Depends(_caller)]
 
 _UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
     401: {
@@ -62,6 +83,11 @@ _ARCHIVE: dict[int | str, dict[str, Any]] = {
 _INVALID_SPEC: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "the body cannot be read (e.g. it is not UTF-8)"},
     413: {"model": ErrorBody, "description": "the body is larger than the API accepts"},
+    429: {
+        "model": ErrorBody,
+        "description": "the tenant submitted more jobs than its rate limit allows",
+        "headers": {"Retry-After": {"description": "seconds until it may submit again", "schema": {"type": "integer"}}},
+    },
     422: {
         "model": ValidationErrors,
         "description": "not JSON, or a spec that does not validate (its schema, or a rule between fields): "
@@ -244,13 +270,19 @@ MAX_BODY_BYTES = 1024 * 1024
 
 def create_app(
     scheduler: Scheduler,
-    api_token: str,
+    tenants: Tenants | str,
     max_body_bytes: int = MAX_BODY_BYTES,
     cache_dir: FilePath | None = None,
     probe_stale_s: float = STALE_AFTER_S,
+    submit_limit: SubmitRateLimiter | None = None,
 ) -> FastAPI:
-    if not api_token:
-        raise ValueError("the API needs a token: set PWFF_API_TOKEN")
+    """The API; `tenants` may be a single token (PWFF_API_TOKEN alone: one admin tenant).
+
+    `submit_limit`: each tenant's submission rate (the scheduler process always sets one from
+    PWFF_SUBMIT_RATE_PER_MINUTE and PWFF_SUBMIT_BURST; None, in tests, submits without a limit).
+    """
+    if isinstance(tenants, str):
+        tenants = Tenants.single(tenants)
     # /docs (Swagger UI) and /redoc load their JS and CSS from DOCS_ASSETS, served from the fastapi-offline
     # package, not from a CDN: they work on an air-gapped cluster. No validator badge either (it calls out).
     app = FastAPIOffline(
@@ -264,7 +296,8 @@ def create_app(
     app.middleware("http")(_count_requests)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.include_router(_jobs_router(scheduler, api_token, cache_dir))
+    app.state.tenants = tenants
+    app.include_router(_jobs_router(scheduler, submit_limit, cache_dir))
     _add_probes(app, scheduler, probe_stale_s)
     return app
 
@@ -344,48 +377,60 @@ async def _count_requests(request: Request, call_next: Any) -> Response:
     return response
 
 
-def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | None) -> APIRouter:
-    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), api_token.encode()):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"}
-            )
+def _jobs_router(scheduler: Scheduler, submit_limit: SubmitRateLimiter | None, cache_dir: FilePath | None) -> APIRouter:
+    router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(_caller)], responses=_UNAUTHORIZED, tags=["jobs"])
 
-    router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(authorized)], responses=_UNAUTHORIZED, tags=["jobs"])
+    def owned(job_id: str, caller: Tenant) -> None:
+        """404, not 403, for another tenant's job: a member cannot even learn that it exists."""
+        meta = scheduler.jobs.get(job_id)
+        if meta is None or not (caller.admin or meta.tenant == caller.name):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
 
-    def job_or_404(job_id: str) -> dict[str, Any]:
+    def job_or_404(job_id: str, caller: Tenant) -> dict[str, Any]:
+        owned(job_id, caller)
         try:
             return scheduler.get_job(job_id)
         except JobNotFound:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
 
     @router.post("", status_code=status.HTTP_201_CREATED, responses=_INVALID_SPEC)
-    def submit_job(spec: SubmittedSpec) -> JobCreated:
-        """Submit a job; it starts as soon as the aggregator has its initial state.
+    def submit_job(spec: SubmittedSpec, caller: Caller) -> JobCreated:
+        """Submit a job, owned by the caller's tenant; it starts as soon as the aggregator has its initial state.
 
-        The body is a JobSpec; every field has a default, so `{}` is a valid job.
+        The body is a JobSpec; every field has a default, so `{}` is a valid job. Each tenant may submit
+        PWFF_SUBMIT_BURST jobs at once and PWFF_SUBMIT_RATE_PER_MINUTE a minute (429 beyond).
         """
+        # Before the spec's data is read: the limit also bounds the work a tenant can make the API do.
+        wait_s = submit_limit.take(caller.name) if submit_limit is not None else 0.0
+        if wait_s > 0:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                f"tenant {caller.name} is over its submission rate limit; retry in {math.ceil(wait_s)}s",
+                {"Retry-After": str(math.ceil(wait_s))},
+            )
         try:
             # A local data source is read here: its fields and labels are checked and its label set pinned.
             spec = check_local_data(spec)
         except ValueError as error:
             raise _unprocessable("dataset", str(error)) from None
-        return JobCreated(id=scheduler.submit(spec))
+        return JobCreated(id=scheduler.submit(spec, tenant=caller.name))
 
     @router.get("")
-    def list_jobs() -> list[JobSummary]:
-        """Every job, newest first."""
-        return [JobSummary.model_validate(job) for job in scheduler.list_jobs()]
+    def list_jobs(caller: Caller) -> list[JobSummary]:
+        """The caller's tenant's jobs (an admin: every job), newest first."""
+        jobs = scheduler.list_jobs(tenant=None if caller.admin else caller.name)
+        return [JobSummary.model_validate(job) for job in jobs]
 
     @router.get("/{job_id}", response_model=JobView, responses=_NOT_FOUND)
-    def get_job(job_id: JobId) -> dict[str, Any]:
+    def get_job(job_id: JobId, caller: Caller) -> dict[str, Any]:
         """A job: its state, spec and every committed round's figures."""
-        return job_or_404(job_id)
+        return job_or_404(job_id, caller)
 
     @router.get("/{job_id}/events", responses=_NOT_FOUND)
-    def job_events(job_id: JobId) -> list[JobEvent]:
+    def job_events(job_id: JobId, caller: Caller) -> list[JobEvent]:
         """What happened to a job, oldest first: state changes, round commits, rounds closed at their
         deadline without some clients, and client failures with their reasons (the latest 1000)."""
+        owned(job_id, caller)
         try:
             return scheduler.events(job_id)
         except JobNotFound:
@@ -402,6 +447,7 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
     )
     def cancel_job(
         job_id: JobId,
+        caller: Caller,
         purge: Annotated[
             bool,
             Query(
@@ -416,19 +462,22 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
         retention (PWFF_JOB_RETENTION_S after it ended) expires its keys.
         """
         if purge:
+            # An admin may purge what is left of a job whose record already expired; a member only its own jobs.
+            if not caller.admin:
+                owned(job_id, caller)
             try:
                 return scheduler.purge(job_id)
             except JobNotFound:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
-        job_or_404(job_id)
+        job_or_404(job_id, caller)
         try:
             scheduler.cancel(job_id)
         except JobConflict as error:
             raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
-        return job_or_404(job_id)
+        return job_or_404(job_id, caller)
 
-    def archive_response(job_id: str, client: int | None) -> Response:
-        job_or_404(job_id)
+    def archive_response(job_id: str, client: int | None, caller: Tenant) -> Response:
+        job_or_404(job_id, caller)
         try:
             blob = scheduler.model_archive(job_id, client)
         except ValueError as error:
@@ -443,9 +492,9 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
         )
 
     @router.get("/{job_id}/models/global", response_class=Response, responses={**_ARCHIVE, **_NOT_FOUND})
-    def global_model(job_id: JobId) -> Response:
+    def global_model(job_id: JobId, caller: Caller) -> Response:
         """The published global adapter (updated after every round)."""
-        return archive_response(job_id, None)
+        return archive_response(job_id, None, caller)
 
     @router.get(
         "/{job_id}/models/clients/{client}",
@@ -456,23 +505,23 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
             422: {"model": ValidationErrors, "description": "client is not an integer"},
         },
     )
-    def client_model(job_id: JobId, client: ClientId) -> Response:
+    def client_model(job_id: JobId, client: ClientId, caller: Caller) -> Response:
         """One client's personalized adapter (published when the job ends)."""
-        return archive_response(job_id, client)
+        return archive_response(job_id, client, caller)
 
     adaptations = _Adaptations(scheduler, cache_dir)
 
     @router.post("/{job_id}/generate", responses=_GENERATE_ERRORS)
-    def generate(job_id: JobId, request: SubmittedPrompt) -> GenerateView:
+    def generate(job_id: JobId, request: SubmittedPrompt, caller: Caller) -> GenerateView:
         """An answer from the job's latest global model, or from one client's personalized model.
 
         Runs in this process (torch and the model are loaded on the first request), one at a time.
         """
-        job_or_404(job_id)
+        job_or_404(job_id, caller)
         return adaptations.generate(job_id, request)
 
     @router.post("/{job_id}/adapt", status_code=status.HTTP_201_CREATED, responses=_ADAPT_ERRORS)
-    def adapt_job(job_id: JobId, request: SubmittedAdaptation) -> AdaptationView:
+    def adapt_job(job_id: JobId, request: SubmittedAdaptation, caller: Caller) -> AdaptationView:
         """Cold start: a model for a client that never trained, from the job's global part plus local steps.
 
         The newcomer's personal part (the tensors the job's preset keeps with each client) starts at
@@ -481,7 +530,7 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
         Runs in this process, one adaptation at a time. The examples travel to the server: a client
         that keeps its data to itself runs `pwff adapt` instead, which does the same on its own machine.
         """
-        job_or_404(job_id)
+        job_or_404(job_id, caller)
         return adaptations.run(job_id, request)
 
     @router.get(
@@ -493,9 +542,9 @@ def _jobs_router(scheduler: Scheduler, api_token: str, cache_dir: FilePath | Non
             422: {"model": ValidationErrors, "description": "adaptation_id is not 12 hex digits"},
         },
     )
-    def adapted_model(job_id: JobId, adaptation_id: AdaptationId) -> Response:
+    def adapted_model(job_id: JobId, adaptation_id: AdaptationId, caller: Caller) -> Response:
         """A newcomer's adapted model (POST /v1/jobs/{job_id}/adapt made it)."""
-        job_or_404(job_id)
+        job_or_404(job_id, caller)
         blob = scheduler.state.tensors.archive(job_id, f"adapted-{adaptation_id}")
         if blob is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no adaptation {adaptation_id}")

@@ -49,7 +49,6 @@ from shared.messages import (
     UpdateInvalid,
     UpdateMerged,
     decode_scheduler,
-    encode,
 )
 from shared.metrics import (
     CLIENT_FAILURES_REJECTED,
@@ -67,6 +66,7 @@ from shared.metrics import (
 )
 from shared.modes import mode_of
 from shared.privacy import privacy_view
+from shared.signing import BusAuth
 from shared.spec import JobSpec
 from shared.state import JobEvent, JobMeta, JobNotFound, JobState, Repositories, RoundPlan, RoundRecord, RoundStatus
 from shared.state.records import EventKind
@@ -132,8 +132,11 @@ class Scheduler:
         identities: ClientRegistry | None = None,
         presence_ttl_s: float = 2.0,
         task_signer: TaskSigner | None = None,
+        auth: BusAuth | None = None,
     ) -> None:
         self.bus = bus
+        self.auth = auth if auth is not None else BusAuth.unsealed()
+        """Seals what it publishes and checks what it consumes (shared.signing)."""
         self.store = store
         self.state = Repositories(store, namespace)
         self.jobs = self.state.jobs
@@ -181,18 +184,20 @@ class Scheduler:
 
     # -- API-facing operations --------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> str:
-        """Raises ValueError (DataMismatch) for a local data source that does not fit the spec."""
+    def submit(self, spec: JobSpec, tenant: str = "") -> str:
+        """Create a job owned by `tenant` (the API's caller) and ask the aggregator to initialize it.
+
+        Raises ValueError (DataMismatch) for a local data source that does not fit the spec."""
         spec = check_local_data(spec)  # reads a local source once: its fields, labels and partition
         job_id = new_job_id(spec.name)
         now = self.clock()
         with self._lock:
-            meta = JobMeta(id=job_id, spec=spec, created_at=now, updated_at=now, init_sent_at=now)
+            meta = JobMeta(id=job_id, spec=spec, tenant=tenant, created_at=now, updated_at=now, init_sent_at=now)
             self.jobs.create(meta)
             self._unfinished[job_id] = meta
             self._event(job_id, "state", "submitted", state=JobState.QUEUED)
         JOBS_SUBMITTED.inc()
-        self.bus.publish(self.queues.aggregate, encode(InitJob(job_id=job_id)))
+        self.bus.publish(self.queues.aggregate, self.auth.seal(InitJob(job_id=job_id)))
         log.info("job %s submitted (%s on %s, %d rounds)", job_id, spec.model, spec.dataset, spec.rounds)
         return job_id
 
@@ -265,14 +270,19 @@ class Scheduler:
         return {
             "id": meta.id,
             "name": meta.spec.name,
+            "tenant": meta.tenant,
             "state": str(meta.state),
             "round": meta.round,
             "created_at": meta.created_at,
         }
 
-    def list_jobs(self) -> list[dict[str, Any]]:
-        """Every job's summary (`services.scheduler.views.JobSummary`), newest first."""
-        metas = [meta for meta in map(self.jobs.get, self.jobs.ids()) if meta is not None]
+    def list_jobs(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Every job's summary (`services.scheduler.views.JobSummary`), or `tenant`'s only, newest first."""
+        metas = [
+            meta
+            for meta in map(self.jobs.get, self.jobs.ids())
+            if meta is not None and (tenant is None or meta.tenant == tenant)
+        ]
         return [self._summary(meta) for meta in sorted(metas, key=lambda meta: meta.created_at, reverse=True)]
 
     def model_archive(self, job_id: str, client: int | None = None) -> bytes | None:
@@ -287,7 +297,7 @@ class Scheduler:
     # -- events from the aggregator ---------------------------------------------------------
 
     def handle_event(self, body: bytes) -> None:
-        event = decode_scheduler(body)
+        event = decode_scheduler(body, auth=self.auth)
         with self._lock:
             state = self.jobs.state(event.job_id)
             if state is None:
@@ -467,7 +477,7 @@ class Scheduler:
             else:
                 fields = task.model_dump(mode="json", exclude={"signature"})
                 task = task.model_copy(update={"signature": self.task_signer.sign(fields)})
-        self.bus.publish(self._tasks_queue(spec, job_id, client), encode(task))
+        self.bus.publish(self._tasks_queue(spec, job_id, client), self.auth.seal(task))
 
     def _tasks_queue(self, spec: JobSpec, job_id: str, client: int) -> str:
         identity = spec.clients.identity(client)
@@ -518,7 +528,7 @@ class Scheduler:
 
     def _close_round(self, job_id: str, round_: int, force: bool = False) -> None:
         self.jobs.update_plan(job_id, round_, status=RoundStatus.CLOSING, close_sent_at=self.clock(), force=force)
-        self.bus.publish(self.queues.aggregate, encode(CloseRound(job_id=job_id, round=round_, force=force)))
+        self.bus.publish(self.queues.aggregate, self.auth.seal(CloseRound(job_id=job_id, round=round_, force=force)))
 
     def tick(self) -> None:
         """Deadlines and resends; safe to call at any time, from any scheduler replica after a restart."""
@@ -539,7 +549,7 @@ class Scheduler:
                     self._unfinished[job_id] = meta
                 if meta.state == JobState.QUEUED and now - meta.init_sent_at > RESEND_AFTER_S:
                     self._set(job_id, init_sent_at=now)
-                    self.bus.publish(self.queues.aggregate, encode(InitJob(job_id=job_id)))
+                    self.bus.publish(self.queues.aggregate, self.auth.seal(InitJob(job_id=job_id)))
                 if meta.state != JobState.RUNNING:
                     continue
                 plan = self.jobs.plan(job_id, meta.round)
@@ -672,5 +682,5 @@ class Scheduler:
             # Redis expires the job's keys on its own, whether or not a scheduler is still running then.
             self.jobs.expire(job_id, self.retention_s)
         if state != JobState.SUCCEEDED:
-            self.bus.publish(self.queues.aggregate, encode(DropJob(job_id=job_id)))
+            self.bus.publish(self.queues.aggregate, self.auth.seal(DropJob(job_id=job_id)))
         log.info("job %s %s%s", job_id, state, f": {error}" if error else "")

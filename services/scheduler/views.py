@@ -115,6 +115,7 @@ class JobSummary(BaseModel):
 
     id: str = Field(description="the job id: the spec's name, slugged, and a random suffix")
     name: str = Field(description="the spec's name")
+    tenant: str = Field("", description="the tenant that submitted it (its owner)")
     state: JobState = Field(description="queued, running, then succeeded, failed or cancelled")
     round: int = Field(description="the round in progress (0 until round 1 opens)")
     created_at: float = Field(description="Unix time")

@@ -26,6 +26,7 @@ from shared.identity import IdentityError, TaskVerifier, UpdateSigner
 from shared.metrics import dead_letter_counter
 from shared.runtime import run_until_signalled
 from shared.settings import Settings, configure_process
+from shared.signing import BusAuth
 from shared.spec import CLIENT_ID_PATTERN
 from shared.store.redis import RedisStore
 
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings(metrics_port=int(os.environ.get("PWFF_METRICS_PORT", "9101")))
     clients = parse_args(sys.argv[1:] if argv is None else argv, settings)
     configure_process(settings)
+    auth = BusAuth.for_service(settings.bus_secret)
     worker = Worker(
         RabbitBus(
             settings.rabbitmq_url,
@@ -114,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cache_dir=settings.cache_dir,
         update_ttl_s=settings.update_ttl_s,
         max_message_bytes=settings.max_message_bytes,
+        auth=auth,
         name=f"worker@{socket.gethostname()}:{os.getpid()}" + (f"[{','.join(clients)}]" if clients else ""),
         tasks_queue=settings.tasks_queue,
         clients=clients,

@@ -51,12 +51,12 @@ from shared.messages import (
     UpdateReady,
     decode_aggregator,
     decode_task,
-    encode,
 )
-from shared.metrics import DOWNLOAD_BYTES, TASK_DURATION, TASKS_PROCESSED, UPLOAD_BYTES
+from shared.metrics import DOWNLOAD_BYTES, MESSAGES_REJECTED, TASK_DURATION, TASKS_PROCESSED, UPLOAD_BYTES
 from shared.models import load_trainable_state, peft_folder_archive
 from shared.modes import mode_of
 from shared.modes.base import EvaluationContext, LocalContext, LocalResult, State, TaskFailed
+from shared.signing import BusAuth
 from shared.spec import JobSpec, format_validation_error
 from shared.state import JobNotFound, JobState, Repositories
 from shared.state.tensors import PersonalVersion, TensorRepository
@@ -111,8 +111,11 @@ class Worker:
         clients: Mapping[str, BoundClient] | None = None,
         state_dir: Path | None = None,
         scheduler_key: TaskVerifier | None = None,
+        auth: BusAuth | None = None,
     ) -> None:
         self.bus = bus
+        self.auth = auth if auth is not None else BusAuth.unsealed()
+        """Seals what it publishes and checks what it consumes (shared.signing)."""
         self.state = Repositories(store, namespace, update_ttl_s)
         self.queues = Queues(namespace)
         self.clients = dict(clients or {})
@@ -157,7 +160,7 @@ class Worker:
     # -- one task ---------------------------------------------------------------------------
 
     def handle(self, body: bytes) -> None:
-        task = decode_task(body, self.max_message_bytes)
+        task = decode_task(body, self.max_message_bytes, self.auth)
         if self.clients:
             self._authenticate(task)
         job_id = task.job_id
@@ -178,6 +181,8 @@ class Worker:
                 held = ", ".join(self.clients) or "none (a pool worker)"
                 raise InvalidMessage(f"task for client {identity or task.client} of {job_id}; this worker holds {held}")
             sources = {name: client.data for name, client in self.clients.items()}
+            if isinstance(task, TrainTask):
+                _check_budget(task, spec)
             try:
                 with self._task_lock, local_data.using(sources):
                     outcome = self._evaluate(task, spec) if isinstance(task, EvaluateTask) else self._train(task, spec)
@@ -190,7 +195,7 @@ class Worker:
             TASKS_PROCESSED.labels(outcome="failed").inc()
             log.error("%s: task of %s round %d client %d failed: %s", self.name, job_id, task.round, task.client, error)
             failed = ClientFailed(job_id=job_id, round=task.round, client=task.client, reason=str(error)[:4000])
-            self.bus.publish(self.queues.events, encode(self._signed_failure(failed, identity)))
+            self.bus.publish(self.queues.events, self.auth.seal(self._signed_failure(failed, identity)))
             raise InvalidMessage(f"task failed: {error}") from None
         TASKS_PROCESSED.labels(outcome=outcome).inc()
 
@@ -298,7 +303,7 @@ class Worker:
             cosine=result.cosine,
             flops=result.flops,
         )
-        message = encode(self._signed(task, announce, result.payload))
+        message = self.auth.seal(self._signed(task, announce, result.payload))
         tensors.put_announcement(task.job_id, task.round, task.client, task.wave, message)
         self.bus.publish(self.queues.aggregate, message)
         UPLOAD_BYTES.inc(len(result.payload))
@@ -312,12 +317,13 @@ class Worker:
         )
 
     def _signed(self, task: TrainTask, announce: UpdateReady, payload: bytes) -> UpdateReady:
-        """A bound client's update, signed with its key over every field and the blob's digest."""
+        """The update with its blob's digest (every update: the aggregator merges no other blob), and a bound
+        client's signature with its key over every field, digest included."""
         spec = self._spec(task.job_id)
         identity = spec.clients.identity(task.client)
-        if identity is None:
-            return announce
         with_digest = announce.model_copy(update={"digest": payload_digest(payload)})
+        if identity is None:
+            return with_digest
         signature = self.clients[identity].signer.sign(with_digest.model_dump(mode="json", exclude={"signature"}))
         return with_digest.model_copy(update={"signature": signature})
 
@@ -358,7 +364,7 @@ class Worker:
         if identity is not None:  # the scheduler takes a bound client's figures only signed by that client
             fields = event.model_dump(mode="json", exclude={"signature"})
             event = event.model_copy(update={"signature": self.clients[identity].signer.sign(fields, "evaluation")})
-        self.bus.publish(self.queues.events, encode(event))
+        self.bus.publish(self.queues.events, self.auth.seal(event))
         return "evaluated"
 
     # -- state kept in the store between tasks ----------------------------------------------
@@ -438,6 +444,17 @@ class Worker:
         return decode_tensors(blob) if blob is not None else None
 
 
+def _check_budget(task: TrainTask, spec: JobSpec) -> None:
+    """A task may ask for at most its job's full budget (what the scheduler gives without a deadline cut):
+    a publisher cannot make a worker train longer than the job's spec says."""
+    mode = mode_of(spec)
+    ceiling = mode.task_fields(spec, mode.full_budget(spec))
+    for name, asked in (("local_steps", task.local_steps), ("perturbations", task.perturbations)):
+        if asked > ceiling.get(name, 0):
+            MESSAGES_REJECTED.labels(reason="task_budget").inc()
+            raise InvalidMessage(f"task asks for {name}={asked}; job {task.job_id} allows at most {ceiling.get(name)}")
+
+
 class _RoundUploads(Mapping[int, bytes]):
     """A wave's merged uploads by client, each read from the store when first looked up (a client
     reads only what it needs of its peers' uploads, e.g. their keys and not their masked vectors)."""
@@ -453,7 +470,9 @@ class _RoundUploads(Mapping[int, bytes]):
         if client not in self._read:
             tensors = self.worker.state.tensors
             raw = tensors.announcement(self.job_id, self.round, client, self.wave)
-            announce = decode_aggregator(raw, self.worker.max_message_bytes) if raw is not None else None
+            announce = (
+                decode_aggregator(raw, self.worker.max_message_bytes, self.worker.auth) if raw is not None else None
+            )
             blob = tensors.update(announce.key) if isinstance(announce, UpdateReady) else None
             if blob is None:
                 raise RuntimeError(

@@ -74,6 +74,8 @@ class JobMeta(_Record):
 
     id: str
     spec: JobSpec
+    tenant: str = ""
+    """The tenant that submitted it (services.scheduler.tenants); only it and admins see the job."""
     state: JobState = JobState.QUEUED
     round: int = 0
     """The round in progress (0 until round 1 opens)."""

@@ -35,9 +35,10 @@ from services.scheduler.core import Scheduler
 from shared import identity
 from shared.bus import Handler, Queues
 from shared.bus.rabbitmq import RabbitBus
-from shared.messages import TrainTask, UpdateReady, encode
+from shared.messages import TrainTask, UpdateReady
 from shared.metrics import UPDATES_RECEIVED
 from shared.settings import Settings
+from shared.signing import BusAuth
 from shared.spec import parse_spec
 from shared.state import JobState
 from shared.store.redis import RedisStore
@@ -106,6 +107,9 @@ class BoundCluster:
         self.bus = RecordingRabbitBus(self.settings.rabbitmq_url)
         self.store = RedisStore(self.settings.redis_url)
         registry = identity.ClientRegistry(self.clients_file)
+        # The bus secret every service (and each bound client's worker) holds: messages carry its MACs.
+        self.bus_secret = uuid.uuid4().hex
+        self.auth = BusAuth.from_secret(self.bus_secret)
         self.scheduler = Scheduler(
             self.bus,
             self.store,
@@ -113,9 +117,10 @@ class BoundCluster:
             tick_s=0.3,
             identities=registry,
             task_signer=scheduler_signer(self.clients_file),
+            auth=self.auth,
         )
         self.aggregator = Aggregator(
-            self.bus, self.store, namespace=self.namespace, cache_dir=cache_dir, identities=registry
+            self.bus, self.store, namespace=self.namespace, cache_dir=cache_dir, identities=registry, auth=self.auth
         )
         self._stop = threading.Event()
         self._threads = [
@@ -127,6 +132,7 @@ class BoundCluster:
             "PWFF_NAMESPACE": self.namespace,
             "PWFF_CACHE_DIR": str(cache_dir),
             "PWFF_TORCH_THREADS": "1",
+            "PWFF_BUS_SECRET": self.bus_secret,
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
             # What each client is handed at enrollment besides its own key: the scheduler's public key.
@@ -215,7 +221,8 @@ def _forge(cluster: BoundCluster, job_id: str) -> bytes:
     )
     site_a = identity.UpdateSigner.from_file("site-b", cluster.clients[0].key)  # A's key, B's name
     signature = site_a.sign(announce.model_dump(mode="json", exclude={"signature"}))
-    return encode(announce.model_copy(update={"signature": signature}))
+    # Sealed with the bus secret, as a bound client's worker holds it: only the signature gives it away.
+    return cluster.auth.seal(announce.model_copy(update={"signature": signature}))
 
 
 def test_three_bound_workers_train_a_job_and_no_example_reaches_the_store_or_the_bus(cluster: BoundCluster) -> None:
@@ -226,8 +233,9 @@ def test_three_bound_workers_train_a_job_and_no_example_reaches_the_store_or_the
     forged = _forge(cluster, job_id)
     rogue = RabbitBus(cluster.settings.rabbitmq_url)
     rogue.publish(cluster.queues.aggregate, forged)
-    # A task of the rogue's making in site-a's queue (the default exchange takes it): not the scheduler's.
-    injected = encode(TrainTask(job_id=job_id, round=1, client=0, local_steps=1000))
+    # A task of the rogue's making in site-a's queue (the default exchange takes it): sealed with the bus
+    # secret that every bound client holds, but not signed by the scheduler.
+    injected = cluster.auth.seal(TrainTask(job_id=job_id, round=1, client=0, local_steps=1000))
     rogue.publish(cluster.queues.client_tasks("site-a"), injected)
     rogue.close()
 

@@ -182,6 +182,29 @@ Environment shared by all containers: secrets by key reference. Usage: include "
 {{- end }}
 
 {{/*
+PWFF_BUS_SECRET for the services that publish or consume bus messages (not the scaler): the key
+of every message's MAC (shared.signing). Usage: include "pwff.busSecretEnv" $
+*/}}
+{{- define "pwff.busSecretEnv" -}}
+- name: PWFF_BUS_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "pwff.secretName" . }}
+      key: {{ .Values.existingSecretKeys.busSecret }}
+{{- end }}
+
+{{/*
+The Secret holding the tenants file, or "" when the API token alone is the only tenant.
+*/}}
+{{- define "pwff.tenantsSecretName" -}}
+{{- if .Values.auth.tenantsSecret }}
+{{- .Values.auth.tenantsSecret }}
+{{- else if .Values.auth.tenants }}
+{{- include "pwff.componentName" (list . "tenants") }}
+{{- end }}
+{{- end }}
+
+{{/*
 Startup/liveness/readiness probes. Usage:
 include "pwff.probes" (dict "c" .Values.worker "port" "metrics" "live" "/healthz" "ready" "/healthz")
 */}}
