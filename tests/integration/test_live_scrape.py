@@ -51,7 +51,13 @@ BASE: dict[str, Any] = {
 }
 JOBS: dict[str, dict[str, Any]] = {
     # Devices are always simulated: their delay and energy panels fill from any job.
-    "backprop": {**BASE, "name": "scrape-backprop"},
+    # Client-level DP on it fills the privacy panel (epsilon per job); DP-FedAvg needs uniform weights.
+    "backprop": {
+        **BASE,
+        "name": "scrape-backprop",
+        "aggregation": {"weighting": "uniform"},
+        "privacy": {"clip_norm": 1.0, "noise_multiplier": 0.5},
+    },
     "fwd": {
         **BASE,
         "name": "scrape-fwd",
