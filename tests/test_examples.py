@@ -36,3 +36,26 @@ def test_fwd_quickstart_learns_in_three_rounds_with_two_kilobyte_uploads(tmp_pat
     assert rounds[-1]["accuracy"] > 0.8, [m["accuracy"] for m in rounds]
     assert all(m["bytes_up"] / m["updates"] <= 2048 for m in rounds[1:])
     assert (out / "global" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_secagg_example_runs_as_the_readme_shows(tmp_path: Path) -> None:
+    """`pwff run examples/secagg.yaml` (one of its rounds): real MiniLM-L6, every upload masked, and the round
+    commits from the masked sum."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PWFF_TORCH_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "services.cli", "run", "examples/secagg.yaml", "--set", "rounds=1"]
+    result = subprocess.run(
+        [*command, "--set", "eval_max_examples=64", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rounds = json.loads((out / "metrics.json").read_text())["metrics"]
+    # A secure round is four waves (advertise, share, masked update, unmask), each from all 8 clients.
+    assert rounds[-1]["round"] == 1 and rounds[-1]["updates"] == 4 * 8, rounds[-1]
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"], [m["accuracy"] for m in rounds]
+    assert (out / "global" / "adapter_model.safetensors").is_file()
