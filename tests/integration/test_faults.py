@@ -254,3 +254,18 @@ def test_a_round_nobody_can_finish_fails_at_its_deadline(drill: Drill) -> None:
         for index in range(len(cluster.workers)):
             cluster.replace_worker(index)
         cluster.wait_ready()
+
+
+def test_the_drill_script_runs_this_suite() -> None:
+    """`scripts/fault-drill.sh` as the README shows it reaches this file's drill (collected, not run twice)."""
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        ["bash", "scripts/fault-drill.sh", "--collect-only", "-q"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for case in ("test_aggregator_killed_mid_round", "test_redis_restarted_without_persistence_fails_the_job_clearly"):
+        assert case in result.stdout, result.stdout[-2000:]
