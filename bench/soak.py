@@ -137,6 +137,21 @@ def expected_mean(
     return {name: value / len(clients) for name, value in total.items()}
 
 
+def stalled_report(job: dict[str, Any], seen_at: dict[int, float], submitted: float, log_dir: Path) -> str:
+    """Why a soak did not finish: where the job stood, when each round committed, each service's last log lines."""
+    rounds = {round_: round(at - submitted, 1) for round_, at in sorted(seen_at.items())}
+    lines = [
+        f"soak job {job.get('id')} still {job.get('state')!r} after {time.monotonic() - submitted:.0f}s",
+        f"rounds committed (s since submission): {rounds}",
+        f"round in progress: {job.get('round')}; error: {job.get('error')}",
+    ]
+    for log in sorted(log_dir.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        lines.append(f"--- {log.name} (last {len(tail)} lines)")
+        lines.extend(tail)
+    return "\n".join(lines)
+
+
 def run_soak(clients: int, rounds: int, workers: int, log_dir: Path, timeout_s: float = 3600) -> dict[str, Any]:
     """One soak job on a fresh private-namespace cluster; returns per-round figures and the checks."""
     register()  # this process validates the spec and recomputes the deltas: it must know the mode too
@@ -178,7 +193,17 @@ def run_soak(clients: int, rounds: int, workers: int, log_dir: Path, timeout_s: 
                     states[round_] = decode_tensors(blob)
                 if job["state"] in FINAL:
                     break
+                dead = {
+                    name: process.returncode
+                    for name, process in [("scheduler", cluster.scheduler), ("aggregator", cluster.aggregator)]
+                    + [(f"worker-{i}", worker) for i, worker in enumerate(cluster.workers)]
+                    if process.poll() is not None
+                }
+                if dead:  # nothing restarts services here: waiting on would only run out the clock
+                    raise RuntimeError(f"services exited: {dead}\n" + stalled_report(job, seen_at, submitted, log_dir))
                 time.sleep(0.25)
+            else:
+                raise TimeoutError(stalled_report(job, seen_at, submitted, log_dir))
         finished = time.monotonic()
         outcomes = {
             outcome: cluster.metric(
