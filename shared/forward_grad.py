@@ -59,6 +59,16 @@ class ParamSpace:
             offset += size
         return out
 
+    def unflatten_rows(self, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`unflatten` of every row of a (rows, dim) matrix at once: name -> (rows, *shape) views."""
+        out: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            size = math.prod(shape)
+            out[name] = matrix[:, offset : offset + size].reshape(len(matrix), *shape)
+            offset += size
+        return out
+
 
 def selects(selection: str, name: str) -> bool:
     """Which trainable tensors a `fwd.perturb` selection covers."""

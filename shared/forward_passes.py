@@ -239,9 +239,8 @@ def batched_central_difference(
     features = loss_module.features.float()
     labels = batch["labels"]
     weight, bias = params[weight_name].detach().float(), params[bias_name].detach().float()
-    pieces = [space.unflatten(row) for row in directions]
-    d_weight = torch.stack([piece[weight_name] for piece in pieces]).to(weight)
-    d_bias = torch.stack([piece[bias_name] for piece in pieces]).to(bias)
+    pieces = space.unflatten_rows(directions)
+    d_weight, d_bias = pieces[weight_name].to(weight), pieces[bias_name].to(bias)
 
     def losses(sign: float) -> torch.Tensor:
         logits = (

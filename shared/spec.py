@@ -217,9 +217,11 @@ class ForwardSpec(_Strict):
     seed_pool: int = Field(1000, ge=1, le=100_000, description="pool upload: seeds in a task's pool")
     lr: float = Field(0.01, gt=0, le=100, description="server SGD learning rate on the estimated gradient")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="constant lr, or cosine decay from lr to lr_min over the job's rounds"
+        "constant",
+        description="constant, or cosine decay over the job's rounds to lr_min: of the server's lr (fedsgd) or "
+        "of the clients' local_lr (local)",
     )
-    lr_min: float = Field(0.0, ge=0, le=100, description="the cosine schedule's final learning rate")
+    lr_min: float = Field(0.0, ge=0, le=100, description="the cosine schedule's final learning rate (either regime)")
     momentum: float = Field(0.0, ge=0, lt=1, description="server SGD momentum on the gradient estimate")
     regime: Literal["fedsgd", "local"] = Field(
         "fedsgd",
@@ -233,7 +235,9 @@ class ForwardSpec(_Strict):
     max_perturbations_per_local_step: int = Field(
         256, ge=1, le=16_384, description="local: cap on directions per local step under adaptive variance control"
     )
-    local_lr: float = Field(0.1, gt=0, le=100, description="local: the client's SGD learning rate")
+    local_lr: float = Field(
+        0.1, gt=0, le=100, description="local: the client's SGD learning rate (round 1's under the cosine lr_schedule)"
+    )
     local_momentum: float = Field(0.9, ge=0, lt=1, description="local: the client's SGD momentum")
     discriminative_every: int = Field(
         1, ge=1, le=1000, description="apply discriminative sampling on every n-th step only (FwdLLM's code: 2)"

@@ -27,7 +27,8 @@ from shared.forward_grad import (
 )
 from shared.messages import CloseRound, InvalidMessage, RoundCommitted, UpdateReady, encode
 from shared.models import initial_state, load_tokenizer, load_trainable_state, trainable_state
-from shared.modes.fwd import TrajectoryAccumulator, candidates_per_local_step, forward_local_steps
+from shared.modes.base import UpdateRejected
+from shared.modes.fwd import TrajectoryAccumulator, candidates_per_local_step, forward_local_steps, local_learning_rate
 from shared.spec import JobSpec
 from tests.conftest import TINY
 from tests.test_aggregator import World, make_world, received  # noqa: F401 (make_world is a fixture)
@@ -230,3 +231,52 @@ def test_malformed_trajectory_is_counted_and_the_round_commits_from_the_valid_on
     assert committed.clients == sorted(good)
     after = world.global_state(1)
     assert any(not torch.equal(start[name], after[name]) for name in start)
+
+
+def test_the_cosine_schedule_decays_the_clients_learning_rate_over_the_rounds() -> None:
+    spec = _spec(lr_schedule="cosine", local_lr=0.4, lr_min=0.1).model_copy(update={"rounds": 5})
+    rates = [local_learning_rate(spec, round_) for round_ in range(1, 6)]
+    # cosine from local_lr in round 1 to lr_min in the last: 0.1 + 0.15 (1 + cos(pi (r - 1) / 4))
+    assert rates == pytest.approx([0.4, 0.1 + 0.15 * (1 + 2**-0.5), 0.25, 0.1 + 0.15 * (1 - 2**-0.5), 0.1])
+    assert (
+        local_learning_rate(spec.model_copy(update={"fwd": spec.fwd.model_copy(update={"lr_schedule": "constant"})}), 4)
+        == 0.4
+    )
+
+
+@pytest.mark.parametrize("upload", ["seeds", "pool"])
+def test_scheduled_steps_replay_exactly_and_a_stale_rate_is_refused(upload: str, tmp_path: Path) -> None:
+    extra = {"seed_pool": 40, "perturbations_per_local_step": 8} if upload == "pool" else {}
+    spec = _spec(lr_schedule="cosine", upload=upload, **extra).model_copy(update={"rounds": 4})
+    model, tokenizer = _model(spec, tmp_path)
+    before = trainable_state(model)
+    result = forward_local_steps(
+        model,
+        tokenizer,
+        list(data.client_examples(spec, 1)),
+        spec,
+        "classification",
+        round_=3,
+        client=1,
+        wave=0,
+        steps=3,
+    )
+    applied = {name: trainable_state(model)[name] - before[name] for name in before}
+    blob = (
+        encode_pool(result.coefficients)
+        if result.coefficients is not None
+        else encode_trajectory(result.steps, result.losses)
+    )
+    rebuilt = TrajectoryAccumulator(spec, before).validate(
+        _announce(spec, 1, result.perturbations, round_=3), blob, 10**8
+    )
+    for name, delta in rebuilt.items():
+        scale = float(applied[name].abs().max()) or 1.0
+        assert torch.allclose(delta, applied[name], atol=1e-5 * scale, rtol=1e-4), name
+    if upload == "seeds":
+        assert {step.lr for step in result.steps} == {local_learning_rate(spec, 3)} != {spec.fwd.local_lr}
+        stale = [TrajectoryStep(step.indices, step.grads, spec.fwd.local_lr) for step in result.steps]
+        with pytest.raises(UpdateRejected, match="learning rate"):
+            TrajectoryAccumulator(spec, before).validate(
+                _announce(spec, 1, result.perturbations, round_=3), encode_trajectory(stale, result.losses), 10**8
+            )

@@ -329,11 +329,26 @@ class ForwardAccumulator(RoundAccumulator[_Upload]):
 
 
 def fwd_learning_rate(spec: JobSpec, round_: int) -> float:
+    """FedSGD: the server's learning rate in round `round_` (constant, or cosine from lr to lr_min)."""
+    return _scheduled(spec, spec.fwd.lr, round_)
+
+
+def local_learning_rate(spec: JobSpec, round_: int) -> float:
+    """Local regime: the clients' SGD learning rate in round `round_` (constant, or cosine from local_lr to lr_min).
+
+    Decaying it over the rounds is what lets non-iid clients settle: with a constant rate each
+    round's local steps pull the heads apart by as much as the round before, and the average
+    stalls about a point short of where it goes with the decay (README, "Local zeroth-order steps").
+    """
+    return _scheduled(spec, spec.fwd.local_lr, round_)
+
+
+def _scheduled(spec: JobSpec, initial: float, round_: int) -> float:
     fwd = spec.fwd
     if fwd.lr_schedule == "constant" or spec.rounds <= 1:
-        return fwd.lr
-    progress = (round_ - 1) / (spec.rounds - 1)
-    return fwd.lr_min + 0.5 * (fwd.lr - fwd.lr_min) * (1 + math.cos(math.pi * progress))
+        return initial
+    progress = min(1.0, max(0.0, (round_ - 1) / (spec.rounds - 1)))
+    return fwd.lr_min + 0.5 * (initial - fwd.lr_min) * (1 + math.cos(math.pi * progress))
 
 
 # -- local zeroth-order steps (regime "local") ---------------------------------------------
@@ -443,6 +458,7 @@ def forward_local_steps(
             _LocalRun(model, tokenizer, examples, spec, task, (round_, client, wave)), steps, (round_, client, wave)
         )
     fwd = spec.fwd
+    lr = local_learning_rate(spec, round_)
     run = _LocalRun(model, tokenizer, examples, spec, task, (round_, client, wave))
     buffer = torch.zeros(run.space.dim, dtype=torch.float32)
     reference: torch.Tensor | None = None
@@ -462,8 +478,8 @@ def forward_local_steps(
             reference if steered else None,
         )
         buffer = fwd.local_momentum * buffer + step.estimate
-        run.move(buffer * -fwd.local_lr)
-        record.append(TrajectoryStep(step.indices, step.grads, fwd.local_lr))
+        run.move(buffer * -lr)
+        record.append(TrajectoryStep(step.indices, step.grads, lr))
         losses.append(step.loss)
         cosines.extend(step.cosines)
         run.flops += 2 * pass_flops * len(step.indices)  # two passes per direction
@@ -479,12 +495,14 @@ def _pool_local_steps(run: _LocalRun, steps: int, seeds: tuple[int, int, int]) -
     """
     spec, fwd = run.spec, run.spec.fwd
     round_, client, wave = seeds
+    lr = local_learning_rate(spec, round_)
     directions = pool_directions(
         [pool_seed(spec.seed, round_, client, wave, i) for i in range(fwd.seed_pool)], run.space.dim
     )
     start = run.space.flatten({name: p.detach().cpu() for name, p in run.params.items() if name in run.space.names})
     per_step = min(fwd.perturbations_per_local_step, fwd.seed_pool)
     batched = run.post_encoder is HeadLossOf and fwd.estimator == "fd"
+    directions_f64 = directions.double()  # every step's estimate is a float64 mix of the pool's rows
     estimate_fn = jvp_derivative if fwd.estimator == "jvp" else central_difference
     buffer = torch.zeros(run.space.dim, dtype=torch.float32)
     weights: list[np.ndarray] = []  # per step: each pool direction's share of that step's estimate
@@ -497,7 +515,7 @@ def _pool_local_steps(run: _LocalRun, steps: int, seeds: tuple[int, int, int]) -
             if per_step == fwd.seed_pool
             else rng.choice(fwd.seed_pool, per_step, replace=False)
         )
-        rows = directions[torch.from_numpy(chosen)]
+        rows = directions if per_step == fwd.seed_pool else directions[torch.from_numpy(chosen)]
         if batched:
             grads, point = batched_central_difference(loss_module, batch, run.params, run.space, rows, fwd.h)  # type: ignore[arg-type]
         else:
@@ -507,13 +525,13 @@ def _pool_local_steps(run: _LocalRun, steps: int, seeds: tuple[int, int, int]) -
         share = np.zeros(fwd.seed_pool)
         share[chosen] = grads.numpy() / len(chosen)
         weights.append(share)
-        buffer = fwd.local_momentum * buffer + (torch.from_numpy(share) @ directions.double()).float()
-        run.move(buffer * -fwd.local_lr)
+        buffer = fwd.local_momentum * buffer + (torch.from_numpy(share) @ directions_f64).float()
+        run.move(buffer * -lr)
         losses.append(float(point.mean()))
         run.flops += 2 * pass_flops * len(chosen)
     # Step j's estimate moves the point by -lr (1 + mu + ... + mu^(K-1-j)) through the momentum buffer.
     mu = fwd.local_momentum
-    total = sum(-fwd.local_lr * sum(mu**k for k in range(steps - j)) * w for j, w in enumerate(weights))
+    total = sum(-lr * sum(mu**k for k in range(steps - j)) * w for j, w in enumerate(weights))
     coefficients = np.clip(total, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
     end = start.double() + replay_pool(coefficients, directions)
     run.move(
@@ -635,8 +653,9 @@ class TrajectoryAccumulator(DeltaAccumulator):
             raise UploadError(
                 f"the trajectory holds {sum(len(s) for s in steps)} perturbations, not {announce.perturbations}"
             )
-        if any(step.lr != spec.fwd.local_lr for step in steps):
-            raise UploadError(f"a step's learning rate is not the job's ({spec.fwd.local_lr})")
+        lr = local_learning_rate(spec, announce.round)
+        if any(step.lr != lr for step in steps):
+            raise UploadError(f"a step's learning rate is not the job's for round {announce.round} ({lr})")
 
         def seed_of(step: int, index: int) -> int:
             return local_seed(spec.seed, announce.round, announce.client, announce.wave, step, index)
