@@ -62,7 +62,7 @@ RESULTS = REPO / "bench" / "results"
 FINAL = ("succeeded", "failed", "cancelled")
 
 
-def soak_spec(clients: int, rounds: int) -> dict[str, Any]:
+def soak_spec(clients: int, rounds: int, round_deadline_s: float = 3600) -> dict[str, Any]:
     return {
         "name": "soak",
         "model": "minilm-l6",
@@ -77,7 +77,7 @@ def soak_spec(clients: int, rounds: int) -> dict[str, Any]:
         # Uniform weights: the expected mean is the plain mean of the seeded deltas.
         "aggregation": {"weighting": "uniform"},
         "eval_max_examples": 8,
-        "round_deadline_s": 3600,
+        "round_deadline_s": round_deadline_s,
         "seed": 7,
     }
 
@@ -152,10 +152,21 @@ def stalled_report(job: dict[str, Any], seen_at: dict[int, float], submitted: fl
     return "\n".join(lines)
 
 
-def run_soak(clients: int, rounds: int, workers: int, log_dir: Path, timeout_s: float = 3600) -> dict[str, Any]:
-    """One soak job on a fresh private-namespace cluster; returns per-round figures and the checks."""
+def run_soak(
+    clients: int,
+    rounds: int,
+    workers: int,
+    log_dir: Path,
+    timeout_s: float = 3600,
+    round_deadline_s: float = 3600,
+) -> dict[str, Any]:
+    """One soak job on a fresh private-namespace cluster; returns per-round figures and the checks.
+
+    A round still open at `round_deadline_s` fails the job (every client is needed), so an update
+    that never arrives ends the soak then, with the scheduler's count of what did, and the logs.
+    """
     register()  # this process validates the spec and recomputes the deltas: it must know the mode too
-    spec_data = soak_spec(clients, rounds)
+    spec_data = soak_spec(clients, rounds, round_deadline_s)
     spec = JobSpec.model_validate(spec_data)
     started = time.monotonic()
     cluster = ServiceCluster(log_dir, Settings().cache_dir, workers=workers, test_modes=True)
@@ -223,7 +234,8 @@ def run_soak(clients: int, rounds: int, workers: int, log_dir: Path, timeout_s: 
         store.close()
         cluster.close()
     if job.get("state") != "succeeded":
-        raise RuntimeError(f"soak job ended {job.get('state')!r}: {job.get('error')}; logs in {log_dir}")
+        report = stalled_report(job, seen_at, submitted, log_dir)
+        raise RuntimeError(f"soak job ended {job.get('state')!r}: {job.get('error')}\n{report}")
 
     shapes = shared_shapes(spec, states[0])
     update_bytes = 4 * sum(torch.Size(s).numel() for s in shapes.values())

@@ -20,7 +20,7 @@ CLIENTS, ROUNDS = 200, 3
 
 
 def test_every_update_is_merged_exactly_once_and_aggregator_memory_stays_flat(tmp_path: Path) -> None:
-    result = run_soak(CLIENTS, ROUNDS, workers=2, log_dir=tmp_path, timeout_s=600)
+    result = run_soak(CLIENTS, ROUNDS, workers=2, log_dir=tmp_path, timeout_s=600, round_deadline_s=240)
 
     assert result["expected_updates"] == CLIENTS * ROUNDS
     assert result["merged_updates"] == CLIENTS * ROUNDS
