@@ -133,7 +133,7 @@ VALID_MESSAGES: st.SearchStrategy[Any] = st.one_of(
         client=SMALL,
         attempt=st.integers(0, 1000),
         key=st.text(min_size=1, max_size=64),
-        num_samples=st.integers(1, 2**62),
+        num_samples=st.integers(1, 1_000_000_000),  # the field's own bounds: valid messages only
         train_loss=FINITE,
         compute_s=st.floats(0, 1e9),
         upload_bytes=st.integers(0, 2**62),
