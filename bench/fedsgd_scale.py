@@ -107,7 +107,10 @@ def run_once(spec_data: dict[str, Any], workers: int, log_dir: Path, timeout_s: 
                 job = api.get(f"/v1/jobs/{job_id}").json()
                 for entry in job["metrics"]:
                     seen_at.setdefault(int(entry["round"]), time.monotonic())
-                if spec.rounds in seen_at or job["state"] in FINAL:
+                # The round's record is written by the aggregator's commit; its `duration_s` once the scheduler
+                # has handled that commit too (a moment later).
+                last = [entry for entry in job["metrics"] if entry["round"] == spec.rounds and "duration_s" in entry]
+                if last or job["state"] in FINAL:
                     break
                 time.sleep(0.1)
             else:
