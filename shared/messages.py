@@ -10,7 +10,17 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Protocol
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 SCHEMA_VERSION: Literal[1] = 1
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{2,63}$"
@@ -39,13 +49,28 @@ ClientId = Annotated[int, Field(ge=0, le=1_000_000)]
 # --- scheduler -> workers (task queue) -------------------------------------------------------
 
 
+MAX_CLIENTS_PER_TASK = 1000
+"""The most clients one batched TrainTask may carry (`JobSpec.clients_per_task`)."""
+
+
 class TrainTask(_Message):
-    """Train one client for one round, starting from the global state committed at `round - 1`."""
+    """Train one client for one round, starting from the global state committed at `round - 1`.
+
+    A batch (`clients`, pool clients only) trains several clients one after another in one message,
+    each exactly as its own task would, with the same budget: it saves the broker round trip and
+    the per-task setup that dominate a task of a few examples (FwdLLM's many-client regime).
+    """
 
     type: Literal["train"] = "train"
     job_id: JobId
     round: Round
     client: ClientId
+    clients: list[ClientId] = Field(
+        default_factory=list,
+        max_length=MAX_CLIENTS_PER_TASK,
+        description="a batch: the clients to train one after another, `client` first, no repeats; empty: `client` "
+        "alone (the field is left off the wire then, so a single-client task reads as it always did)",
+    )
     attempt: int = Field(0, ge=0, le=1000)
     wave: int = Field(0, ge=0, le=10_000, description="fwd: extra perturbation work within the same step")
     local_steps: int = Field(ge=1, le=1_000_000, description="backprop budget: local optimizer steps")
@@ -53,6 +78,36 @@ class TrainTask(_Message):
     signature: str = Field(
         "", max_length=128, description="bound clients: the scheduler's signature of every other field"
     )
+
+    @model_validator(mode="after")
+    def _batch_starts_with_client(self) -> TrainTask:
+        if self.clients:
+            if self.clients[0] != self.client:
+                raise ValueError(f"a batch's clients start with its client {self.client}, not {self.clients[0]}")
+            if len(set(self.clients)) != len(self.clients):
+                raise ValueError("a batch names a client twice")
+            if self.signature:
+                raise ValueError("a batch is for pool clients only: it carries no signature")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_empty_batch(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        # A single-client task is serialized (sent, signed) exactly as before batches existed: a worker of
+        # an earlier version, which forbids unknown fields, still reads it, and bound tasks' signatures
+        # cover the same fields.
+        data: dict[str, Any] = handler(self)
+        if not self.clients:
+            data.pop("clients", None)
+        return data
+
+    @property
+    def batch(self) -> list[int]:
+        """The clients this task trains, in order: its batch, or its one client."""
+        return list(self.clients) if self.clients else [self.client]
+
+    def for_client(self, client: int) -> TrainTask:
+        """The single-client task of one client of this batch (what the scheduler would send unbatched)."""
+        return self.model_copy(update={"client": client, "clients": []})
 
 
 class EvaluateTask(_Message):

@@ -624,7 +624,8 @@ class JobSpec(_Strict):
     side; robust strategies need deltas (not fwd.regime `fedsgd`); simulation.poison needs mode
     backprop or align.
     privacy needs aggregation strategy fedavg with weighting uniform, not fwd with regime fedsgd, and
-    privacy.noise `client` needs mode backprop or align.
+    privacy.noise `client` needs mode backprop or align. clients_per_task > 1 needs pool clients and no
+    secure_aggregation.
     """
 
     name: str = Field(
@@ -655,6 +656,15 @@ class JobSpec(_Strict):
         le=10_000,
         description="clients sampled each round; at most num_clients (a 422 otherwise); bound clients: all of them "
         "unless given",
+    )
+    clients_per_task: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="pool clients packed into one worker task: a worker trains them one after another from one "
+        "fetch of the global state, each with its own update, exactly as separate tasks would (the committed "
+        "state is the same); for many clients of a few examples each (FwdLLM's regime), where one task per "
+        "client spends more on messaging and setup than on compute. Not with bound clients or secure_aggregation",
     )
     rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
     local_steps: int = Field(10, ge=1, le=100_000, description="backprop: local optimizer steps per task")
@@ -740,6 +750,8 @@ class JobSpec(_Strict):
             _check_full_finetuning(self)
         if self.secure_aggregation.enabled:
             _check_secure_aggregation(self)
+        if self.clients_per_task > 1:
+            _check_batched_tasks(self)
 
         _check_robust(self)
         if self.privacy is not None:
@@ -841,6 +853,19 @@ def _check_secure_aggregation(spec: JobSpec) -> None:
         )
     if spec.clients_per_round < 2:
         raise ValueError("secure_aggregation needs clients_per_round >= 2 (the sum of one update is that update)")
+
+
+def _check_batched_tasks(spec: JobSpec) -> None:
+    if spec.clients.kind == "bound":
+        raise ValueError(
+            f"clients_per_task {spec.clients_per_task} batches pool clients only: a bound client's task goes to its "
+            "own queue, signed for it alone, so bound clients take clients_per_task 1"
+        )
+    if spec.secure_aggregation.enabled:
+        raise ValueError(
+            f"clients_per_task {spec.clients_per_task} is not supported with secure_aggregation: its masked waves "
+            "run one task per client; use clients_per_task 1"
+        )
 
 
 def _check_privacy(spec: JobSpec) -> None:

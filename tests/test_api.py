@@ -130,6 +130,23 @@ def test_invalid_spec_is_422_naming_the_field(
     assert scheduler.bus.depth(Queues().aggregate) == 0
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"clients": {"kind": "bound", "ids": ["site-a", "site-b"]}, "num_clients": 2}, "batches pool clients only"),
+        ({"secure_aggregation": {"enabled": True}}, "not supported with secure_aggregation"),
+        ({"clients_per_task": 0}, "clients_per_task"),
+    ],
+)
+def test_batched_tasks_where_they_cannot_work_are_422(
+    client: TestClient, scheduler: Scheduler, overrides: dict[str, Any], message: str
+) -> None:
+    response = client.post("/v1/jobs", json={**SPEC, "clients_per_task": 4, **overrides}, headers=AUTH)
+    assert response.status_code == 422
+    assert message in response.text
+    assert scheduler.list_jobs() == []
+
+
 def test_model_dataset_mismatch_is_422(client: TestClient, scheduler: Scheduler) -> None:
     response = client.post("/v1/jobs", json={**SPEC, "dataset": "jane-austen"}, headers=AUTH)
     assert response.status_code == 422

@@ -53,6 +53,7 @@ CASES: list[tuple[BaseModel, Decoder]] = [
     (UpdateMerged(job_id=JOB, round=2, client=5, merged_count=3), decode_scheduler),
     (RoundCommitted(job_id=JOB, round=2, clients=[0, 3], metrics={"accuracy": 0.5}), decode_scheduler),
     (JobFailed(job_id=JOB, error="boom"), decode_scheduler),
+    (TrainTask(job_id=JOB, round=3, client=2, clients=[2, 7, 5], local_steps=10), decode_task),
 ]
 
 
@@ -200,3 +201,30 @@ def test_invalid_message_error_is_single_line_and_bounded() -> None:
         decode_aggregator(_raw(data))
     text = str(caught.value)
     assert "\n" not in text and len(text) <= 1000
+
+
+def test_a_single_client_task_is_on_the_wire_as_before_batches() -> None:
+    """No `clients` key unless it is a batch: a worker of an earlier version (unknown fields are refused)
+    reads it, and a bound task's signature covers the same fields as before."""
+    data = msgpack.unpackb(encode(TrainTask(job_id=JOB, round=1, client=4, local_steps=1)))
+    assert "clients" not in data
+    assert decode_task(_raw(data)) == TrainTask(job_id=JOB, round=1, client=4, local_steps=1)
+    batch = TrainTask(job_id=JOB, round=1, client=4, clients=[4, 1], local_steps=1)
+    assert msgpack.unpackb(encode(batch))["clients"] == [4, 1]
+    assert batch.batch == [4, 1] and batch.for_client(1) == TrainTask(job_id=JOB, round=1, client=1, local_steps=1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"client": 3, "clients": [1, 3]}, "start with its client 3"),
+        ({"client": 1, "clients": [1, 2, 1]}, "names a client twice"),
+        ({"client": 1, "clients": [1, 2], "signature": "ab" * 32}, "pool clients only"),
+        ({"client": 0, "clients": list(range(1001))}, "clients"),
+        ({"client": 0, "clients": [0, -1]}, "clients"),
+    ],
+)
+def test_a_malformed_batch_is_invalid(fields: dict[str, Any], error: str) -> None:
+    data = {**msgpack.unpackb(encode(TrainTask(job_id=JOB, round=1, client=0, local_steps=1))), **fields}
+    with pytest.raises(InvalidMessage, match=error):
+        decode_task(_raw(data), max_bytes=1 << 20)

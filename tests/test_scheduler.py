@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from services.aggregator.aggregator import Aggregator
-from services.scheduler.core import RESEND_AFTER_S, STATE_LOST_ERROR, JobConflict, Scheduler
+from services.scheduler.core import RESEND_AFTER_S, STATE_LOST_ERROR, JobConflict, Scheduler, pack_tasks
 from shared.bus import Queues
 from shared.bus.memory import MemoryBus
 from shared.messages import (
@@ -260,6 +260,51 @@ def test_round_one_opens_with_one_task_per_client_and_full_budgets(harness: Harn
         assert task.local_steps == harness.spec.local_steps and task.perturbations == 0
     job = harness.scheduler.get_job(job_id)
     assert (job["state"], job["round"], job["rounds"], job["error"]) == ("running", 1, 2, None)
+
+
+def test_pack_tasks_fills_batches_of_clients_that_share_a_budget() -> None:
+    same = {"local_steps": 1, "perturbations": 4}
+    assert pack_tasks([(client, same) for client in range(7)], 3) == [
+        ([0, 1, 2], same),
+        ([3, 4, 5], same),
+        ([6], same),
+    ]
+    assert pack_tasks([(client, same) for client in range(3)], 1) == [([0], same), ([1], same), ([2], same)]
+    # Deadline budgets differ by device: a batch carries one budget, so a different one starts a new batch.
+    less = {"local_steps": 1, "perturbations": 2}
+    budgets = [(0, same), (1, less), (2, less), (3, same), (4, same)]
+    assert pack_tasks(budgets, 4) == [([0], same), ([1, 2], less), ([3, 4], same)]
+    assert pack_tasks([], 4) == []
+
+
+def test_clients_per_task_packs_a_round_and_a_wave_into_batches(tiny_spec: Callable[..., JobSpec]) -> None:
+    h = Harness(
+        tiny_spec(
+            **{**SMALL, "num_clients": 7, "clients_per_round": 7},
+            mode="fwd",
+            fwd={"perturbations_per_task": 16, "max_perturbations_per_step": 256},
+            clients_per_task=3,
+        )
+    )
+    job_id, tasks = h.start()
+    assert [task.batch for task in tasks] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert tasks[-1].clients == []  # a batch of one is a plain task
+    assert all(task.perturbations == 16 and task.wave == 0 for task in tasks)
+    assert REGISTRY.get_sample_value("pwff_tasks_dispatched_total") is not None
+
+    # Every client's update counts on its own: the round closes once all seven are merged, not three.
+    h.merge_all(job_id, 1, clients=[0, 1, 2, 3, 4, 5])
+    assert h.commands() == []
+    h.merge_all(job_id, 1, clients=[6], first=7)
+    assert h.commands() == [CloseRound(job_id=job_id, round=1, force=False)]
+
+    # A wave of four perturbation tasks (64 more perturbations) goes out in batches too.
+    h.send(MoreWork(job_id=job_id, round=1, wave=1, variance=0.9, perturbations=7 * 16 + 48))
+    wave = [task for task in h.tasks() if isinstance(task, TrainTask)]
+    assert all(task.wave == 1 for task in wave)
+    batches = [task.batch for task in wave]
+    assert all(len(batch) <= 3 for batch in batches) and sum(len(batch) for batch in batches) >= 1
+    assert len({client for batch in batches for client in batch}) == sum(len(batch) for batch in batches)
 
 
 def test_round_closes_as_soon_as_every_update_is_in(harness: Harness) -> None:

@@ -1,7 +1,7 @@
 """Job lifecycle and the round loop. Never touches tensors.
 
 A job moves queued -> running -> succeeded | failed | cancelled. Each round: sample
-clients (seeded), publish one task per client, wait for the aggregator's "merged"
+clients (seeded), publish one task per client (or per batch of `clients_per_task`), wait for the aggregator's "merged"
 events, then ask it to close the round when every update is in, or at the deadline
 when the quorum is. All state lives in the store, with absolute deadlines, so a
 restarted scheduler picks up where the last one stopped; messages it may have sent
@@ -83,7 +83,15 @@ STATE_LOST_ERROR = (
     "go on. Run Redis with persistence (appendonly yes, as the chart does) and submit the job again"
 )
 
-__all__ = ["RESEND_AFTER_S", "STATE_LOST_ERROR", "JobConflict", "Scheduler", "new_job_id", "sample_clients"]
+__all__ = [
+    "RESEND_AFTER_S",
+    "STATE_LOST_ERROR",
+    "JobConflict",
+    "Scheduler",
+    "new_job_id",
+    "pack_tasks",
+    "sample_clients",
+]
 
 
 class JobConflict(RuntimeError):
@@ -117,6 +125,21 @@ def _export_client_means(job_id: str, per_client: dict[int, dict[str, Any]]) -> 
                 sums.setdefault((model, figure), []).append(float(value))
     for (model, figure), values in sums.items():
         CLIENT_MEAN_FIGURE.labels(job_id=job_id, model=model, figure=figure).set(float(np.mean(values)))
+
+
+def pack_tasks(budgets: list[tuple[int, dict[str, int]]], size: int) -> list[tuple[list[int], dict[str, int]]]:
+    """Clients (in the order given) packed into tasks of at most `size`, each of clients with the same budget.
+
+    A batch carries one budget for all its clients, so a client whose budget differs from the one before it
+    (deadline budgets differ by device) starts a new batch; with fixed budgets every batch but the last is full.
+    """
+    tasks: list[tuple[list[int], dict[str, int]]] = []
+    for client, budget in budgets:
+        if tasks and len(tasks[-1][0]) < size and tasks[-1][1] == budget:
+            tasks[-1][0].append(client)
+        else:
+            tasks.append(([client], budget))
+    return tasks
 
 
 class Scheduler:
@@ -457,13 +480,22 @@ class Scheduler:
         log.info("job %s round %d opened: clients %s", job_id, round_, clients)
 
     def _dispatch(self, spec: JobSpec, job_id: str, round_: int, clients: list[int], wave: int) -> None:
-        """One task per client, each carrying its compute budget."""
+        """One task per client, each carrying its compute budget; with `clients_per_task` > 1, batches of
+        up to that many clients that share a budget."""
         mode = mode_of(spec)
         upload = self._recent_upload_bytes(job_id)
-        for client in clients:
-            budget = mode.task_fields(spec, task_budget(spec, round_, client, upload))
-            task = TrainTask(job_id=job_id, round=round_, client=client, attempt=0, wave=wave, **budget)
-            self._send(spec, job_id, client, task)
+        budgets = [(client, mode.task_fields(spec, task_budget(spec, round_, client, upload))) for client in clients]
+        for batch, budget in pack_tasks(budgets, spec.clients_per_task):
+            task = TrainTask(
+                job_id=job_id,
+                round=round_,
+                client=batch[0],
+                clients=batch if len(batch) > 1 else [],
+                attempt=0,
+                wave=wave,
+                **budget,
+            )
+            self._send(spec, job_id, batch[0], task)
         TASKS_DISPATCHED.inc(len(clients))
 
     def _send(self, spec: JobSpec, job_id: str, client: int, task: TrainTask | EvaluateTask) -> None:

@@ -1,5 +1,9 @@
 """One task at a time: fetch the global state, train this client, store the update, announce it.
 
+A batched task (`TrainTask.clients`, `JobSpec.clients_per_task`) is its clients' tasks run one after
+another under one message: the global state is fetched and decoded once (the cache below), and each
+client stores and announces its own update exactly as its own task would.
+
 The worker keeps nothing between tasks that Redis cannot rebuild: the loaded base model
 is a cache, and the trainable state is overwritten at every task. The global state is
 cached too, keyed by (job, round): a worker downloads a job's state once and then only
@@ -163,6 +167,69 @@ class Worker:
         task = decode_task(body, self.max_message_bytes, self.auth)
         if self.clients:
             self._authenticate(task)
+        if isinstance(task, TrainTask) and task.clients:
+            self._handle_batch(task)
+        else:
+            self._handle_one(task)
+
+    def _handle_batch(self, batch: TrainTask) -> None:
+        """Train a batch's clients one after another, each exactly as its own task would be.
+
+        Each client gets its own update and announcement, so the aggregator sees what N tasks would
+        send. A client that fails for a reason of its own is reported (ClientFailed) and the batch goes
+        on; a batch that is wrong as a whole (unknown job, a client out of range, a bound client, a
+        budget over the job's) is dead-lettered before any client trains. A transient error (the store
+        away) fails the batch, and the bus redelivers it: a client whose update was stored before then
+        is found by its announcement and announced again, never trained twice.
+        """
+        job_id = batch.job_id
+        try:
+            spec = self._spec(job_id)
+        except JobNotFound:
+            raise InvalidMessage(f"task for unknown job {job_id}") from None
+        except ValidationError as error:
+            reason = f"the job's spec does not load here: {format_validation_error(error)}"
+            for client in batch.batch:
+                self._report_failure(batch.for_client(client), TaskFailed(reason), identity=None)
+            raise InvalidMessage(f"batch failed: {reason}") from None
+        beyond = [client for client in batch.batch if client >= spec.num_clients]
+        if beyond:
+            raise InvalidMessage(f"clients {beyond} out of range for job {job_id}")
+        if self.clients or spec.clients.kind == "bound":
+            # Bound clients' tasks go to their own queues, one signed task each (the spec refuses batches).
+            raise InvalidMessage(f"a batch of {job_id} reached a bound worker or names bound clients")
+        _check_budget(batch, spec)
+        log.info(
+            "%s starting a batch of %d clients of %s round %d wave %d",
+            self.name,
+            len(batch.batch),
+            job_id,
+            batch.round,
+            batch.wave,
+        )
+        with self._task_lock:
+            for client in batch.batch:
+                task = batch.for_client(client)
+                try:
+                    try:
+                        outcome = self._train(task, spec)
+                    except data.DataMismatch as error:
+                        raise TaskFailed(f"client {client}: local data does not match the job: {error}") from None
+                except (TaskFailed, local_data.LocalDataInvalid, local_data.LocalDataMissing) as error:
+                    self._report_failure(task, error, identity=None)
+                    continue
+                TASKS_PROCESSED.labels(outcome=outcome).inc()
+
+    def _report_failure(self, task: TrainTask | EvaluateTask, error: Exception, identity: str | None) -> None:
+        """A client's task failed for a reason of its own: counted, logged, and told to the scheduler."""
+        TASKS_PROCESSED.labels(outcome="failed").inc()
+        log.error(
+            "%s: task of %s round %d client %d failed: %s", self.name, task.job_id, task.round, task.client, error
+        )
+        failed = ClientFailed(job_id=task.job_id, round=task.round, client=task.client, reason=str(error)[:4000])
+        self.bus.publish(self.queues.events, self.auth.seal(self._signed_failure(failed, identity)))
+
+    def _handle_one(self, task: TrainTask | EvaluateTask) -> None:
         job_id = task.job_id
         identity: str | None = None
         try:
@@ -192,10 +259,7 @@ class Worker:
                 raise TaskFailed(f"client {task.client}: local data does not match the job: {error}") from None
         except (TaskFailed, local_data.LocalDataInvalid, local_data.LocalDataMissing) as error:
             # Deterministic: a retry would fail the same way. Dead-lettered (and counted) by the bus.
-            TASKS_PROCESSED.labels(outcome="failed").inc()
-            log.error("%s: task of %s round %d client %d failed: %s", self.name, job_id, task.round, task.client, error)
-            failed = ClientFailed(job_id=job_id, round=task.round, client=task.client, reason=str(error)[:4000])
-            self.bus.publish(self.queues.events, self.auth.seal(self._signed_failure(failed, identity)))
+            self._report_failure(task, error, identity)
             raise InvalidMessage(f"task failed: {error}") from None
         TASKS_PROCESSED.labels(outcome=outcome).inc()
 
