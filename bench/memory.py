@@ -413,7 +413,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
 
     models = list(document["models"])
     widest = max(len(present_modes(document["models"][m]["runs"])) for m in models)
-    fig, axes = plt.subplots(1, len(models), figsize=(max(5.5, 1.5 * widest) * len(models), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(5.5, 2.0 * widest) * len(models), 5), squeeze=False)
     colors = {
         "backprop": "#c44e52",
         "fd": "#4c72b0",
