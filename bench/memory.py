@@ -1,9 +1,11 @@
-"""Peak memory of ONE training step: backprop LoRA vs forward gradients (FwdLLM `fd` and `jvp`).
+"""Peak memory of ONE training step: backprop LoRA vs forward gradients (FwdLLM `fd` and `jvp`, local steps).
 
     .venv/bin/python bench/memory.py                                   # both models, batch 8 x 256 tokens
     .venv/bin/python bench/memory.py --models smollm2-135m --batch 8 --tokens 256 --repeat 1
     .venv/bin/python bench/memory.py --from-json bench/results/memory.json   # redraw the figure only
     .venv/bin/python bench/memory.py --models smollm2-135m --batch 16 --repeat 1 --name memory-b16
+    .venv/bin/python bench/memory.py --models smollm2-135m --batch 16 --repeat 1 --name memory-b16 \
+        --modes backprop,fd,jvp,fd-local,fd-local-pool --seed-pool 100     # with the pool upload too
     .venv/bin/python bench/memory.py --name memory-batches \
         --batches-from bench/results/memory.json,bench/results/memory-b16.json,bench/results/memory-b32.json
 
@@ -20,7 +22,16 @@ Each child does what a worker does for one task, through the project's real code
   `--tokens` window, so every mode sees a batch of exactly `--batch` x `--tokens` tokens;
 - backprop: `shared.modes.backprop.train_backprop(..., steps=1)` (AdamW);
 - fd / jvp: `shared.modes.fwd.forward_task(..., perturbations=1)` with one candidate and
-  discriminative sampling off (no candidate scoring).
+  discriminative sampling off (no candidate scoring);
+- fd-local: `shared.modes.fwd.forward_local_steps(..., steps=1)` under `fwd.regime: local` and
+  `fwd.upload: seeds`: one local zeroth-order step of one `fd` perturbation (fixed variance control,
+  no discriminative sampling), the trajectory a local-regime worker uploads;
+- fd-local-pool (only with `--modes`): the same step under `fwd.upload: pool` with `--seed-pool`
+  seeds, which holds the whole pool's directions (seed_pool x perturbed dim, float32 and a float64
+  copy) for the task: what the pool upload costs in memory.
+
+`backprop` is always measured (every ratio is against it); `--modes` picks the others (default
+backprop, fd, jvp, fd-local). Reports written before fd-local existed still redraw (`--from-json`).
 
 The headline number is the whole-process peak resident set size (`ru_maxrss` of the child as the
 parent's `wait4` reports it): interpreter, torch/transformers/peft, tokenizer, data, model and the
@@ -54,6 +65,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results"
 MODES = ("backprop", "fd", "jvp")
+"""The FedSGD-regime comparison every report holds (older reports hold only these)."""
+LOCAL_MODES = ("fd-local", "fd-local-pool")
+"""Local-regime modes (`fwd.regime: local`), one local step each; fd-local-pool with the pool upload."""
+ALL_MODES = MODES + LOCAL_MODES
+DEFAULT_MODES = ("backprop", "fd", "jvp", "fd-local")
+DEFAULT_SEED_POOL = 100
+"""fd-local-pool's pool: moderate, since the step holds seed_pool x dim directions (12 bytes each)."""
 DATASETS = {
     "smollm2-135m": "jane-austen",
     "minilm-l6": "bbc-news",
@@ -138,7 +156,17 @@ class RssSampler:
         return [[round(t, 3), round(rss, 1)] for t, rss in (slices[k] for k in sorted(slices))]
 
 
-def spec_fields(model: str, mode: str, batch: int, tokens: int) -> dict[str, Any]:
+def mode_key(mode: str) -> str:
+    """A mode's name as a summary key prefix: `fd-local` -> `fd_local`."""
+    return mode.replace("-", "_")
+
+
+def present_modes(runs: dict[str, Any]) -> list[str]:
+    """The modes a report holds, in the order of ALL_MODES (older reports lack the local ones)."""
+    return [mode for mode in ALL_MODES if mode in runs]
+
+
+def spec_fields(model: str, mode: str, batch: int, tokens: int, seed_pool: int = DEFAULT_SEED_POOL) -> dict[str, Any]:
     """The job spec of a measurement: the same model, data, batch and length for every mode."""
     fields: dict[str, Any] = {
         "name": "memory-bench",
@@ -155,7 +183,7 @@ def spec_fields(model: str, mode: str, batch: int, tokens: int) -> dict[str, Any
         "optimizer": {"name": "adamw", "lr": 1e-3},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
     }
-    if mode != "backprop":
+    if mode in ("fd", "jvp"):
         fields["fwd"] = {
             "estimator": mode,
             "perturbations_per_task": 1,
@@ -163,10 +191,25 @@ def spec_fields(model: str, mode: str, batch: int, tokens: int) -> dict[str, Any
             "discriminative": False,
             "upload": "seeds",
         }
+    elif mode in LOCAL_MODES:
+        fields["fwd"] = {
+            "estimator": "fd",
+            "regime": "local",
+            "upload": "pool" if mode == "fd-local-pool" else "seeds",
+            "perturbations_per_local_step": 1,
+            "max_perturbations_per_local_step": 1,
+            "variance_control": "fixed",
+            "candidates": 1,
+            "discriminative": False,
+        }
+        if mode == "fd-local-pool":
+            fields["fwd"]["seed_pool"] = seed_pool
+    elif mode != "backprop":
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(ALL_MODES)}")
     return fields
 
 
-def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]:
+def child(model_name: str, mode: str, batch: int, tokens: int, seed_pool: int = DEFAULT_SEED_POOL) -> dict[str, Any]:
     """One step of `mode` in this (fresh) process; returns what was measured."""
     rss_start = _rss_mb()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,10 +221,10 @@ def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]
     from shared.allocator import set_mmap_threshold
     from shared.catalog import model_info
     from shared.data import client_examples
-    from shared.forward_grad import decode_seed_scalars
+    from shared.forward_grad import ParamSpace, decode_seed_scalars
     from shared.models import describe, device, initial_state, load_tokenizer, load_trainable_state
     from shared.modes.backprop import train_backprop
-    from shared.modes.fwd import forward_task
+    from shared.modes.fwd import forward_local_steps, forward_task
     from shared.seeding import derive_seed
     from shared.settings import Settings
     from shared.spec import parse_spec
@@ -190,7 +233,7 @@ def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]
     settings = Settings()
     # What `configure_process` does in a worker after its imports (logging aside).
     mmap_threshold = settings.malloc_mmap_threshold if set_mmap_threshold(settings.malloc_mmap_threshold) else None
-    spec = parse_spec(spec_fields(model_name, mode, batch, tokens))
+    spec = parse_spec(spec_fields(model_name, mode, batch, tokens, seed_pool))
     cache_dir = settings.cache_dir
     task = model_info(spec.model).task
     tokenizer = load_tokenizer(spec.model, cache_dir)
@@ -210,6 +253,12 @@ def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]
         for param in model.parameters():
             float(param.sum())
     rss_resident = _rss_mb()
+    # The dimension forward modes perturb: the pool upload holds seed_pool rows of it.
+    perturbed_dim = (
+        ParamSpace.from_state({n: p for n, p in model.named_parameters() if p.requires_grad}, spec.fwd.perturb).dim
+        if spec.mode == "fwd"
+        else None
+    )
     peak_before_step = _maxrss_mb()
     hwm_reset = _reset_hwm()
 
@@ -220,6 +269,16 @@ def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]
             seed = derive_seed("train", spec.seed, 0, 0)
             trained = train_backprop(model, tokenizer, examples, spec, task, 1, seed)
             outcome["loss"] = trained.loss
+        elif mode in LOCAL_MODES:
+            local = forward_local_steps(
+                model, tokenizer, examples, spec, task, round_=0, client=0, wave=0, steps=1
+            )  # fmt: skip
+            outcome["loss"] = float(sum(local.losses) / len(local.losses))
+            outcome["g"] = (
+                [float(x) for x in local.coefficients]
+                if local.coefficients is not None
+                else [float(x) for step in local.steps for x in step.grads]
+            )
         else:
             result = forward_task(
                 model,
@@ -257,6 +316,8 @@ def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]
         "examples_available": len(examples),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "dtype": str(next(model.parameters()).dtype),
+        "perturbed_dim": perturbed_dim,
+        "seed_pool": spec.fwd.seed_pool if spec.mode == "fwd" and spec.fwd.upload == "pool" else None,
         "torch_threads": torch.get_num_threads(),
         "malloc_mmap_threshold": mmap_threshold,
         **describe(model),
@@ -267,7 +328,7 @@ def child(model_name: str, mode: str, batch: int, tokens: int) -> dict[str, Any]
 # -- the parent: one fresh process per (model, mode) -----------------------------------------
 
 
-def run_child(model: str, mode: str, batch: int, tokens: int) -> dict[str, Any]:
+def run_child(model: str, mode: str, batch: int, tokens: int, seed_pool: int = DEFAULT_SEED_POOL) -> dict[str, Any]:
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -278,6 +339,8 @@ def run_child(model: str, mode: str, batch: int, tokens: int) -> dict[str, Any]:
         str(batch),
         "--tokens",
         str(tokens),
+        "--seed-pool",
+        str(seed_pool),
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -315,25 +378,30 @@ def combine(repeats: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(model: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each measured mode's whole-process peak and backprop's multiple of it (keys in the order of
+    ALL_MODES: the FedSGD modes' first, as before the local modes existed), plus the local modes'
+    step-alone ratios, so the summary line carries every figure the goals name."""
     backprop = runs["backprop"]["peak_mb"]
-    fd = runs["fd"]["peak_mb"]
-    jvp = runs["jvp"]["peak_mb"]
-    return {
-        "model": model,
-        "backprop_peak_mb": round(backprop, 1),
-        "fd_peak_mb": round(fd, 1),
-        "jvp_peak_mb": round(jvp, 1),
-        "fd_ratio": round(backprop / fd, 2),
-        "jvp_ratio": round(backprop / jvp, 2),
-    }
+    forward = [mode for mode in present_modes(runs) if mode != "backprop"]
+    summary: dict[str, Any] = {"model": model, "backprop_peak_mb": round(backprop, 1)}
+    summary.update({f"{mode_key(mode)}_peak_mb": round(runs[mode]["peak_mb"], 1) for mode in forward})
+    summary.update({f"{mode_key(mode)}_ratio": round(backprop / runs[mode]["peak_mb"], 2) for mode in forward})
+    steps = step_ratios(runs)
+    summary.update({key: value for key, value in steps.items() if key.endswith("_step_ratio") and "local" in key})
+    return summary
 
 
 def step_ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
     """What the step alone adds above the floor with the model resident, and backprop's multiple of it."""
-    added = {mode: runs[mode]["step_peak_mb"] - runs[mode]["rss_model_resident_mb"] for mode in MODES}
+    modes = present_modes(runs)
+    added = {mode: runs[mode]["step_peak_mb"] - runs[mode]["rss_model_resident_mb"] for mode in modes}
     return {
-        **{f"{mode}_step_mb": round(added[mode], 1) for mode in MODES},
-        **{f"{mode}_step_ratio": round(added["backprop"] / max(added[mode], 1.0), 1) for mode in ("fd", "jvp")},
+        **{f"{mode_key(mode)}_step_mb": round(added[mode], 1) for mode in modes},
+        **{
+            f"{mode_key(mode)}_step_ratio": round(added["backprop"] / max(added[mode], 1.0), 1)
+            for mode in modes
+            if mode != "backprop"
+        },
     }
 
 
@@ -344,38 +412,47 @@ def plot(document: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(document["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 5), squeeze=False)
-    colors = {"backprop": "#c44e52", "fd": "#4c72b0", "jvp": "#55a868"}
+    widest = max(len(present_modes(document["models"][m]["runs"])) for m in models)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(5.5, 2.0 * widest) * len(models), 5), squeeze=False)
+    colors = {
+        "backprop": "#c44e52",
+        "fd": "#4c72b0",
+        "jvp": "#55a868",
+        "fd-local": "#8172b2",
+        "fd-local-pool": "#ccb974",
+    }
     for ax, model in zip(axes[0], models, strict=True):
         entry = document["models"][model]
         runs = entry["runs"]
-        xs = list(range(len(MODES)))
-        peaks = [runs[m]["peak_mb"] for m in MODES]
-        ax.bar(xs, peaks, color=[colors[m] for m in MODES], alpha=0.35, label="whole-process peak (median)")
+        shown = present_modes(runs)  # older reports hold only backprop, fd and jvp
+        ratios = summarize(model, runs)  # recomputed: older reports' summaries lack the local modes
+        xs = list(range(len(shown)))
+        peaks = [runs[m]["peak_mb"] for m in shown]
+        ax.bar(xs, peaks, color=[colors[m] for m in shown], alpha=0.35, label="whole-process peak (median)")
         ax.errorbar(
             xs,
             peaks,
-            yerr=[[p - runs[m]["peak_min_mb"] for m, p in zip(MODES, peaks, strict=True)],
-                  [runs[m]["peak_max_mb"] - p for m, p in zip(MODES, peaks, strict=True)]],
+            yerr=[[p - runs[m]["peak_min_mb"] for m, p in zip(shown, peaks, strict=True)],
+                  [runs[m]["peak_max_mb"] - p for m, p in zip(shown, peaks, strict=True)]],
             fmt="none",
             ecolor="black",
             capsize=4,
             lw=0.8,
         )  # fmt: skip
-        resident = [runs[m]["rss_model_resident_mb"] for m in MODES]
-        ax.bar(xs, resident, color=[colors[m] for m in MODES], alpha=0.9, label="RSS with the model resident")
-        imports = [runs[m]["rss_after_imports_mb"] for m in MODES]
+        resident = [runs[m]["rss_model_resident_mb"] for m in shown]
+        ax.bar(xs, resident, color=[colors[m] for m in shown], alpha=0.9, label="RSS with the model resident")
+        imports = [runs[m]["rss_after_imports_mb"] for m in shown]
         ax.bar(xs, imports, color="#555555", alpha=0.9, width=0.5, label="RSS after imports")
-        for x, mode, peak in zip(xs, MODES, peaks, strict=True):
+        for x, mode, peak in zip(xs, shown, peaks, strict=True):
             label = f"{peak:.0f} MB"
             if mode != "backprop":
-                label += f"\n{entry['summary'][f'{mode}_ratio']:.2f}x less"
-                label += f"\n(step alone {step_ratios(runs)[f'{mode}_step_ratio']:.0f}x)"
+                label += f"\n{ratios[f'{mode_key(mode)}_ratio']:.2f}x less"
+                label += f"\n(step alone {step_ratios(runs)[f'{mode_key(mode)}_step_ratio']:.0f}x)"
             ax.text(x, runs[mode]["peak_max_mb"], label, ha="center", va="bottom", fontsize=9)
         ax.axhline(runs["backprop"]["peak_mb"] / 5, color="black", lw=0.8, ls="--", label="backprop peak / 5")
-        ax.set_xticks(xs, list(MODES))
+        ax.set_xticks(xs, list(shown))
         ax.set_ylabel("resident memory (MB)")
-        ax.set_ylim(0, max(runs[m]["peak_max_mb"] for m in MODES) * 1.22)
+        ax.set_ylim(0, max(runs[m]["peak_max_mb"] for m in shown) * 1.22)
         shape = runs["backprop"]["batch_shape"]
         ax.set_title(f"{model}: one step, batch {shape[0]} x {shape[1]} tokens", fontsize=10)
         ax.legend(fontsize=7.5, loc="upper right")
@@ -460,6 +537,9 @@ DEFINITIONS = {
     "rss_model_resident_mb": "... and every weight has been read once: the floor of any step",
     "step_peak_mb": "peak RSS during the step alone (VmHWM reset just before it)",
     "ratio": "backprop peak_mb / forward-mode peak_mb",
+    "step_ratio": "backprop's step_peak_mb above its rss_model_resident_mb / the mode's (step_alone)",
+    "perturbed_dim": "forward modes: the number of perturbed parameters (fwd.perturb); fd-local-pool holds "
+    "seed_pool x perturbed_dim directions in float32 plus a float64 copy (12 bytes each) during the step",
 }
 
 
@@ -477,12 +557,20 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="run nothing: comma-separated reports of different --batch, drawn as OUT/NAME.png against the batch",
     )
+    parser.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated modes among {', '.join(ALL_MODES)} (backprop is always measured)",
+    )
+    parser.add_argument(
+        "--seed-pool", type=int, default=DEFAULT_SEED_POOL, help="fd-local-pool: seeds in the pool (fwd.seed_pool)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         model, mode = args.child
-        result = child(model, mode, args.batch, args.tokens)
+        result = child(model, mode, args.batch, args.tokens, args.seed_pool)
         print(CHILD_MARK + json.dumps(result), flush=True)
         return
 
@@ -508,6 +596,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown models: {unknown or args.models}")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    chosen = {m.strip() for m in args.modes.split(",") if m.strip()} | {"backprop"}
+    if chosen - set(ALL_MODES):
+        parser.error(f"unknown modes: {sorted(chosen - set(ALL_MODES))}; known: {', '.join(ALL_MODES)}")
+    modes = [mode for mode in ALL_MODES if mode in chosen]
 
     document: dict[str, Any] = {
         "created": datetime.now().isoformat(timespec="seconds"),
@@ -515,15 +607,17 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "tokens": args.tokens,
         "repeat": args.repeat,
+        "modes": modes,
+        "seed_pool": args.seed_pool if "fd-local-pool" in modes else None,
         "definitions": DEFINITIONS,
         "models": {},
     }
     for model in models:
-        repeats: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+        repeats: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
         for index in range(args.repeat):
-            for mode in MODES:  # interleaved, so a busy spell of the machine hits every mode alike
+            for mode in modes:  # interleaved, so a busy spell of the machine hits every mode alike
                 print(f"{model} {mode} ({index + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
-                run = run_child(model, mode, args.batch, args.tokens)
+                run = run_child(model, mode, args.batch, args.tokens, args.seed_pool)
                 repeats[mode].append(run)
                 print(
                     f"  peak {run['peak_mb']:.0f} MB (imports {run['rss_after_imports_mb']:.0f}, model resident "
@@ -531,9 +625,9 @@ def main(argv: list[str] | None = None) -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-        runs = {mode: combine(repeats[mode]) for mode in MODES}
+        runs = {mode: combine(repeats[mode]) for mode in modes}
         document["models"][model] = {
-            "spec": {mode: spec_fields(model, mode, args.batch, args.tokens) for mode in MODES},
+            "spec": {mode: spec_fields(model, mode, args.batch, args.tokens, args.seed_pool) for mode in modes},
             "runs": runs,
             "summary": summarize(model, runs),
             "step_alone": step_ratios(runs),
