@@ -155,7 +155,7 @@ class ServiceCluster:
         self._add_worker(index)
 
     def wait_ready(self, timeout_s: float = 180) -> None:
-        """Every service process alive, the scheduler ready and every worker serving /metrics."""
+        """Every service process alive, the scheduler ready, the aggregator and every worker serving /metrics."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for process in [self.scheduler, self.aggregator, *self.workers]:
@@ -163,7 +163,7 @@ class ServiceCluster:
                     raise RuntimeError(f"a service exited with {process.returncode}; see logs in {self.log_dir}")
             try:
                 if httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200 and all(
-                    self._metrics_up(port) for port in self.worker_metric_ports
+                    self._metrics_up(port) for port in [self.aggregator_metrics_port, *self.worker_metric_ports]
                 ):
                     return
             except httpx.HTTPError:
