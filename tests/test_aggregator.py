@@ -612,6 +612,8 @@ FWD = {
     "fwd": {
         "perturbations_per_task": 4,
         "candidates": 3,
+        "discriminative": True,
+        "variance_control": "adaptive",
         "variance_threshold": 0.2,
         "max_perturbations_per_step": 16,
         "lr": 0.1,

@@ -152,7 +152,7 @@ def _tiny_fwd_spec(**fwd: object) -> JobSpec:
             "batch_size": 4,
             "max_length": 32,
             "seed": 5,
-            "fwd": {"perturbations_per_task": 6, "candidates": 4, **fwd},
+            "fwd": {"perturbations_per_task": 6, "candidates": 4, "discriminative": True, **fwd},
         }
     )
 

@@ -28,6 +28,8 @@ FWD_SPEC: dict[str, Any] = {
         "perturb": "head",
         "perturbations_per_task": 8,
         "candidates": 4,
+        "discriminative": True,
+        "variance_control": "adaptive",
         "lr": 0.5,
         "variance_threshold": 0.05,  # low: the first wave is never enough
         "max_perturbations_per_step": 32,
