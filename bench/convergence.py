@@ -24,6 +24,11 @@ trajectory upload (`fwd-local-seeds`: 16 directions per step, ~2 KB per task) wi
 
     .venv/bin/python bench/convergence.py --job quickstart --name convergence-quickstart
 
+The same two jobs on another data set (`--set` overrides both sides; `--rounds` the forward one):
+
+    .venv/bin/python bench/convergence.py --job quickstart --name convergence-tweets \
+        --only fwd-local-pool,backprop --set dataset=tweets-sentiment
+
 Writes bench/results/convergence.json (or NAME.json) and .png (accuracy against rounds and against wall time)
 and prints, last, one JSON line with each variant's final and best accuracy, its wall time to 0.90
 held-out accuracy (null if never) and its mean upload per client and round.
@@ -175,9 +180,10 @@ def main() -> None:
     overrides = list(args.overrides) + ([f"rounds={args.rounds}"] if args.rounds else [])
     if args.job == "quickstart":
         fwd = load_spec_file(str(ROOT / "examples" / "fwd-quickstart.yaml"), overrides)
+        # --set applies to both sides (another data set, say); --rounds only to the forward one.
         backprop = load_spec_file(
             str(ROOT / "examples" / "quickstart.yaml"),
-            [f"rounds={args.backprop_rounds}"] if args.backprop_rounds else [],
+            list(args.overrides) + ([f"rounds={args.backprop_rounds}"] if args.backprop_rounds else []),
         )
         chosen = quickstart_variants(fwd, backprop)
     else:
