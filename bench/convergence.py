@@ -128,7 +128,14 @@ def run(spec: JobSpec, cache_dir: Path) -> dict[str, Any]:
     }
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def title(specs: dict[str, Any]) -> str:
+    """What the runs trained on, from their specs (every variant shares model, data and clients)."""
+    spec = parse_spec(next(iter(specs.values())))
+    partition = spec.partition.kind + (f" {spec.partition.alpha}" if spec.partition.kind == "dirichlet" else "")
+    return f"{spec.dataset}, {spec.model}, {spec.num_clients} clients ({partition})"
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path, suptitle: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +150,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     for axis in (by_round, by_time):
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle("BBC News, MiniLM-L6, 8 clients (Dirichlet 0.5)")
+    figure.suptitle(suptitle)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -160,7 +167,7 @@ def save(results: dict[str, dict[str, Any]], specs: dict[str, Any], name: str) -
             "bytes_up_per_client_round": round(r.get("bytes_up_per_client_round", 0.0), 1),
         }
     write_report(RESULTS / f"{name}.json", summary, results, specs)
-    plot(results, RESULTS / f"{name}.png")
+    plot(results, RESULTS / f"{name}.png", title(specs))
     return summary
 
 
