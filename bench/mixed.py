@@ -31,17 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root is not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.children import one_task, run_measured
 from bench.reports import write_report
 from shared.spec import JobSpec, apply_overrides, load_spec_file, parse_spec
 
@@ -86,94 +83,22 @@ def kinds(spec: JobSpec) -> dict[str, list[int]]:
 
 
 def run(spec: JobSpec) -> dict[str, Any]:
-    from services.embedded import EmbeddedCluster
+    """The job embedded (bench/convergence.py's run: accuracy by round and wall time), and who trained how."""
+    from bench.convergence import run as run_embedded
     from shared.settings import Settings
 
-    began = time.perf_counter()
-    points: list[tuple[int, float, float]] = []
-
-    def record(job: dict[str, Any]) -> None:
-        for m in job["metrics"]:
-            if m["round"] not in {p[0] for p in points}:
-                points.append((m["round"], m["accuracy"], time.perf_counter() - began))
-
-    with EmbeddedCluster(Settings().cache_dir) as cluster:
-        job = cluster.wait(cluster.scheduler.submit(spec), record)
-    record(job)
-    if job["state"] != "succeeded":
-        raise RuntimeError(f"{spec.name} {job['state']}: {job.get('error')}")
-    rounds = job["metrics"]
-    return {
-        "rounds": [p[0] for p in points],
-        "accuracy": [p[1] for p in points],
-        "wall_s": [p[2] for p in points],
-        "final_accuracy": rounds[-1]["accuracy"],
-        "best_accuracy": max(m["accuracy"] for m in rounds),
-        "bytes_up_per_client_round": sum(m["bytes_up"] for m in rounds[1:])
-        / max(1, sum(m["updates"] for m in rounds[1:])),
-        "compute_s_per_round": [m.get("compute_s_sum") for m in rounds[1:]],
-        "clients_by_kind": kinds(spec),
-        "total_wall_s": time.perf_counter() - began,
-    }
+    return {**run_embedded(spec, Settings().cache_dir), "clients_by_kind": kinds(spec)}
 
 
 # -- one task per device class, alone in a fresh process ----------------------------------------------
 
 
-def task_child(spec_json: str) -> None:
-    """In a child process: client 0's round-1 task of this spec on the initial state, as a worker runs it."""
-    import torch
-
-    from shared import data
-    from shared.adapters import ModelCache
-    from shared.messages import TrainTask
-    from shared.models import initial_state, load_trainable_state
-    from shared.modes import mode_of
-    from shared.modes.base import LocalContext
-    from shared.seeding import derive_seed
-    from shared.settings import Settings, configure_process
-
-    settings = Settings()
-    configure_process(settings)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    spec = parse_spec(json.loads(spec_json))
-    model, tokenizer = ModelCache(settings.cache_dir).get(spec)
-    state = initial_state(model, derive_seed("init", spec.seed))
-    load_trainable_state(model, state)
-    mode = mode_of(spec)
-    task = TrainTask(job_id="bench-mixed-memory", round=1, client=0, **mode.task_fields(spec, mode.full_budget(spec)))
-    began = time.perf_counter()
-    result = mode.run_local(
-        LocalContext(
-            spec=spec,
-            task=task,
-            model=model,
-            tokenizer=tokenizer,
-            examples=data.client_examples(spec, 0),
-            start_state=state,
-            personal={},
-            artifact=lambda name, round_: None,
-        )
-    )
-    print(CHILD_MARK + json.dumps({"task_s": time.perf_counter() - began, "upload_bytes": len(result.payload)}))
-
-
 def measure_class(spec: JobSpec) -> dict[str, Any]:
-    """Client 0's task of `spec` in a fresh process: its figures and whole-process peak RSS (wait4)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--task-child", json.dumps(spec.model_dump(mode="json"))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    lines = [line for line in stdout.splitlines() if line.startswith(CHILD_MARK)]
-    if code != 0 or not lines:
-        sys.stderr.write(stderr[-5000:])
-        raise RuntimeError(f"task child of {spec.name} exited with {code}")
-    return {**json.loads(lines[-1][len(CHILD_MARK) :]), "peak_rss_mb": usage.ru_maxrss / 1024}
+    """Client 0's task of `spec` in a fresh process: its figures and whole-process peak RSS."""
+    figures, peak = run_measured(
+        Path(__file__).resolve(), ["--task-child", json.dumps(spec.model_dump(mode="json"))], CHILD_MARK
+    )
+    return {**figures, "peak_rss_mb": peak}
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -279,6 +204,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--task-child":
-        task_child(sys.argv[2])
+        figures = one_task(parse_spec(json.loads(sys.argv[2])), "bench-mixed-memory")
+        print(CHILD_MARK + json.dumps(figures))
     else:
         main()
