@@ -27,7 +27,9 @@ def run_measured(script: Path, args: list[str], mark: str) -> tuple[dict[str, An
     """Run `python script *args`; return (the JSON it printed after `mark`, its peak RSS in MB)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, str(script), *args], stdout=out, stderr=err, text=True, env=env)
+        process = subprocess.Popen(
+            [sys.executable, str(script), *args], stdout=out, stderr=err, text=True, env=env, cwd=REPO
+        )
         # wait4 gives this child's own rusage: ru_maxrss is its whole-process peak RSS (kB on Linux).
         _, status, usage = os.wait4(process.pid, 0)
         code = os.waitstatus_to_exitcode(status)
