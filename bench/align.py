@@ -30,9 +30,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -133,57 +131,18 @@ def run_variant_child(spec_json: str) -> None:
 
 
 def run_task_child(spec_json: str) -> None:
-    """In a child process: one local alignment task of client 0 on the initial state, alone."""
-    import torch
+    """In a child process: one local alignment task (one step) of client 0 on the initial state, alone."""
+    from bench.children import one_task
 
-    from shared import data
-    from shared.adapters import ModelCache
-    from shared.messages import TrainTask
-    from shared.models import initial_state, load_trainable_state
-    from shared.modes import mode_of
-    from shared.modes.base import LocalContext
-    from shared.settings import Settings, configure_process
-
-    settings = Settings()
-    configure_process(settings)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    spec = parse_spec(json.loads(spec_json))
-    model, tokenizer = ModelCache(settings.cache_dir).get(spec)
-    state = initial_state(model, spec.seed)
-    load_trainable_state(model, state)
-    task = TrainTask(job_id="bench-align-memory", round=1, client=0, local_steps=1)
-    began = time.perf_counter()
-    result = mode_of(spec).run_local(
-        LocalContext(
-            spec=spec,
-            task=task,
-            model=model,
-            tokenizer=tokenizer,
-            examples=data.client_examples(spec, 0),
-            start_state=state,
-            personal={},
-            artifact=lambda name, round_: None,
-        )
-    )
-    print(CHILD_MARK + json.dumps({"task_s": time.perf_counter() - began, "upload_bytes": len(result.payload)}))
+    figures = one_task(parse_spec(json.loads(spec_json)), "bench-align-memory", local_steps=1)
+    print(CHILD_MARK + json.dumps(figures))
 
 
 def run_child(flag: str, spec: JobSpec) -> tuple[dict[str, Any], float]:
     """(the child's JSON, its whole-process peak RSS in MB)."""
-    command = [sys.executable, str(Path(__file__).resolve()), flag, json.dumps(spec.model_dump(mode="json"))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=REPO)
-        _, status, usage = os.wait4(process.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    lines = [line for line in stdout.splitlines() if line.startswith(CHILD_MARK)]
-    if code != 0 or not lines:
-        sys.stderr.write(stderr[-5000:])
-        raise RuntimeError(f"{flag} {spec.name}: child exited with {code}")
-    return json.loads(lines[-1][len(CHILD_MARK) :]), usage.ru_maxrss / 1024
+    from bench.children import run_measured
+
+    return run_measured(Path(__file__).resolve(), [flag, json.dumps(spec.model_dump(mode="json"))], CHILD_MARK)
 
 
 # -- figures --------------------------------------------------------------------------------------
@@ -333,11 +292,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", default=",".join(VARIANTS))
     parser.add_argument("--name", default="align")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--replot", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
-    json_path, png_path = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.png"
+    json_path, png_path = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
     if args.replot:
         report = json.loads(json_path.read_text())
         plot(report, png_path)
@@ -376,7 +336,7 @@ def main() -> None:
     if report["variants"]:
         save(report, json_path, png_path)
     else:
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2, default=float))
     print(json.dumps(report.get("summary", {})))
 
@@ -385,7 +345,7 @@ def save(report: dict[str, Any], json_path: Path, png_path: Path) -> None:
     """The summary, the JSON and the PNG, as far as the report goes (written after every variant)."""
     report["summary"] = summarize(report)
     report["summary_doc"] = SUMMARY_DOC
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2, default=float))
     plot(report, png_path)
 
