@@ -52,6 +52,25 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise AssertionError(f"not within {timeout_s}s: {what}")
 
 
+def run_bench_script(script: str, args: list[str], cache: Path, timeout_s: float = 900) -> list[str]:
+    """`bench/<script>` run as a user would, on one torch thread with `cache` as its model cache; its stdout
+    lines (the summary is the last). Fails the test with the script's stderr if it exits non-zero."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PWFF_CACHE_DIR": str(cache),
+        "PWFF_TORCH_THREADS": "1",
+        "BENCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(repo),
+    }
+    command = [sys.executable, str(repo / "bench" / script), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo, timeout=timeout_s, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout.strip().splitlines()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

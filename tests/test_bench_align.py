@@ -4,32 +4,18 @@ memory children), writing its report and plot under tmp_path and printing the su
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.harness import run_bench_script
 
 
 def test_the_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "PWFF_CACHE_DIR": str(tmp_path / "cache"),
-        "PWFF_TORCH_THREADS": "1",
-        "BENCH_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-    }
     overrides = ["model=tiny-llama", "local_steps=1", "align.eval_prompts=2", "align.max_new_tokens=6"]
-    command = [sys.executable, str(REPO / "bench" / "align.py"), "--rounds", "1", "--only", "pwff,none"]
-    command += ["--out", str(tmp_path)]
+    args = ["--rounds", "1", "--only", "pwff,none", "--out", str(tmp_path)]
     for override in overrides:
-        command += ["--set", override]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        args += ["--set", override]
+    lines = run_bench_script("align.py", args, tmp_path / "cache")
+    summary = json.loads(lines[-1])
     assert set(summary) == {"pwff", "none"}
     keys = {"reward_gain", "separation", "personalization_gain", "kl", "kl_target", "peak_rss_mb", "bytes_up_per_round"}
     for name in ("pwff", "none"):

@@ -5,16 +5,12 @@ report and plot under tmp_path and printing its summary last."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.mixed import kinds, variant_spec
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.harness import run_bench_script
 
 
 @pytest.mark.parametrize("model", ["minilm-l6", "tiny-bert"])
@@ -39,22 +35,12 @@ def test_variants_are_the_quickstart_job_under_auto_with_fwd_quickstarts_forward
 
 
 def test_the_benchmark_runs_on_the_tiny_model(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "PWFF_CACHE_DIR": str(tmp_path / "cache"),
-        "PWFF_TORCH_THREADS": "1",
-        "BENCH_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-    }
     overrides = ["model=tiny-bert", "local_steps=2", "eval_max_examples=32", "fwd.seed_pool=50"]
-    command = [sys.executable, str(REPO / "bench" / "mixed.py"), "--rounds", "1", "--out", str(tmp_path)]
+    args = ["--rounds", "1", "--out", str(tmp_path)]
     for override in overrides:
-        command += ["--set", override]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        args += ["--set", override]
+    lines = run_bench_script("mixed.py", args, tmp_path / "cache")
+    summary = json.loads(lines[-1])
     assert summary["mixed"]["backprop_clients"] == [0, 1, 2, 3]
     assert summary["mixed"]["fwd_clients"] == [4, 5, 6, 7]
     for variant in ("backprop", "fwd", "mixed"):
