@@ -5,9 +5,6 @@ reports written before the local modes existed. Everything is written under tmp_
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,31 +12,13 @@ import pytest
 
 from bench.memory import ALL_MODES, MODES, spec_fields, step_ratios, summarize
 from shared.spec import parse_spec
+from tests.harness import run_bench_script
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench" / "memory.py"
 
 
 def run_bench(out: Path, cache: Path, *args: str) -> list[str]:
-    env = {
-        **os.environ,
-        "PWFF_CACHE_DIR": str(cache),
-        "PWFF_TORCH_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout.strip().splitlines()
+    return run_bench_script("memory.py", ["--out", str(out), *args], cache, timeout_s=600)
 
 
 def fake_run(peak: float, step_peak: float, resident: float = 900.0) -> dict[str, Any]:

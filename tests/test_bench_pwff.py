@@ -5,33 +5,19 @@ code as pwff with another preset), both device populations, the cold start, and 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench" / "pwff.py"
+from tests.harness import run_bench_script
+
 VARIANTS = ("full", "none", "pwff")
 TINY = ["--set", "model=tiny-bert", "--set", "num_clients=4", "--set", "clients_per_round=4", "--set", "local_steps=2"]
 
 
 def bench(out: Path, cache: Path, *args: str) -> dict[str, Any]:
-    env = {**os.environ, "PWFF_CACHE_DIR": str(cache), "PWFF_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary: dict[str, Any] = json.loads(run_bench_script("pwff.py", ["--out", str(out), *args], cache)[-1])
     return summary
 
 
