@@ -29,9 +29,10 @@ The same two jobs on another data set (`--set` overrides both sides; `--rounds` 
     .venv/bin/python bench/convergence.py --job quickstart --name convergence-tweets \
         --only fwd-local-pool,backprop --set dataset=tweets-sentiment
 
-Writes bench/results/convergence.json (or NAME.json) and .png (accuracy against rounds and against wall time)
-and prints, last, one JSON line with each variant's final and best accuracy, its wall time to 0.90
-held-out accuracy (null if never) and its mean upload per client and round.
+Writes bench/results/convergence.json (or NAME.json; `--out` names another folder) and .png
+(accuracy against rounds and against wall time) and prints, last, one JSON line with each
+variant's final and best accuracy, its wall time to 0.90 held-out accuracy (null if never) and
+its mean upload per client and round.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def variants(base: JobSpec, backprop_steps: int, backprop_rounds: int | None) ->
     }
 
 
-def quickstart_variants(fwd: JobSpec, backprop: JobSpec) -> dict[str, JobSpec]:
+def quickstart_variants(fwd: JobSpec, backprop: JobSpec, seeds_rounds: int | None = None) -> dict[str, JobSpec]:
+    """The quickstart pair, and the per-step trajectory upload with each refinement on (12 rounds
+    unless `seeds_rounds`: it needs more rounds than the pool upload)."""
     data = fwd.model_dump(mode="json")
     seeds = apply_overrides(
         data,
@@ -81,7 +84,7 @@ def quickstart_variants(fwd: JobSpec, backprop: JobSpec) -> dict[str, JobSpec]:
             "fwd.upload=seeds",
             "fwd.perturbations_per_local_step=16",
             "fwd.max_perturbations_per_local_step=64",
-            f"rounds={max(12, fwd.rounds)}",
+            f"rounds={seeds_rounds or max(12, fwd.rounds)}",
         ],
     )
     return {
@@ -156,7 +159,9 @@ def plot(results: dict[str, dict[str, Any]], path: Path, suptitle: str) -> None:
     plt.close(figure)
 
 
-def save(results: dict[str, dict[str, Any]], specs: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
+def save(
+    results: dict[str, dict[str, Any]], specs: dict[str, Any], name: str, out: Path = RESULTS
+) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     for variant, r in results.items():
         reached = time_to(r, 0.90)
@@ -166,8 +171,8 @@ def save(results: dict[str, dict[str, Any]], specs: dict[str, Any], name: str) -
             "time_to_090_s": round(reached, 1) if reached is not None else None,
             "bytes_up_per_client_round": round(r.get("bytes_up_per_client_round", 0.0), 1),
         }
-    write_report(RESULTS / f"{name}.json", summary, results, specs)
-    plot(results, RESULTS / f"{name}.png", title(specs))
+    write_report(out / f"{name}.json", summary, results, specs)
+    plot(results, out / f"{name}.png", title(specs))
     return summary
 
 
@@ -181,6 +186,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="spec override key=value")
     parser.add_argument("--only", default="", help="comma-separated variants to run (merged into an existing report)")
     parser.add_argument("--name", default="convergence", help="report name: bench/results/NAME.json and .png")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     parser.add_argument("--job", choices=("fwd-bbc", "quickstart"), default="fwd-bbc", help="which example job")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -192,7 +198,7 @@ def main() -> None:
             str(ROOT / "examples" / "quickstart.yaml"),
             list(args.overrides) + ([f"rounds={args.backprop_rounds}"] if args.backprop_rounds else []),
         )
-        chosen = quickstart_variants(fwd, backprop)
+        chosen = quickstart_variants(fwd, backprop, args.rounds)
     else:
         base = load_spec_file(str(ROOT / "examples" / "fwd-bbc.yaml"), overrides)
         chosen = variants(base, args.backprop_steps, args.backprop_rounds)
@@ -201,20 +207,21 @@ def main() -> None:
     cache_dir = Settings().cache_dir
     results: dict[str, dict[str, Any]] = {}
     specs = {name: spec.model_dump(mode="json") for name, spec in chosen.items()}
-    earlier = RESULTS / f"{args.name}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    earlier = args.out / f"{args.name}.json"
     if args.only and earlier.is_file():
         report = json.loads(earlier.read_text())
         results.update(report["results"])
         specs = {**report["specs"], **specs}
     for name, spec in chosen.items():
         results[name] = run(spec, cache_dir)
-        save(results, specs, args.name)  # a long run keeps what it has if it is stopped
+        save(results, specs, args.name, args.out)  # a long run keeps what it has if it is stopped
         print(
             f"{name}: final {results[name]['final_accuracy']:.4f}, best {results[name]['best_accuracy']:.4f} "
             f"in {results[name]['total_wall_s']:.0f}s",
             flush=True,
         )
-    summary = save(results, specs, args.name)
+    summary = save(results, specs, args.name, args.out)
     print(json.dumps(summary))
 
 
