@@ -17,6 +17,7 @@ from shared.forward_grad import (
     ParamSpace,
     UploadError,
     candidate_seed,
+    debias_along,
     decode_seed_scalars,
     direction,
     encode_seed_scalars,
@@ -107,6 +108,39 @@ def test_small_chunks_choose_the_same_as_one_big_chunk() -> None:
 def test_without_a_reference_the_first_candidates_are_used() -> None:
     seeds = [candidate_seed(0, 1, 0, 0, i) for i in range(30)]
     assert select_directions(seeds, 8, None, 3)[0] == [0, 1, 2]
+
+
+def test_debiasing_removes_discriminative_samplings_stretch_along_the_reference() -> None:
+    """Keeping the 4 of 40 candidates most aligned with a reference stretches mean_i (g . v_i) v_i along
+    it about 4x; dividing that component by the kept directions' mean (v . r)^2 gives the gradient back
+    (averaged over many draws), while orthogonal to the reference nothing changes."""
+    dim, candidates, keep, trials = 30, 40, 4, 6000
+    generator = torch.Generator().manual_seed(7)
+    gradient = torch.randn(dim, generator=generator, dtype=torch.float64)
+    reference = gradient + 0.8 * torch.randn(dim, generator=generator, dtype=torch.float64)
+    unit = reference / reference.norm()
+    biased_sum = torch.zeros(dim, dtype=torch.float64)
+    debiased_sum = torch.zeros(dim, dtype=torch.float64)
+    stretch = 0.0
+    for _ in range(trials):
+        v = torch.randn(candidates, dim, generator=generator, dtype=torch.float64)
+        kept = v[((v @ unit).abs() / v.norm(dim=1)).topk(keep).indices]
+        estimate = (kept @ gradient) @ kept / keep
+        alignment = float(((kept @ unit) ** 2).mean())
+        stretch += alignment / trials
+        biased_sum += estimate / trials
+        debiased_sum += debias_along(estimate, reference, alignment) / trials
+    along = float(gradient @ unit)
+    assert stretch > 3.0
+    assert float(biased_sum @ unit) > 2.5 * along
+    assert float(debiased_sum @ unit) == pytest.approx(along, rel=0.1)
+    assert float((debiased_sum - gradient).norm()) < 0.2 * float(gradient.norm())
+    # Orthogonal to the reference the debiasing changes nothing.
+    across = biased_sum - (biased_sum @ unit) * unit
+    assert torch.allclose(debiased_sum - (debiased_sum @ unit) * unit, across, atol=1e-9)
+    # Without a reference, or with unselected directions (a = 1), the estimate is left as it is.
+    assert torch.equal(debias_along(gradient, torch.zeros(dim, dtype=torch.float64), 2.0), gradient)
+    assert torch.allclose(debias_along(gradient, reference, 1.0), gradient)
 
 
 def test_seed_scalar_upload_is_under_a_kilobyte_for_64_perturbations() -> None:

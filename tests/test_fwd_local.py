@@ -201,6 +201,37 @@ def test_replay_is_deterministic_and_in_float64() -> None:
     assert first.dtype == torch.float64 and torch.equal(first, again)
 
 
+def test_discriminative_steps_move_and_replay_debiased(tmp_path: Path) -> None:
+    """A steered local step's estimate is debiased along the previous step's (client and replay alike):
+    the replay that skips the debiasing misses the client's delta, the one that applies it matches."""
+    spec = _spec(discriminative=True, candidates=4, discriminative_every=1)
+    model, tokenizer = _model(spec, tmp_path)
+    before = trainable_state(model)
+    result = forward_local_steps(
+        model,
+        tokenizer,
+        list(data.client_examples(spec, 1)),
+        spec,
+        "classification",
+        round_=2,
+        client=1,
+        wave=0,
+        steps=3,
+    )
+    after = trainable_state(model)
+    space = TrajectoryAccumulator(spec, before).space
+    applied = space.flatten({name: after[name] - before[name] for name in space.names}).double()
+
+    def seed_of(step: int, index: int) -> int:
+        return local_seed(spec.seed, 2, 1, 0, step, index)
+
+    debiased = replay_trajectory(result.steps, seed_of, space.dim, 0.5, lambda step: True)
+    naive = replay_trajectory(result.steps, seed_of, space.dim, 0.5)
+    scale = float(applied.abs().max())
+    assert torch.allclose(debiased, applied, atol=1e-5 * scale, rtol=1e-4)
+    assert float((naive - applied).abs().max()) > 1e-3 * scale
+
+
 def test_malformed_trajectory_is_counted_and_the_round_commits_from_the_valid_ones(
     make_world: Callable[..., World],  # noqa: F811 (the fixture imported above)
 ) -> None:

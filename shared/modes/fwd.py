@@ -35,6 +35,7 @@ from shared.forward_grad import (
     UploadError,
     as_wire_scalar,
     candidate_seed,
+    debias_along,
     decode_pool,
     decode_seed_scalars,
     decode_trajectory,
@@ -434,6 +435,12 @@ class _LocalRun:
                 self.params[name].add_(piece.to(self.device, self.params[name].dtype))
 
 
+def steered(spec: JobSpec, step: int) -> bool:
+    """Whether local step `step` samples discriminatively (against the previous step's estimate)."""
+    fwd = spec.fwd
+    return fwd.discriminative and step % fwd.discriminative_every == fwd.discriminative_every - 1
+
+
 def forward_local_steps(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -467,7 +474,6 @@ def forward_local_steps(
     cosines: list[float] = []
     for number in range(steps):
         batch, loss_module, pass_flops = run.next_batch()
-        steered = fwd.discriminative and number % fwd.discriminative_every == fwd.discriminative_every - 1
         step = _one_local_step(
             loss_module,
             batch,
@@ -475,7 +481,7 @@ def forward_local_steps(
             run.space,
             spec,
             functools.partial(local_seed, spec.seed, round_, client, wave, number),
-            reference if steered else None,
+            reference if steered(spec, number) else None,
         )
         buffer = fwd.local_momentum * buffer + step.estimate
         run.move(buffer * -lr)
@@ -568,6 +574,8 @@ def _one_local_step(
     grads: list[float] = []
     losses: list[float] = []
     cosines: list[float] = []
+    unit = reference / reference.norm() if reference is not None and float(reference.norm()) > 0 else None
+    alignment = 0.0  # sum of (v . r)^2 over the kept directions: their stretch along the reference
     for chunk in range(fwd.max_perturbations_per_local_step // per_chunk):
         offset = chunk * per_chunk * spread
         seeds = [seed_of(offset + i) for i in range(per_chunk * spread)]
@@ -578,15 +586,20 @@ def _one_local_step(
             g, loss = estimate_fn(loss_module, batch, params, space, v.to(device), fwd.h)
             g = as_wire_scalar(g)  # step with the value that travels, so the replay is exact
             running.add(g, v, half_of(0, offset + position))
+            if unit is not None:
+                alignment += float(v @ unit) ** 2
             indices.append(offset + position)
             grads.append(g)
             losses.append(loss)
         if fwd.variance_control != "adaptive" or running.variance_ratio() <= fwd.variance_threshold:
             break
+    estimate = running.mean()
+    if unit is not None and reference is not None:
+        estimate = debias_along(estimate, reference, alignment / len(indices))
     return _StepEstimate(
         indices=np.asarray(indices, dtype=np.uint32),
         grads=np.asarray(grads, dtype=np.float16),
-        estimate=running.mean(),
+        estimate=estimate,
         loss=float(np.mean(losses)),
         cosines=cosines,
     )
@@ -660,7 +673,9 @@ class TrajectoryAccumulator(DeltaAccumulator):
         def seed_of(step: int, index: int) -> int:
             return local_seed(spec.seed, announce.round, announce.client, announce.wave, step, index)
 
-        return self._shared(replay_trajectory(steps, seed_of, self.space.dim, spec.fwd.local_momentum))
+        return self._shared(
+            replay_trajectory(steps, seed_of, self.space.dim, spec.fwd.local_momentum, functools.partial(steered, spec))
+        )
 
     def _shared(self, delta: torch.Tensor) -> State:
         """The replayed delta over the global part (zero for shared tensors that are not perturbed)."""
