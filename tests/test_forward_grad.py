@@ -30,7 +30,7 @@ from shared.forward_passes import central_difference as _central_difference
 from shared.forward_passes import jvp_derivative as _jvp
 from shared.messages import UpdateReady
 from shared.models import initial_state, load_tokenizer, load_trainable_state, trainable_state
-from shared.modes.fwd import ForwardAccumulator, forward_task
+from shared.modes.fwd import GRADIENT, ForwardAccumulator, forward_task
 from shared.spec import JobSpec, parse_spec
 
 
@@ -246,3 +246,44 @@ def test_aggregator_regenerates_the_workers_directions(tiny: tuple[JobSpec, torc
     # fp16 on the dense wire: compare at that precision.
     assert torch.allclose(rebuilt.float(), dense, rtol=2e-3, atol=2e-3 * float(dense.abs().max()))
     assert seeds_result.cosine > 0  # chosen against a reference gradient
+
+
+def test_discriminative_rounds_commit_the_debiased_estimate(
+    tiny: tuple[JobSpec, torch.nn.Module, object, Path],
+) -> None:
+    """Tasks that steered by the previous round's gradient stretch the round's estimate along it; the
+    commit divides that component by the kept directions' mean (v . r)^2 and keeps the rest as merged.
+    Round 1 (no reference was given out) commits the plain mean."""
+    spec, model, tokenizer, _ = tiny
+    start = trainable_state(model)
+    space = ParamSpace.from_state(start)
+    reference = torch.randn(space.dim, generator=torch.Generator().manual_seed(2))
+    result = forward_task(
+        model, tokenizer, list(data.client_examples(spec, 1)), spec, "classification",  # type: ignore[arg-type]
+        round_=2, client=1, wave=0, perturbations=6, reference=reference,
+    )  # fmt: skip
+    announce = UpdateReady(
+        job_id="job-abc", round=2, client=1, attempt=0, key="k", num_samples=8, train_loss=1.0,
+        compute_s=0.1, upload_bytes=len(result.payload), perturbations=6,
+    )  # fmt: skip
+
+    def commit(round_: int) -> tuple[torch.Tensor, torch.Tensor]:
+        accumulator = ForwardAccumulator(spec, start)
+        accumulator.merge(announce, accumulator.validate(announce, result.payload, 10**8))
+        previous = {GRADIENT: space.unflatten(reference)}
+        step = accumulator.commit(dict(start), previous.get, round_)
+        return space.flatten(step.artifacts[GRADIENT]), accumulator.estimate.mean()
+
+    debiased, plain = commit(2)
+    unit = reference / reference.norm()
+    kept = [
+        direction(candidate_seed(spec.seed, 2, 1, 0, i), space.dim)
+        for i in decode_seed_scalars(result.payload).indices.tolist()
+    ]
+    alignment = float(torch.stack([(v @ unit) ** 2 for v in kept]).mean())
+    assert alignment > 1.5  # the top 6 of 24 candidates by |cosine|
+    assert float(debiased @ unit) == pytest.approx(float(plain @ unit) / alignment, rel=1e-4, abs=1e-7)
+    across = plain - (plain @ unit) * unit
+    assert torch.allclose(debiased - (debiased @ unit) * unit, across, atol=1e-6)
+    first, plain_first = commit(1)
+    assert torch.equal(first, plain_first)

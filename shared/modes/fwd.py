@@ -257,6 +257,8 @@ class ForwardAccumulator(RoundAccumulator[_Upload]):
         self.cosine_sum = 0.0
         self.updates = 0
         self.last_wave = 0
+        self.seeds: list[int] = []  # every merged direction's seed: discriminative rounds debias with them
+        self.dense_merged = False
 
     def _validate(self, announce: UpdateReady, blob: bytes, max_bytes: int) -> _Upload:
         spec = self.spec
@@ -279,11 +281,13 @@ class ForwardAccumulator(RoundAccumulator[_Upload]):
         if isinstance(update, _Dense):
             count = max(1, min(announce.perturbations, self.spec.fwd.perturbations_per_task))
             self.estimate.add_dense(update.estimate_sum, count, half_of(announce.client, announce.wave))
+            self.dense_merged = True
         else:
             indices, grads = update.indices.tolist(), update.grads.tolist()
             for index, g in zip(indices, grads, strict=True):
                 seed = candidate_seed(self.spec.seed, announce.round, announce.client, announce.wave, index)
                 self.estimate.add(g, direction(seed, self.space.dim), half_of(announce.client, index))
+                self.seeds.append(seed)
         self.cosine_sum += announce.cosine
         self.updates += 1
         self.last_wave = max(self.last_wave, announce.wave)
@@ -305,7 +309,8 @@ class ForwardAccumulator(RoundAccumulator[_Upload]):
         if not self.updates:
             return Step(dict(state), {MOMENTUM: momentum} if momentum is not None else {})
         fwd = self.spec.fwd
-        gradient = self.space.unflatten(self.estimate.mean())
+        mean = self._debiased(self.estimate.mean(), previous(GRADIENT), round_)
+        gradient = self.space.unflatten(mean)
         direction_ = dict(gradient)
         if fwd.momentum > 0:
             buffer = momentum or {name: torch.zeros_like(g) for name, g in gradient.items()}
@@ -321,12 +326,27 @@ class ForwardAccumulator(RoundAccumulator[_Upload]):
             "waves": float(self.last_wave + 1),
             "cosine": self.cosine_sum / max(1, self.updates),
             "lr": lr,
-            "gradient_norm": float(self.estimate.mean().norm()),
+            "gradient_norm": float(mean.norm()),
         }
         artifacts = {GRADIENT: gradient}
         if fwd.momentum > 0:
             artifacts[MOMENTUM] = direction_
         return Step(new_state, artifacts, figures)
+
+    def _debiased(self, mean: torch.Tensor, reference: State | None, round_: int) -> torch.Tensor:
+        """The round's estimate without discriminative sampling's stretch along the reference the tasks
+        steered by (the previous round's gradient, as `_reference_gradient` gave it to them).
+
+        Dense uploads carry no directions to measure the stretch on; they stay as merged.
+        """
+        if not self.spec.fwd.discriminative or round_ < 2 or reference is None or self.dense_merged:
+            return mean
+        unit = ParamSpace.from_state(reference).flatten(reference)
+        if float(unit.norm()) == 0.0 or not self.seeds:
+            return mean
+        unit = unit / unit.norm()
+        alignment = sum(float(direction(seed, self.space.dim) @ unit) ** 2 for seed in self.seeds) / len(self.seeds)
+        return debias_along(mean, unit, alignment)
 
 
 def fwd_learning_rate(spec: JobSpec, round_: int) -> float:
