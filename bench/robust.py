@@ -21,9 +21,9 @@ Every job shares one embedded cluster (the model loads once) and runs one after 
 rounds than the quickstart's 6 and a capped held-out set keep the whole under ~25 minutes on 2 busy
 cores; the clean run is the reference at the same rounds.
 
-Writes bench/results/robust.json and robust.png after every job (`--kinds`/`--strategies` merge into
-an existing report); the last line on stdout is the summary: {"clean": acc, "rounds": R,
-"final_accuracy": {kind: {strategy: acc}}, "best": {kind: [strategy, points below clean]},
+Writes bench/results/robust.json and robust.png (`--out`: another folder) after every job
+(`--kinds`/`--strategies` merge into an existing report); the last line on stdout is the summary:
+{"clean": acc, "rounds": R, "final_accuracy": {kind: {strategy: acc}}, "best": {kind: [strategy, points below clean]},
 "fedavg_drop": {kind: points}, "rejected": {kind: {strategy: updates}}, "wall_s": s}.
 """
 
@@ -167,7 +167,8 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--set", action="append", default=[], help="spec override key=value (every job)")
-    parser.add_argument("--name", default="robust", help="report name under bench/results")
+    parser.add_argument("--name", default="robust", help="report name: NAME.json and NAME.png under --out")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     parser.add_argument(
         "--runs", default=None, help="comma-separated kind:strategy pairs to run instead of kinds x strategies"
     )
@@ -180,7 +181,7 @@ def main() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    out = RESULTS / f"{args.name}.json"
+    out = args.out / f"{args.name}.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     results: dict[str, Any] = previous.get("results", {})
     specs: dict[str, Any] = previous.get("specs", {})
