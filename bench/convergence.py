@@ -20,9 +20,15 @@ Where the round's client mix does not dominate the step (iid, every client every
 The quickstart job (`--job quickstart`): `examples/quickstart.yaml` (backprop, the reference) against
 `examples/fwd-quickstart.yaml` (the same model, data, clients, partition and seed, trained with local
 zeroth-order steps whose trajectories the aggregator replays: `fwd-local-pool`), and the per-step
-trajectory upload (`fwd-local-seeds`: 16 directions per step, ~2 KB per task) with each refinement on:
+trajectory upload (`fwd-local-seeds`: 16 directions per step, ~2 KB per task) with each refinement on
+(`-variance-control`: adaptive within each step, up to 64 directions; `-discriminative`: the best 16 of
+160 candidates by |cosine| with the previous local step, debiased, on every other step;
+`-discriminative-every-step`: the same on every step):
 
     .venv/bin/python bench/convergence.py --job quickstart --name convergence-quickstart
+    .venv/bin/python bench/convergence.py --job quickstart --name convergence-quickstart \
+        --only fwd-local-seeds,fwd-local-seeds-variance-control,fwd-local-seeds-discriminative,\
+fwd-local-seeds-discriminative-every-step
 
 The same two jobs on another data set (`--set` overrides both sides; `--rounds` the forward one):
 
@@ -93,6 +99,9 @@ def quickstart_variants(fwd: JobSpec, backprop: JobSpec, seeds_rounds: int | Non
         "fwd-local-seeds-variance-control": parse_spec(apply_overrides(seeds, ["fwd.variance_control=adaptive"])),
         "fwd-local-seeds-discriminative": parse_spec(
             apply_overrides(seeds, ["fwd.discriminative=true", "fwd.discriminative_every=2"])
+        ),
+        "fwd-local-seeds-discriminative-every-step": parse_spec(
+            apply_overrides(seeds, ["fwd.discriminative=true", "fwd.discriminative_every=1"])
         ),
         "backprop": backprop,
     }
