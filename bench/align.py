@@ -76,7 +76,7 @@ BASE: dict[str, Any] = {
         "max_prompt_tokens": 32,
         "ppo_epochs": 1,
         "eval_prompts": 8,
-        "kl_coef": 0.05,
+        "kl_coef": 0.2,
         "kl_target": 0.5,
         "perturbations": 8,
     },

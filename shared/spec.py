@@ -348,7 +348,12 @@ class AlignSpec(_Strict):
     max_prompt_tokens: int = Field(64, ge=4, le=2048, description="prompts are cut to this many tokens")
     temperature: float = Field(1.0, gt=0, le=5, description="sampling temperature")
     top_k: int = Field(0, ge=0, le=100_000, description="sample from the k likeliest tokens (0: all)")
-    kl_coef: float = Field(0.05, ge=0, le=100, description="beta: weight of the per-token KL to the reference")
+    kl_coef: float = Field(
+        0.2,
+        ge=0,
+        le=100,
+        description="beta: weight of the per-token KL to the reference (the floor of the adaptive coefficient)",
+    )
     kl_target: float = Field(
         0.5,
         gt=0,
