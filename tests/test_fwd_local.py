@@ -61,6 +61,19 @@ def _model(spec: JobSpec, cache: Path) -> tuple[torch.nn.Module, Any]:
     return model, load_tokenizer(spec.model, cache)
 
 
+def _client_steps(
+    spec: JobSpec, cache: Path, round_: int, steps: int
+) -> tuple[dict[str, torch.Tensor], Any, dict[str, torch.Tensor]]:
+    """Client 1's local steps from a fresh model: (trainable state before, the steps, state after)."""
+    model, tokenizer = _model(spec, cache)
+    before = trainable_state(model)
+    examples = list(data.client_examples(spec, 1))
+    result = forward_local_steps(
+        model, tokenizer, examples, spec, "classification", round_=round_, client=1, wave=0, steps=steps
+    )
+    return before, result, trainable_state(model)
+
+
 def _announce(spec: JobSpec, client: int, perturbations: int, key: str = "k", round_: int = 1) -> UpdateReady:
     return UpdateReady(
         job_id="job-abc", round=round_, client=client, attempt=0, key=key, num_samples=10, train_loss=1.0,
@@ -205,20 +218,7 @@ def test_discriminative_steps_move_and_replay_debiased(tmp_path: Path) -> None:
     """A steered local step's estimate is debiased along the previous step's (client and replay alike):
     the replay that skips the debiasing misses the client's delta, the one that applies it matches."""
     spec = _spec(discriminative=True, candidates=4, discriminative_every=1)
-    model, tokenizer = _model(spec, tmp_path)
-    before = trainable_state(model)
-    result = forward_local_steps(
-        model,
-        tokenizer,
-        list(data.client_examples(spec, 1)),
-        spec,
-        "classification",
-        round_=2,
-        client=1,
-        wave=0,
-        steps=3,
-    )
-    after = trainable_state(model)
+    before, result, after = _client_steps(spec, tmp_path, round_=2, steps=3)
     space = TrajectoryAccumulator(spec, before).space
     applied = space.flatten({name: after[name] - before[name] for name in space.names}).double()
 
@@ -279,20 +279,8 @@ def test_the_cosine_schedule_decays_the_clients_learning_rate_over_the_rounds() 
 def test_scheduled_steps_replay_exactly_and_a_stale_rate_is_refused(upload: str, tmp_path: Path) -> None:
     extra = {"seed_pool": 40, "perturbations_per_local_step": 8} if upload == "pool" else {}
     spec = _spec(lr_schedule="cosine", upload=upload, **extra).model_copy(update={"rounds": 4})
-    model, tokenizer = _model(spec, tmp_path)
-    before = trainable_state(model)
-    result = forward_local_steps(
-        model,
-        tokenizer,
-        list(data.client_examples(spec, 1)),
-        spec,
-        "classification",
-        round_=3,
-        client=1,
-        wave=0,
-        steps=3,
-    )
-    applied = {name: trainable_state(model)[name] - before[name] for name in before}
+    before, result, after = _client_steps(spec, tmp_path, round_=3, steps=3)
+    applied = {name: after[name] - before[name] for name in before}
     blob = (
         encode_pool(result.coefficients)
         if result.coefficients is not None
