@@ -247,7 +247,11 @@ class ForwardSpec(_Strict):
     )
     local_momentum: float = Field(0.9, ge=0, lt=1, description="local: the client's SGD momentum")
     discriminative_every: int = Field(
-        1, ge=1, le=1000, description="apply discriminative sampling on every n-th step only (FwdLLM's code: 2)"
+        2,
+        ge=1,
+        le=1000,
+        description="local: apply discriminative sampling on every n-th local step only (FwdLLM's code: 2; "
+        "every step measured 5 points worse)",
     )
 
 
