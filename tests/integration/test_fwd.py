@@ -17,6 +17,7 @@ FWD_SPEC: dict[str, Any] = {
     "model": "minilm-l6",
     "dataset": "bbc-news",
     "mode": "fwd",
+    "partition": {"kind": "iid"},  # with label skew the round's client mix, not the estimate, sets the step
     "num_clients": 4,
     "clients_per_round": 2,
     "rounds": 4,
