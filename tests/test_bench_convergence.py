@@ -58,3 +58,36 @@ def test_default_job_is_fwd_bbc(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "convergence.json").read_text())
     assert report["specs"]["fwd"]["fwd"]["regime"] == "fedsgd"
     assert (tmp_path / "convergence.png").stat().st_size > 10_000
+
+
+def test_smollm2_job_reports_perplexity(tmp_path: Path) -> None:
+    """`--job smollm2` (the README's causal-LM run) on the tiny causal model: the forward local regime and
+    backprop side by side, each with its held-out perplexity per round, plotted instead of accuracy."""
+    lines = run_bench_script(
+        "convergence.py",
+        [
+            *("--job", "smollm2", "--name", "lm", "--out", str(tmp_path)),
+            *("--set", "model=tiny-llama", "--set", "rounds=1", "--set", "local_steps=2"),
+            *("--set", "eval_max_examples=16", "--set", "max_length=32"),
+        ],
+        tmp_path / "cache",
+    )
+    summary = json.loads(lines[-1])
+    assert set(summary) == {"fwd-local-seeds", "backprop"}
+    for row in summary.values():
+        assert 1.0 < row["best_perplexity"] <= row["initial_perplexity"]
+        assert row["best_perplexity"] <= row["final_perplexity"]
+    report = json.loads((tmp_path / "lm.json").read_text())
+    fwd = report["specs"]["fwd-local-seeds"]
+    assert (fwd["mode"], fwd["dataset"], fwd["fwd"]["regime"], fwd["fwd"]["upload"]) == (
+        "fwd",
+        "jane-austen",
+        "local",
+        "seeds",
+    )
+    assert report["specs"]["backprop"]["mode"] == "backprop"
+    # The per-step trajectory: a few bytes per direction, far below backprop's LoRA delta.
+    assert summary["fwd-local-seeds"]["bytes_up_per_client_round"] < 1000
+    assert summary["backprop"]["bytes_up_per_client_round"] > 1000
+    assert len(report["results"]["backprop"]["perplexity"]) == 2  # round 0 (the base) and round 1
+    assert (tmp_path / "lm.png").stat().st_size > 10_000
