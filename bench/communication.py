@@ -4,6 +4,10 @@ the quickstart job (bytes up and down, final and best accuracy, rounds to 0.90).
     .venv/bin/python bench/communication.py                          # both parts
     .venv/bin/python bench/communication.py --parts codecs --only int8,int4   # some codecs (results merge)
     .venv/bin/python bench/communication.py --parts fwd [--perturbations 64] [--rounds 1]
+    .venv/bin/python bench/communication.py [--out DIR] [--set key=value ...]  # report folder, spec overrides
+
+`--set` overrides apply to every job of both parts, after the bench's own settings (the tests run it
+on `model=tiny-bert` with a few local steps).
 
 Part `fwd` (as before): the same MiniLM-L6 LoRA job on BBC News (same clients, same seed) runs
 embedded three times: `fwd` uploading (seed, g, loss) triples (pwff's default), `fwd` uploading the
@@ -25,10 +29,11 @@ once per codec (`compression` block: see CODECS below). Per codec:
   (clients_per_round x the size of a committed state);
 - final and best held-out accuracy, and the first round at or above 0.90.
 
-Results are saved after every variant to bench/results/communication.json (earlier variants' results
-are kept, so the codecs can be run a few at a time); the PNG is redrawn from all of them; the last
-line on stdout is the summary: {"fwd_seed_bytes", "fwd_dense_bytes", "backprop_bytes", "codecs": {name:
-{bytes_up_per_client_round, bytes_down_per_round, final_accuracy}}}.
+Results are saved after every variant to bench/results/communication.json (or under `--out DIR`;
+earlier variants' results in that folder are kept, so the codecs can be run a few at a time); the PNG
+(communication.png, beside it) is redrawn from all of them; the last line on stdout is the summary:
+{"fwd_seed_bytes", "fwd_dense_bytes", "backprop_bytes", "codecs": {name: {bytes_up_per_client_round,
+bytes_down_per_round, final_accuracy}}}.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import sys
 import time
@@ -46,12 +50,11 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root is not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
+from bench.reports import write_report
 from services.embedded import EmbeddedCluster
 from shared.metrics import DOWNLOAD_BYTES
 from shared.settings import Settings
-from shared.spec import JobSpec, load_spec_file, parse_spec
+from shared.spec import JobSpec, apply_overrides, load_spec_file, parse_spec
 from shared.store import Keys
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,7 +91,7 @@ def base_spec(rounds: int) -> dict[str, Any]:
     }
 
 
-def fwd_variants(rounds: int, perturbations: int) -> dict[str, JobSpec]:
+def fwd_variants(rounds: int, perturbations: int, overrides: list[str] | None = None) -> dict[str, JobSpec]:
     fwd = {
         "perturb": "all",
         "perturbations_per_task": perturbations,
@@ -96,19 +99,20 @@ def fwd_variants(rounds: int, perturbations: int) -> dict[str, JobSpec]:
         "variance_control": "fixed",
         "candidates": 2,
     }
-    return {
-        "fwd_seed": parse_spec({**base_spec(rounds), "mode": "fwd", "fwd": {**fwd, "upload": "seeds"}}),
-        "fwd_dense": parse_spec({**base_spec(rounds), "mode": "fwd", "fwd": {**fwd, "upload": "dense"}}),
-        "backprop": parse_spec({**base_spec(rounds), "mode": "backprop"}),
+    variants = {
+        "fwd_seed": {**base_spec(rounds), "mode": "fwd", "fwd": {**fwd, "upload": "seeds"}},
+        "fwd_dense": {**base_spec(rounds), "mode": "fwd", "fwd": {**fwd, "upload": "dense"}},
+        "backprop": {**base_spec(rounds), "mode": "backprop"},
     }
+    return {name: parse_spec(apply_overrides(data, overrides or [])) for name, data in variants.items()}
 
 
-def codec_spec(name: str, rounds: int | None) -> JobSpec:
+def codec_spec(name: str, rounds: int | None, extra: list[str] | None = None) -> JobSpec:
     overrides = [f"compression.{key}={json.dumps(value)}" for key, value in CODECS[name].items()]
     overrides.append(f"name=bench-codec-{name.replace('+', '-')}")
     if rounds is not None:
         overrides.append(f"rounds={rounds}")
-    return load_spec_file(str(QUICKSTART), overrides)
+    return load_spec_file(str(QUICKSTART), overrides + (extra or []))
 
 
 def run(spec: JobSpec, cache_dir: Path) -> dict[str, Any]:
@@ -233,19 +237,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def save(results: dict[str, Any], specs: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {
-        "summary": summarize(results),
-        "results": results,
-        "specs": specs,
-        "machine": {
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-    }
-    (RESULTS / "communication.json").write_text(json.dumps(report, indent=2))
+def save(results: dict[str, Any], specs: dict[str, Any], out: Path = RESULTS) -> None:
+    write_report(out / "communication.json", summarize(results), results, specs)
 
 
 def main() -> None:
@@ -255,28 +248,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the part-fwd jobs")
     parser.add_argument("--codec-rounds", type=int, default=None, help="rounds of the codec jobs (default: the spec's)")
     parser.add_argument("--only", default=",".join(CODECS), help="comma-separated codec names (part codecs)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="spec override key=value (every job)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     cache_dir = Settings().cache_dir
-    path = RESULTS / "communication.json"
+    path = args.out / "communication.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     results: dict[str, Any] = previous.get("results", {})
     specs: dict[str, Any] = previous.get("specs", {})
     parts = set(args.parts.split(","))
     if "fwd" in parts:
-        for name, spec in fwd_variants(args.rounds, args.perturbations).items():
+        for name, spec in fwd_variants(args.rounds, args.perturbations, args.overrides).items():
             outcome = run(spec, cache_dir)
             results[name] = {k: v for k, v in outcome.items() if k not in ("metrics",)}
             specs[name] = spec.model_dump(mode="json")
             print(f"{name}: {results[name]['bytes_per_client_per_round']:,.0f} bytes per client per round", flush=True)
-            save(results, specs)
+            save(results, specs, args.out)
     if "codecs" in parts:
         codecs = results.setdefault("codecs", {})
         for name in args.only.split(","):
-            spec = codec_spec(name, args.codec_rounds)
+            spec = codec_spec(name, args.codec_rounds, args.overrides)
             outcome = run(spec, cache_dir)
             figures = codec_figures(outcome, spec)
             codecs[name] = {"figures": figures, "metrics": outcome["metrics"], "wall_s": outcome["wall_s"]}
@@ -289,8 +286,9 @@ def main() -> None:
                 f">= {TARGET} at round {figures['rounds_to_target']}, {outcome['wall_s']:.0f} s",
                 flush=True,
             )
-            save(results, specs)
-    plot(results, RESULTS / "communication.png")
+            save(results, specs, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(results, args.out / "communication.png")
     print(json.dumps(summarize(results)))
 
 

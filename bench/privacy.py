@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/privacy.py                               # calibrate C, then z = 0.1, 0.3, 0.7, 1.5
     .venv/bin/python bench/privacy.py --noise 0.3 --clip 1.2        # one level, a given clip norm
+    .venv/bin/python bench/privacy.py [--out DIR] [--set key=value ...]  # report folder, spec overrides
 
 examples/quickstart.yaml (MiniLM-L6, LoRA r=8 on query/value + head, BBC News, 8 clients, Dirichlet(0.5),
 every client every round, 10 local AdamW steps) runs embedded with one worker, cut to `--rounds` rounds
 and `--eval` held-out examples so that the whole bench fits in about 20 minutes of a loaded CPU.
 DP-FedAvg needs every client to weigh alike (`aggregation.weighting: uniform`); the noise is added by
-the aggregator (`privacy.noise: server`).
+the aggregator (`privacy.noise: server`). `--set` overrides apply to every job, after the bench's own
+settings (the tests run it on `model=tiny-bert` with a few local steps).
 
 1. Calibration (`z = 0`, no clipping: clip_norm 1e6): the non-private baseline with uniform weights; the
    aggregator reports each round's median update norm before clipping (`dp_update_norm_median`). The
@@ -17,9 +19,10 @@ the aggregator (`privacy.noise: server`).
    from dp-accounting's RDP accountant (q = clients_per_round / num_clients = 1: every client takes
    part in every round, so there is no amplification by sampling).
 
-Results are saved after every job to bench/results/privacy.json (earlier levels are kept); the PNG
-(bench/results/privacy.png) shows accuracy against epsilon and accuracy by round. The last line on
-stdout is the summary: {"clip_norm", "rounds", "delta", "levels": {z: {"epsilon", "final_accuracy"}}}.
+Results are saved after every job to bench/results/privacy.json, or under `--out DIR` (earlier levels in
+that folder are kept); the PNG (privacy.png, beside it) shows accuracy against epsilon and accuracy by
+round. The last line on stdout is the summary: {"clip_norm", "rounds", "delta", "levels": {z: {"epsilon",
+"final_accuracy"}}}.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ DELTA = 1e-5
 NO_CLIP = 1e6
 
 
-def level_spec(noise: float, clip: float, rounds: int, eval_examples: int) -> JobSpec:
+def level_spec(noise: float, clip: float, rounds: int, eval_examples: int, extra: list[str] | None = None) -> JobSpec:
     overrides = [
         f"name=bench-privacy-z{noise:g}",
         f"rounds={rounds}",
@@ -57,6 +60,7 @@ def level_spec(noise: float, clip: float, rounds: int, eval_examples: int) -> Jo
         f"privacy.clip_norm={clip}",
         f"privacy.noise_multiplier={noise}",
         f"privacy.delta={DELTA}",
+        *(extra or []),
     ]
     return load_spec_file(str(QUICKSTART), overrides)
 
@@ -145,13 +149,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every job")
     parser.add_argument("--eval", type=int, default=200, help="held-out examples evaluated per round")
     parser.add_argument("--stop-at", type=float, default=None, help="Unix time after which no further job starts")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="spec override key=value (every job)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     cache_dir = Settings().cache_dir
-    path = RESULTS / "privacy.json"
+    path = args.out / "privacy.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     results: dict[str, Any] = previous.get("results", {})
     specs: dict[str, Any] = previous.get("specs", {})
@@ -162,13 +170,13 @@ def main() -> None:
     def save() -> None:  # after every job: a bench cut short still leaves its figures
         write_report(path, summarize(results), results, specs)
         if results.get("baseline") or results.get("levels"):
-            plot(results, RESULTS / "privacy.png")
+            plot(results, args.out / "privacy.png")
 
     clip = args.clip or results.get("clip_norm")
     if args.stop_at is not None and time.time() > args.stop_at:
         print("nothing run: past --stop-at", flush=True)
     elif clip is None:
-        spec = level_spec(0.0, NO_CLIP, args.rounds, args.eval)
+        spec = level_spec(0.0, NO_CLIP, args.rounds, args.eval, args.overrides)
         baseline = run(spec, cache_dir)
         clip = float(f"{statistics.median(baseline['update_norm_median']):.2g}")
         results["baseline"] = baseline
@@ -181,7 +189,7 @@ def main() -> None:
         if clip is None or (args.stop_at is not None and time.time() > args.stop_at):
             print(f"z={noise:g} not run: past --stop-at", flush=True)
             continue
-        spec = level_spec(noise, clip, args.rounds, args.eval)
+        spec = level_spec(noise, clip, args.rounds, args.eval, args.overrides)
         outcome = run(spec, cache_dir)
         levels[f"{noise:g}"] = outcome
         specs[f"z={noise:g}"] = spec.model_dump(mode="json")

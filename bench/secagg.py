@@ -2,7 +2,7 @@
 difference from the unmasked run.
 
     flock /tmp/pwff-bench.lock .venv/bin/python bench/secagg.py [--rounds 3] [--only plain,secagg-32]
-    .venv/bin/python bench/secagg.py --model tiny-bert --out secagg-tiny    # the same jobs on tiny-bert, seconds
+    .venv/bin/python bench/secagg.py --model tiny-bert --name secagg-tiny    # the same jobs on tiny-bert, seconds
 
 examples/quickstart.yaml (MiniLM-L6, LoRA r=8 on query/value + head, BBC News, 8 clients, all of them
 every round, 10 local AdamW steps) runs embedded with one worker, `--rounds` rounds, once per variant:
@@ -18,7 +18,9 @@ masked vector, revealed shares), what the worker downloaded over the job (global
 under secure aggregation its peers' advertisements and share uploads, read whole from the store),
 seconds per round (the round's open to commit, which includes the server's evaluation), the
 commit's own seconds (unmasking), and the final adapter's largest difference from its unmasked
-counterpart. Writes bench/results/secagg.json and .png; the last stdout line is the summary.
+counterpart. Writes bench/results/secagg.json and .png (`--name` NAME: NAME.json and NAME.png; `--out`
+names another folder); the last stdout line is the summary. `--set key=value` overrides a field of every
+variant's spec (`--rounds`, `--model` and what makes the variant take precedence).
 """
 
 from __future__ import annotations
@@ -61,11 +63,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
 }
 
 
-def variant_spec(name: str, rounds: int, model: str | None) -> JobSpec:
+def variant_spec(name: str, rounds: int, model: str | None, extra: list[str] | None = None) -> JobSpec:
     overrides = [f"name=bench-{name}", f"rounds={rounds}"] + ([f"model={model}"] if model else [])
     for section, values in VARIANTS[name][0].items():
         overrides += [f"{section}.{key}={json.dumps(value)}" for key, value in values.items()]
-    return load_spec_file(str(QUICKSTART), overrides)
+    return load_spec_file(str(QUICKSTART), [*(extra or []), *overrides])
 
 
 def run(spec: JobSpec, cache_dir: Path) -> dict[str, Any]:
@@ -123,8 +125,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variant names")
     parser.add_argument("--model", default=None, help="another model than the quickstart's (e.g. tiny-bert)")
-    parser.add_argument("--out", default="secagg", help="results file stem under bench/results/")
+    parser.add_argument("--set", action="append", default=[], help="override a spec field: key=value (repeatable)")
+    parser.add_argument("--name", default="secagg", help="report file stem: NAME.json and NAME.png")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     args = parser.parse_args()
+    unknown = [name for name in args.only.split(",") if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING)
     import transformers
 
@@ -136,7 +143,7 @@ def main() -> None:
     names = args.only.split(",")
     # Unmasked references first, so each secure run is compared as soon as it ends.
     for name in sorted(names, key=lambda n: VARIANTS[n][1] is not None):
-        spec = variant_spec(name, args.rounds, args.model)
+        spec = variant_spec(name, args.rounds, args.model, args.set)
         outcome = run(spec, cache_dir)
         states[name] = outcome.pop("state")
         reference = VARIANTS[name][1]
@@ -164,9 +171,9 @@ def main() -> None:
         }
         for name, result in results.items()
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_report(RESULTS / f"{args.out}.json", summary, results, specs)
-    plot(results, RESULTS / f"{args.out}.png", specs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_report(args.out / f"{args.name}.json", summary, results, specs)
+    plot(results, args.out / f"{args.name}.png", specs)
     print(json.dumps(summary))
 
 
