@@ -19,8 +19,11 @@ keeps the slowest task (`compute_s_max`, see `_RoundAccumulator` in the aggregat
 per-task figures come from the worker's "trained ... in X.XXs" log line, which carries the
 same `compute_s` value (rounded to 10 ms) that the worker sends in its UpdateReady message.
 
-Writes bench/results/overhead.json, overhead.png and overhead.md; the last line on stdout is
-a one-line JSON summary.
+Writes bench/results/overhead.json, overhead.png and overhead.md (`--out` names another folder);
+the last line on stdout is a one-line JSON summary. On the tiny random model, in a minute or so:
+
+    .venv/bin/python bench/overhead.py --rounds 1 --out /tmp/overhead --set model=tiny-bert \
+        --set local_steps=2 --set eval_max_examples=32
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ TRAINED = re.compile(
     r"loss (?P<loss>\S+) in (?P<compute>[0-9.]+)s, (?P<bytes>\d+) bytes up"
 )
 # ... and before it, once it has the task and the decoded global state: "%s starting %s round %d client %d"
+# (newer workers add " wave %d (personal state: %s)")
 STARTING = re.compile(
-    r"(?P<worker>\S+) starting (?P<job>\S+) round (?P<round>\d+) client (?P<client>\d+)(?: wave \d+)?$"
+    r"(?P<worker>\S+) starting (?P<job>\S+) round (?P<round>\d+) client (?P<client>\d+)"
+    r"(?: wave \d+)?(?: \(personal state: [^)]*\))?$"
 )
 # Both as the services format them: "%(asctime)s %(levelname)s %(name)s: %(message)s" (asctime to the ms).
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
