@@ -27,7 +27,11 @@ compute): `same_state` says whether they did. Once the last round is committed t
 the final per-client evaluation (one EvaluateTask per client, which publishes each client's model) is
 not part of what is measured.
 
-Writes bench/results/fedsgd-scale.json and .png; the last line on stdout is a one-line JSON summary.
+`--set key=value` (repeatable, dotted keys) overrides fields of that job after the options above have
+built it, e.g. `--set model=tiny-bert` (the tests run it so, at a few clients).
+
+Writes bench/results/fedsgd-scale.json and .png (or `--out DIR`, `--name NAME`); the last line on stdout is
+a one-line JSON summary.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import torch
 from bench.reports import write_report
 from shared.codec import decode_tensors
 from shared.settings import Settings
-from shared.spec import JobSpec
+from shared.spec import JobSpec, apply_overrides
 from shared.state import Repositories
 from shared.store.redis import RedisStore
 from tests.harness import ServiceCluster
@@ -212,11 +216,19 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="per run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     parser.add_argument("--name", default="fedsgd-scale", help="report file name (without extension)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the job (dotted keys; repeatable), e.g. --set model=tiny-bert",
+    )
     args = parser.parse_args()
     results: list[dict[str, Any]] = []
     specs: dict[str, Any] = {}
     for clients_per_task in (int(value) for value in args.batches.split(",")):
-        spec_data = scale_spec(args.clients, args.rounds, clients_per_task, args.eval)
+        spec_data = apply_overrides(scale_spec(args.clients, args.rounds, clients_per_task, args.eval), args.overrides)
         specs[f"k{clients_per_task}"] = spec_data
         log_dir = Path(tempfile.mkdtemp(prefix="pwff-fedsgd-scale-"))
         results.append(run_once(spec_data, args.workers, log_dir, args.timeout))

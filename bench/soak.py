@@ -25,7 +25,11 @@ Checked, per round:
 After the last round the job's final evaluation fans out to every client (the synthetic mode skips
 the model there too, publishing each client's adapter) and the job must succeed.
 
-Writes bench/results/soak.json and soak.png; the last line on stdout is a one-line JSON summary.
+`--set key=value` (repeatable, dotted keys) overrides fields of the soak's job, e.g. `--set model=tiny-bert`
+(the tests run it so, at a few clients: the deltas then have the tiny model's shapes).
+
+Writes bench/results/soak.json and soak.png (or `--out DIR`, `--name NAME`); the last line on stdout is a
+one-line JSON summary.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import torch
 from bench.reports import write_report
 from shared.codec import decode_tensors
 from shared.settings import Settings
-from shared.spec import JobSpec
+from shared.spec import JobSpec, apply_overrides
 from shared.state import Repositories
 from shared.store.redis import RedisStore
 from tests.harness import ServiceCluster
@@ -159,14 +163,16 @@ def run_soak(
     log_dir: Path,
     timeout_s: float = 3600,
     round_deadline_s: float = 3600,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """One soak job on a fresh private-namespace cluster; returns per-round figures and the checks.
 
     A round still open at `round_deadline_s` fails the job (every client is needed), so an update
     that never arrives ends the soak then, with the scheduler's count of what did, and the logs.
+    `overrides`: `key=value` items applied to the job (`--set`).
     """
     register()  # this process validates the spec and recomputes the deltas: it must know the mode too
-    spec_data = soak_spec(clients, rounds, round_deadline_s)
+    spec_data = apply_overrides(soak_spec(clients, rounds, round_deadline_s), overrides or [])
     spec = JobSpec.model_validate(spec_data)
     started = time.monotonic()
     cluster = ServiceCluster(log_dir, Settings().cache_dir, workers=workers, test_modes=True)
@@ -380,9 +386,17 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     parser.add_argument("--name", default="soak", help="report file name (without extension)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the job (dotted keys; repeatable), e.g. --set model=tiny-bert",
+    )
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="pwff-soak-"))
-    result = run_soak(args.clients, args.rounds, args.workers, log_dir, args.timeout)
+    result = run_soak(args.clients, args.rounds, args.workers, log_dir, args.timeout, overrides=args.overrides)
     summary = summarize(result)
     args.out.mkdir(parents=True, exist_ok=True)
     write_report(args.out / f"{args.name}.json", summary, result, {"soak": result["spec"]})

@@ -4,6 +4,7 @@ against later ones, and two workers on this machine against one embedded worker.
     OMP_NUM_THREADS=2 .venv/bin/python bench/step.py                  # all three parts
     OMP_NUM_THREADS=2 .venv/bin/python bench/step.py --parts step     # only the step comparison
     .venv/bin/python bench/step.py --parts threads --placements pinned,quota --thread-rounds 2
+    .venv/bin/python bench/step.py --parts step,eval --set model=tiny-bert   # `--set`: quickstart overrides
 
 Parts (run in this order, each saved to bench/results/step.json as soon as it is done):
 
@@ -29,7 +30,12 @@ Parts (run in this order, each saved to bench/results/step.json as soon as it is
   against two single-thread ones at once on one CPU each, which is the best ratio two workers sharing these
   CPUs can reach against one worker that has them all.
 
-Writes bench/results/step.json and step.png; the last line on stdout is a one-line JSON summary.
+`--set key=value` (repeatable) overrides fields of examples/quickstart.yaml for every part, the bare loop
+included (its model, data, batch, length and LoRA rank come from the spec); the tests run the parts on the
+tiny model this way.
+
+Writes bench/results/step.json and step.png (or `--out DIR`, `--name NAME`); the last line on stdout is a
+one-line JSON summary.
 """
 
 from __future__ import annotations
@@ -73,13 +79,14 @@ class BareLoop:
 
     def __init__(self, spec: JobSpec) -> None:
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from shared import data
-        from shared.models import minilm_dir
+        from shared.catalog import dataset_info
+        from shared.models import load_base_model, load_tokenizer
 
+        cache_dir = Settings().cache_dir
         torch.manual_seed(0)
-        base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=5)
+        base = load_base_model(spec.model, dataset_info(spec.dataset).num_labels, cache_dir)
         for param in base.parameters():
             param.requires_grad_(False)
         self.model = get_peft_model(
@@ -92,7 +99,7 @@ class BareLoop:
                 task_type="SEQ_CLS",
             ),
         )
-        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        tokenizer = load_tokenizer(spec.model, cache_dir)
         examples = data.client_examples(spec, 0)
         self.batches = []
         for start in range(0, len(examples) - spec.batch_size + 1, spec.batch_size):
@@ -315,18 +322,20 @@ def distributed_job(spec: JobSpec, cache_dir: Path, placement: str) -> dict[str,
     cgroups: list[Path] = []
     try:
         env = {k: v for k, v in cluster.base_env.items() if k not in ("PWFF_TORCH_THREADS", "OMP_NUM_THREADS")}
-        for index in range(2):
+        ports = []
+        for index in range(2):  # both start at once; the job is submitted once both serve /metrics
             command = _placed([sys.executable, "-m", "services.worker"], placement, index, cgroups)
             handle = (logs / f"worker-{index}.log").open("ab")
-            port = free_port()
+            ports.append(free_port())
             workers.append(
                 subprocess.Popen(
-                    command, cwd=REPO, env={**env, "PWFF_METRICS_PORT": str(port)}, stdout=handle, stderr=handle
+                    command, cwd=REPO, env={**env, "PWFF_METRICS_PORT": str(ports[-1])}, stdout=handle, stderr=handle
                 )
             )
-            deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 180
+        for index, (port, worker) in enumerate(zip(ports, workers, strict=True)):
             while not cluster._metrics_up(port):
-                if time.monotonic() > deadline or workers[-1].poll() is not None:
+                if time.monotonic() > deadline or worker.poll() is not None:
                     raise RuntimeError(f"worker {index} did not start; see {logs}")
                 time.sleep(0.5)
         services = {"scheduler": cluster.scheduler, "aggregator": cluster.aggregator}
@@ -370,25 +379,27 @@ def per_task(metrics: list[dict[str, Any]], first_round: int = 1) -> float:
     return sum(m["compute_s_sum"] for m in rounds) / sum(m["updates"] for m in rounds)
 
 
-def bare_child(threads: int, steps: int) -> None:
+def bare_child(threads: int, steps: int, overrides: list[str]) -> None:
     """`--bare-child`: build the bare loop on `threads` threads, say "ready", wait for "go" on stdin, time
     `steps` steps, print the seconds per step (a separate process, so that its threads are its own)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(threads)
-    bare = BareLoop(load_spec_file(str(QUICKSTART)))
+    bare = BareLoop(load_spec_file(str(QUICKSTART), overrides))
     print("ready", flush=True)
     sys.stdin.readline()
     print(json.dumps({"threads": torch.get_num_threads(), "step_s": bare.run(steps) / steps}), flush=True)
 
 
-def bare_processes(configs: list[tuple[int, str | None]], steps: int) -> list[float]:
+def bare_processes(configs: list[tuple[int, str | None]], steps: int, overrides: list[str]) -> list[float]:
     """Seconds per bare-loop step of processes started together, each (threads, CPU list for taskset or
-    None), timed over the same window (every process is built and warm before any clock starts)."""
+    None), timed over the same window (every process is built and warm before any clock starts); each
+    builds its loop from the quickstart spec with `overrides` (`--set`)."""
     procs = []
     for threads, cpus in configs:
         command = [sys.executable, str(Path(__file__).resolve()), "--bare-child", str(threads), "--steps", str(steps)]
+        command += [part for item in overrides for part in ("--set", item)]
         if cpus is not None:
             command = ["taskset", "-c", cpus, *command]
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PWFF_TORCH_THREADS")}
@@ -416,7 +427,7 @@ def bare_processes(configs: list[tuple[int, str | None]], steps: int) -> list[fl
                 proc.wait()
 
 
-def part_floor(steps: int, repeats: int = 3) -> dict[str, Any]:
+def part_floor(steps: int, overrides: list[str], repeats: int = 3) -> dict[str, Any]:
     """What two workers sharing this machine's CPUs can reach at best, with the bare loop: one process on
     every CPU alone, one pinned single-thread process alone, and two pinned single-thread processes at once
     (one CPU each). Alternated `repeats` times; medians."""
@@ -424,10 +435,10 @@ def part_floor(steps: int, repeats: int = 3) -> dict[str, Any]:
     every = len(cpus)
     runs: dict[str, list[float]] = {"alone_all_threads": [], "alone_1_thread": [], "two_at_once_1_thread": []}
     for _ in range(repeats):
-        runs["alone_all_threads"] += bare_processes([(every, None)], steps)
-        runs["alone_1_thread"] += bare_processes([(1, str(cpus[0]))], steps)
+        runs["alone_all_threads"] += bare_processes([(every, None)], steps, overrides)
+        runs["alone_1_thread"] += bare_processes([(1, str(cpus[0]))], steps, overrides)
         runs["two_at_once_1_thread"].append(
-            statistics.mean(bare_processes([(1, str(cpus[0])), (1, str(cpus[1 % every]))], steps))
+            statistics.mean(bare_processes([(1, str(cpus[0])), (1, str(cpus[1 % every]))], steps, overrides))
         )
     medians = {k: statistics.median(v) for k, v in runs.items()}
     return {
@@ -448,7 +459,14 @@ PLACEMENTS = ("pinned", "quota", "unpinned")
 
 
 def part_threads(
-    spec: JobSpec, rounds: int, cache_dir: Path, save: Any, placements: tuple[str, ...], floor_steps: int
+    spec: JobSpec,
+    rounds: int,
+    cache_dir: Path,
+    save: Any,
+    placements: tuple[str, ...],
+    floor_steps: int,
+    overrides: list[str],
+    floor_repeats: int = 3,
 ) -> dict[str, Any]:
     job_spec = spec.model_copy(update={"rounds": rounds, "eval_max_examples": 64})
     steady_from = 2 if rounds >= 2 else 1
@@ -486,7 +504,7 @@ def part_threads(
             flush=True,
         )
         save(out)
-    out["floor"] = part_floor(floor_steps)
+    out["floor"] = part_floor(floor_steps, overrides, floor_repeats)
     print(
         f"floor: {out['floor']['median_step_s']} s per bare step, floor ratio {out['floor']['floor']:.3f}", flush=True
     )
@@ -584,25 +602,38 @@ def main() -> None:
         "--placements", default=",".join(PLACEMENTS), help=f"two-worker setups of the threads part: {PLACEMENTS}"
     )
     parser.add_argument("--floor-steps", type=int, default=20, help="bare-loop steps per floor measurement")
+    parser.add_argument(
+        "--floor-repeats", type=int, default=3, help="floor measurements (each alternates its three setups); median"
+    )
     parser.add_argument("--name", default="step", help="report name: OUT/NAME.json and .png")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of examples/quickstart.yaml (dotted keys; repeatable), e.g. --set model=tiny-bert",
+    )
     parser.add_argument("--bare-child", type=int, default=None, metavar="THREADS", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_repeats < 1:
+        parser.error("--floor-repeats must be at least 1")
     # The allocator setting every pwff service applies at start (configure_process): the embedded job,
     # the bare loop and the bare-loop children run under it too, so that no side is measured on another
     # allocator than the workers' (glibc's default, or PWFF_MALLOC_MMAP_THRESHOLD).
     mmap_threshold = Settings().malloc_mmap_threshold
     set_mmap_threshold(mmap_threshold)
     if args.bare_child is not None:
-        bare_child(args.bare_child, args.steps)
+        bare_child(args.bare_child, args.steps, args.overrides)
         return
     logging.basicConfig(level=logging.WARNING)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     parts = set(args.parts.split(","))
-    spec = load_spec_file(str(QUICKSTART))
+    spec = load_spec_file(str(QUICKSTART), args.overrides)
     cache_dir = Settings().cache_dir
     path = args.out / f"{args.name}.json"
     previous = json.loads(path.read_text())["results"] if path.exists() else {}
@@ -618,7 +649,9 @@ def main() -> None:
         save()
     if "threads" in parts:
         placements = tuple(p for p in args.placements.split(",") if p)
-        results["threads"] = part_threads(spec, args.thread_rounds, cache_dir, save, placements, args.floor_steps)
+        results["threads"] = part_threads(
+            spec, args.thread_rounds, cache_dir, save, placements, args.floor_steps, args.overrides, args.floor_repeats
+        )
         results["threads"]["malloc_mmap_threshold"] = mmap_threshold
         save()
     plot(results, args.out / f"{args.name}.png")
