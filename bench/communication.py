@@ -50,7 +50,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root is not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.reports import write_report
+from bench.reports import add_overrides_option, write_report
 from services.embedded import EmbeddedCluster
 from shared.metrics import DOWNLOAD_BYTES
 from shared.settings import Settings
@@ -248,9 +248,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the part-fwd jobs")
     parser.add_argument("--codec-rounds", type=int, default=None, help="rounds of the codec jobs (default: the spec's)")
     parser.add_argument("--only", default=",".join(CODECS), help="comma-separated codec names (part codecs)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], help="spec override key=value (every job)"
-    )
+    add_overrides_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the rep
 
 import torch
 
-from bench.reports import write_report
+from bench.reports import add_overrides_option, write_report
 from shared.codec import decode_tensors
 from shared.settings import Settings
 from shared.spec import JobSpec, apply_overrides
@@ -216,14 +216,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="per run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     parser.add_argument("--name", default="fedsgd-scale", help="report file name (without extension)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the job (dotted keys; repeatable), e.g. --set model=tiny-bert",
-    )
+    add_overrides_option(parser)
     args = parser.parse_args()
     results: list[dict[str, Any]] = []
     specs: dict[str, Any] = {}

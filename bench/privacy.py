@@ -40,7 +40,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root is not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.reports import write_report
+from bench.reports import add_overrides_option, write_report
 from services.embedded import EmbeddedCluster
 from shared.settings import Settings
 from shared.spec import JobSpec, load_spec_file
@@ -149,9 +149,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every job")
     parser.add_argument("--eval", type=int, default=200, help="held-out examples evaluated per round")
     parser.add_argument("--stop-at", type=float, default=None, help="Unix time after which no further job starts")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], help="spec override key=value (every job)"
-    )
+    add_overrides_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the rep
 
 import torch
 
-from bench.reports import write_report
+from bench.reports import add_overrides_option, write_report
 from shared.codec import decode_tensors
 from shared.settings import Settings
 from shared.spec import JobSpec, apply_overrides
@@ -386,14 +386,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
     parser.add_argument("--name", default="soak", help="report file name (without extension)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the job (dotted keys; repeatable), e.g. --set model=tiny-bert",
-    )
+    add_overrides_option(parser)
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="pwff-soak-"))
     result = run_soak(args.clients, args.rounds, args.workers, log_dir, args.timeout, overrides=args.overrides)

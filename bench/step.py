@@ -59,7 +59,7 @@ if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the rep
 
 import torch
 
-from bench.reports import write_report
+from bench.reports import add_overrides_option, write_report
 from shared.allocator import set_mmap_threshold
 from shared.settings import Settings, available_cpus
 from shared.spec import JobSpec, load_spec_file
@@ -607,14 +607,7 @@ def main() -> None:
     )
     parser.add_argument("--name", default="step", help="report name: OUT/NAME.json and .png")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default bench/results)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of examples/quickstart.yaml (dotted keys; repeatable), e.g. --set model=tiny-bert",
-    )
+    add_overrides_option(parser)
     parser.add_argument("--bare-child", type=int, default=None, metavar="THREADS", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     args = parser.parse_args()
